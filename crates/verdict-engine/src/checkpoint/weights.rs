@@ -1,0 +1,248 @@
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, TensorInfo};
+use safetensors::SafeTensors;
+
+use super::ModelFiles;
+use crate::error::{EngineError, Result};
+
+struct WeightFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+/// The memory-mapped tensors of a checkpoint. Tensors are copied (and cast)
+/// into device storage one at a time as the model asks for them; drop this
+/// once the model is built so the mapping goes away.
+pub struct Weights {
+    files: Vec<WeightFile>,
+    /// tensor name -> index into `files`
+    names: HashMap<String, usize>,
+    dtype: DType,
+    device: Device,
+}
+
+impl Weights {
+    /// Maps every safetensors file of the checkpoint and reads its header.
+    pub fn open(model: &ModelFiles, dtype: DType, device: &Device) -> Result<Self> {
+        let mut files = Vec::with_capacity(model.weights.len());
+        let mut names = HashMap::new();
+        for (idx, path) in model.weights.iter().enumerate() {
+            let file = File::open(path).map_err(|e| EngineError::io_path("opening", path, e))?;
+            // SAFETY: the mapping is read-only and checkpoint files are not
+            // modified while the engine loads them.
+            let mmap = unsafe { Mmap::map(&file) }
+                .map_err(|e| EngineError::io_path("memory-mapping", path, e))?;
+            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+                EngineError::Weight(format!(
+                    "{} is not a valid safetensors file (corrupt or truncated): {e}",
+                    path.display()
+                ))
+            })?;
+            let tensors: HashMap<String, TensorInfo> = metadata
+                .tensors()
+                .into_iter()
+                .map(|(k, v)| (k, v.clone()))
+                .collect();
+            for name in tensors.keys() {
+                names.entry(name.clone()).or_insert(idx);
+            }
+            files.push(WeightFile {
+                path: path.clone(),
+                mmap,
+                data_start: 8 + header_len,
+                tensors,
+            });
+        }
+        // A sharded checkpoint's index decides which file owns a name.
+        if let Some(index) = &model.weight_index {
+            let text = std::fs::read_to_string(index)
+                .map_err(|e| EngineError::io_path("reading", index, e))?;
+            let json: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| EngineError::Weight(format!("{}: {e}", index.display())))?;
+            if let Some(map) = json["weight_map"].as_object() {
+                for (name, file) in map {
+                    let Some(file) = file.as_str() else { continue };
+                    if let Some(idx) = files
+                        .iter()
+                        .position(|f| f.path.file_name().is_some_and(|n| n == file))
+                    {
+                        if files[idx].tensors.contains_key(name) {
+                            names.insert(name.clone(), idx);
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Weights {
+            files,
+            names,
+            dtype,
+            device: device.clone(),
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
+        let idx = *self.names.get(name)?;
+        Some(self.files[idx].tensors[name].shape.as_slice())
+    }
+
+    /// A view that resolves names under alternative base prefixes, in order
+    /// (e.g. `["bert.", ""]` accepts checkpoints with and without the prefix).
+    pub fn root(&self, bases: &[&str]) -> WeightPath<'_> {
+        WeightPath {
+            weights: self,
+            bases: bases
+                .iter()
+                .map(|s| s.to_string())
+                .collect::<Vec<_>>()
+                .into(),
+            path: String::new(),
+        }
+    }
+
+    /// Loads a tensor by exact name, cast to `dtype`, checking its shape when given.
+    pub fn load_exact(&self, name: &str, shape: Option<&[usize]>, dtype: DType) -> Result<Tensor> {
+        let idx = *self
+            .names
+            .get(name)
+            .ok_or_else(|| EngineError::Weight(format!("missing weight `{name}`")))?;
+        let file = &self.files[idx];
+        let info = &file.tensors[name];
+        if let Some(expected) = shape {
+            if info.shape != expected {
+                return Err(EngineError::Weight(format!(
+                    "weight `{name}` has shape {:?} in {}, but the model config implies {:?}",
+                    info.shape,
+                    file.path.display(),
+                    expected
+                )));
+            }
+        }
+        let (start, end) = info.data_offsets;
+        let bytes = &file.mmap[file.data_start + start..file.data_start + end];
+        let stored = bytes_to_tensor(bytes, info.dtype, &info.shape).map_err(|e| {
+            EngineError::Weight(format!("weight `{name}` in {}: {e}", file.path.display()))
+        })?;
+        Ok(stored.to_dtype(dtype)?.to_device(&self.device)?)
+    }
+}
+
+fn bytes_to_tensor(bytes: &[u8], dtype: StDtype, shape: &[usize]) -> Result<Tensor, String> {
+    fn collect<T, const N: usize>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
+        bytes
+            .chunks_exact(N)
+            .map(|c| {
+                let mut a = [0u8; N];
+                a.copy_from_slice(c);
+                f(a)
+            })
+            .collect()
+    }
+    let cpu = Device::Cpu;
+    let t = match dtype {
+        StDtype::F32 => Tensor::from_vec(collect(bytes, f32::from_le_bytes), shape, &cpu),
+        StDtype::F16 => {
+            Tensor::from_vec(collect(bytes, |b| half::f16::from_le_bytes(b)), shape, &cpu)
+        }
+        StDtype::BF16 => Tensor::from_vec(
+            collect(bytes, |b| half::bf16::from_le_bytes(b)),
+            shape,
+            &cpu,
+        ),
+        StDtype::F64 => Tensor::from_vec(collect(bytes, f64::from_le_bytes), shape, &cpu),
+        other => return Err(format!("unsupported weight dtype {other:?}")),
+    };
+    t.map_err(|e| e.to_string())
+}
+
+/// A position in the weight namespace, like candle's `VarBuilder::pp`.
+#[derive(Clone)]
+pub struct WeightPath<'a> {
+    weights: &'a Weights,
+    bases: Arc<[String]>,
+    path: String,
+}
+
+impl<'a> WeightPath<'a> {
+    pub fn pp(&self, segment: impl std::fmt::Display) -> WeightPath<'a> {
+        let path = if self.path.is_empty() {
+            segment.to_string()
+        } else {
+            format!("{}.{segment}", self.path)
+        };
+        WeightPath {
+            weights: self.weights,
+            bases: self.bases.clone(),
+            path,
+        }
+    }
+
+    pub fn weights(&self) -> &'a Weights {
+        self.weights
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.path.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.path)
+        }
+    }
+
+    fn resolve(&self, name: &str) -> Result<String> {
+        let rel = self.full(name);
+        for base in self.bases.iter() {
+            let candidate = format!("{base}{rel}");
+            if self.weights.contains(&candidate) {
+                return Ok(candidate);
+            }
+        }
+        let tried: Vec<String> = self.bases.iter().map(|b| format!("`{b}{rel}`")).collect();
+        Err(EngineError::Weight(format!(
+            "missing weight `{rel}` (looked for {})",
+            tried.join(", ")
+        )))
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.resolve(name).is_ok()
+    }
+
+    /// The tensor in the model dtype, with its shape checked.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let full = self.resolve(name)?;
+        self.weights
+            .load_exact(&full, Some(shape), self.weights.dtype)
+    }
+
+    /// The tensor in a given dtype (heads run in fp32), with its shape checked.
+    pub fn get_as(&self, name: &str, shape: &[usize], dtype: DType) -> Result<Tensor> {
+        let full = self.resolve(name)?;
+        self.weights.load_exact(&full, Some(shape), dtype)
+    }
+
+    pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
+        let full = self.resolve(name).ok()?;
+        self.weights.shape_of(&full).map(<[usize]>::to_vec)
+    }
+}

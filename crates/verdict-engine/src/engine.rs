@@ -1,0 +1,588 @@
+//! Loading a checkpoint into a runnable classifier, and running packed batches through it.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use candle_core::{DType, Device};
+use serde_json::Value;
+
+use crate::checkpoint::{resolve_model_dir, HfConfig, ModelFiles, Weights};
+use crate::error::{EngineError, Result};
+use crate::models::{
+    load_model, ArchInfo, ArchKind, Backbone, PackedBatch, TokenClassifierSpec, TokenMethod,
+};
+use crate::pooling::{
+    pool_sequences, Activation, Calibration, ClassifierHead, PoolerConfig, PoolingTask, PoolingType,
+};
+use crate::tokenize::TextTokenizer;
+
+/// `--runner`: what kind of model runner to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Runner {
+    #[default]
+    Auto,
+    Pooling,
+    Generate,
+}
+
+/// `--convert`: how to adapt a generative checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Convert {
+    #[default]
+    Auto,
+    None,
+    Classify,
+    Embed,
+}
+
+/// `--dtype` for the backbone (heads always run in fp32).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeArg {
+    #[default]
+    Auto,
+    Float32,
+    Float16,
+    BFloat16,
+}
+
+impl DTypeArg {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "auto" => DTypeArg::Auto,
+            "float32" | "float" | "fp32" => DTypeArg::Float32,
+            "float16" | "half" | "fp16" => DTypeArg::Float16,
+            "bfloat16" | "bf16" => DTypeArg::BFloat16,
+            _ => return None,
+        })
+    }
+}
+
+/// `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceArg {
+    /// CUDA device 0 when this is a CUDA build and a GPU is present, else the CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl DeviceArg {
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "auto" => Some(DeviceArg::Auto),
+            "cpu" => Some(DeviceArg::Cpu),
+            "cuda" => Some(DeviceArg::Cuda(0)),
+            _ => s.strip_prefix("cuda:")?.parse().ok().map(DeviceArg::Cuda),
+        }
+    }
+
+    fn device(&self) -> Result<Device> {
+        match self {
+            DeviceArg::Cpu => Ok(Device::Cpu),
+            DeviceArg::Cuda(n) => Device::new_cuda(*n).map_err(|e| {
+                EngineError::Config(format!(
+                    "cannot open CUDA device {n}: {e} (is this a CUDA build?)"
+                ))
+            }),
+            DeviceArg::Auto => {
+                if candle_core::utils::cuda_is_available() {
+                    if let Ok(d) = Device::new_cuda(0) {
+                        return Ok(d);
+                    }
+                }
+                Ok(Device::Cpu)
+            }
+        }
+    }
+}
+
+/// Everything needed to build an engine; the CLI flags map onto these fields.
+#[derive(Debug, Clone)]
+pub struct EngineArgs {
+    /// A checkpoint directory or an `org/name` id in the Hugging Face cache.
+    pub model: String,
+    /// Tokenizer directory or id, when it is not next to the weights.
+    pub tokenizer: Option<String>,
+    pub revision: Option<String>,
+    pub runner: Runner,
+    pub convert: Convert,
+    pub pooler_config: PoolerConfig,
+    pub hf_overrides: Option<Value>,
+    pub max_model_len: Option<usize>,
+    pub max_num_batched_tokens: Option<usize>,
+    pub max_num_seqs: Option<usize>,
+    pub dtype: DTypeArg,
+    pub device: DeviceArg,
+    /// A Jinja chat template (file path or the template text).
+    pub chat_template: Option<String>,
+    /// Names the model answers to; the first is echoed. Defaults to `model`.
+    pub served_model_name: Vec<String>,
+    /// Sequences allowed to wait in the queue before requests are refused.
+    pub max_queued_sequences: usize,
+}
+
+impl EngineArgs {
+    pub fn new(model: impl Into<String>) -> Self {
+        EngineArgs {
+            model: model.into(),
+            tokenizer: None,
+            revision: None,
+            runner: Runner::Auto,
+            convert: Convert::Auto,
+            pooler_config: PoolerConfig::default(),
+            hf_overrides: None,
+            max_model_len: None,
+            max_num_batched_tokens: None,
+            max_num_seqs: None,
+            dtype: DTypeArg::Auto,
+            device: DeviceArg::Auto,
+            chat_template: None,
+            served_model_name: Vec::new(),
+            max_queued_sequences: 100_000,
+        }
+    }
+}
+
+/// What a loaded model is, as the API layers need to know it.
+#[derive(Debug, Clone)]
+pub struct ModelInfo {
+    pub model_dir: PathBuf,
+    pub served_model_names: Vec<String>,
+    pub architecture: String,
+    pub task: PoolingTask,
+    pub supported_tasks: Vec<PoolingTask>,
+    pub pooling: PoolingType,
+    pub num_labels: usize,
+    /// `None` when the config's label keys are not integers.
+    pub id2label: Option<BTreeMap<usize, String>>,
+    pub activation: Activation,
+    pub default_use_activation: bool,
+    pub max_model_len: usize,
+    pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub is_causal: bool,
+    /// Cross-encoder pairs are concatenated (LLM-as-reranker) instead of pair-encoded.
+    pub pair_concat: bool,
+    pub vocab_size: usize,
+    pub type_vocab_size: usize,
+    pub dtype: DType,
+    pub device: String,
+}
+
+impl ModelInfo {
+    pub fn served_name(&self) -> &str {
+        &self.served_model_names[0]
+    }
+
+    pub fn label_of(&self, probs: &[f32]) -> Option<String> {
+        let labels = self.id2label.as_ref()?;
+        let mut best = 0usize;
+        for (i, v) in probs.iter().enumerate() {
+            if *v > probs[best] {
+                best = i;
+            }
+        }
+        labels.get(&best).cloned()
+    }
+
+    pub fn supports_score(&self) -> bool {
+        self.task == PoolingTask::Classify && self.num_labels == 1
+    }
+}
+
+/// One sequence to run: its tokens and whether to apply the activation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SequenceInput {
+    pub ids: Vec<u32>,
+    pub token_type_ids: Option<Vec<u32>>,
+    pub use_activation: bool,
+}
+
+/// The pooled result of one sequence.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PooledData {
+    /// `classify`: one value per label.
+    Vector(Vec<f32>),
+    /// `token_classify`: one row of label values per prompt token.
+    Matrix(Vec<Vec<f32>>),
+}
+
+impl PooledData {
+    pub fn flatten(&self) -> Vec<f32> {
+        match self {
+            PooledData::Vector(v) => v.clone(),
+            PooledData::Matrix(m) => m.iter().flatten().copied().collect(),
+        }
+    }
+
+    pub fn shape(&self) -> Vec<usize> {
+        match self {
+            PooledData::Vector(v) => vec![v.len()],
+            PooledData::Matrix(m) => vec![m.len(), m.first().map_or(0, Vec::len)],
+        }
+    }
+}
+
+/// A loaded model that runs packed batches. Owned by the engine thread.
+pub struct ModelRunner {
+    backbone: Box<dyn Backbone>,
+    head: ClassifierHead,
+    task: PoolingTask,
+    pooling: PoolingType,
+    activation: Activation,
+    calibration: Calibration,
+}
+
+impl ModelRunner {
+    /// Runs a batch in one forward pass. Inputs must already be validated.
+    pub fn run(&self, seqs: &[SequenceInput]) -> Result<Vec<PooledData>> {
+        let batch = PackedBatch::from_sequences(
+            seqs.iter()
+                .map(|s| (s.ids.as_slice(), s.token_type_ids.as_deref())),
+        );
+        let hidden = self.backbone.forward(&batch)?;
+        match self.task {
+            PoolingTask::TokenClassify => {
+                let logits = self.head.forward_tokens(&hidden.to_dtype(DType::F32)?)?;
+                let logits = self.calibration.apply(logits)?;
+                let mut out = Vec::with_capacity(seqs.len());
+                for (i, s) in seqs.iter().enumerate() {
+                    let rows = logits.narrow(
+                        0,
+                        batch.cu_seqlens[i],
+                        batch.cu_seqlens[i + 1] - batch.cu_seqlens[i],
+                    )?;
+                    let rows = if s.use_activation {
+                        self.activation.apply(&rows)?
+                    } else {
+                        rows
+                    };
+                    out.push(PooledData::Matrix(rows.to_vec2::<f32>()?));
+                }
+                Ok(out)
+            }
+            _ => {
+                let pooled = pool_sequences(&hidden, &batch.cu_seqlens, self.pooling)?;
+                let logits = self
+                    .calibration
+                    .apply(self.head.forward_sequences(&pooled)?)?;
+                let activated = if seqs.iter().any(|s| s.use_activation) {
+                    Some(self.activation.apply(&logits)?.to_vec2::<f32>()?)
+                } else {
+                    None
+                };
+                let raw = logits.to_vec2::<f32>()?;
+                Ok(seqs
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| {
+                        let row = match (&activated, s.use_activation) {
+                            (Some(a), true) => a[i].clone(),
+                            _ => raw[i].clone(),
+                        };
+                        PooledData::Vector(row)
+                    })
+                    .collect())
+            }
+        }
+    }
+}
+
+/// Everything `load` builds: the runner (for the engine thread), the tokenizer and the facts.
+pub struct LoadedEngine {
+    pub runner: ModelRunner,
+    pub tokenizer: Arc<TextTokenizer>,
+    pub info: ModelInfo,
+}
+
+/// Resolves, validates and loads a checkpoint according to `args`.
+pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
+    let dir = resolve_model_dir(&args.model, args.revision.as_deref())?;
+    let files = ModelFiles::from_dir(&dir)?;
+    let mut config = HfConfig::load(&files.config, args.hf_overrides.as_ref())?;
+
+    let arch_name =
+        config.architectures().into_iter().next().ok_or_else(|| {
+            EngineError::Config("config.json has no `architectures` entry".into())
+        })?;
+    let arch = ArchInfo::from_name(&arch_name)?;
+    check_runner(&arch, args)?;
+
+    let tokenizer_dir = match &args.tokenizer {
+        Some(t) => resolve_model_dir(t, args.revision.as_deref())?,
+        None => dir.clone(),
+    };
+    let chat_template = args
+        .chat_template
+        .as_deref()
+        .map(read_template_arg)
+        .transpose()?;
+    let mut tokenizer = TextTokenizer::load(&tokenizer_dir, chat_template.as_deref())?;
+    apply_sentence_transformers_settings(&files, &mut tokenizer);
+
+    // LLM-as-classifier conversions: the head comes from LM-head rows.
+    let from_token = token_classifier_spec(&arch, &config, &tokenizer)?;
+    if let Some(spec) = &from_token {
+        let labels = match spec.method {
+            TokenMethod::From2WaySoftmax => 1,
+            TokenMethod::NoPostProcessing => spec.token_ids.len(),
+        };
+        config.set_num_labels(labels);
+    }
+    let num_labels = config.num_labels();
+    if num_labels == 0 {
+        return Err(EngineError::Config(
+            "the config declares no labels (num_labels = 0 / empty id2label)".into(),
+        ));
+    }
+
+    let device = args.device.device()?;
+    let dtype = match args.dtype {
+        DTypeArg::Float32 => DType::F32,
+        DTypeArg::Float16 => DType::F16,
+        DTypeArg::BFloat16 => DType::BF16,
+        DTypeArg::Auto if device.is_cpu() => DType::F32,
+        DTypeArg::Auto => match config.str("torch_dtype").or_else(|| config.str("dtype")) {
+            Some("float16") => DType::F16,
+            _ => DType::BF16,
+        },
+    };
+    let weights = Weights::open(&files, dtype, &device)?;
+    let loaded = load_model(&arch, &config, &weights, num_labels, from_token.as_ref())?;
+    drop(weights);
+
+    let pooler = &args.pooler_config;
+    let supported_tasks = match arch.kind {
+        ArchKind::TokenClassification => vec![PoolingTask::TokenClassify],
+        _ => vec![PoolingTask::Classify, PoolingTask::TokenClassify],
+    };
+    let task = pooler.task.unwrap_or_else(|| arch.default_task());
+    if !supported_tasks.contains(&task) {
+        return Err(EngineError::Config(format!(
+            "Unsupported task: '{task}' Supported tasks: {}",
+            task_list(&supported_tasks)
+        )));
+    }
+    let pooling = match task {
+        PoolingTask::TokenClassify => PoolingType::All,
+        _ => pooler
+            .seq_pooling_type
+            .unwrap_or_else(|| arch.default_pooling()),
+    };
+
+    let backbone = &loaded.backbone;
+    let position_limit = backbone.max_positions();
+    let derived_len = match (position_limit, arch.is_causal()) {
+        (Some(p), false) => tokenizer.model_max_length().map_or(p, |t| t.min(p)),
+        (Some(p), true) => p,
+        (None, _) => 32_768,
+    };
+    let max_model_len = match args.max_model_len {
+        Some(0) => {
+            return Err(EngineError::Config(
+                "--max-model-len must be positive".into(),
+            ))
+        }
+        Some(n) => {
+            if let Some(limit) = position_limit {
+                if n > limit {
+                    return Err(EngineError::Config(format!(
+                        "--max-model-len {n} is larger than the model's {limit} positions"
+                    )));
+                }
+            }
+            n
+        }
+        None => derived_len,
+    };
+    let max_num_seqs = args.max_num_seqs.unwrap_or(256).max(1);
+    let max_num_batched_tokens = match args.max_num_batched_tokens {
+        Some(n) if n < max_model_len => {
+            return Err(EngineError::Config(format!(
+                "max_num_batched_tokens ({n}) is smaller than max_model_len ({max_model_len}). \
+                 This effectively limits the maximum sequence length to max_num_batched_tokens and makes \
+                 verdict reject longer sequences. Please increase max_num_batched_tokens or decrease max_model_len."
+            )))
+        }
+        Some(n) => n,
+        None => max_model_len.max(8192),
+    };
+
+    let activation = Activation::from_config(&config)?;
+    let pair_concat = from_token.is_some() || config.bool("use_sep_token") == Some(false);
+    let served_model_names = if args.served_model_name.is_empty() {
+        vec![args.model.clone()]
+    } else {
+        args.served_model_name.clone()
+    };
+    let info = ModelInfo {
+        model_dir: dir,
+        served_model_names,
+        architecture: arch_name,
+        task,
+        supported_tasks,
+        pooling,
+        num_labels,
+        id2label: config.id2label(),
+        activation,
+        default_use_activation: pooler.use_activation.unwrap_or(true),
+        max_model_len,
+        max_num_batched_tokens,
+        max_num_seqs,
+        is_causal: arch.is_causal(),
+        pair_concat,
+        vocab_size: backbone.vocab_size(),
+        type_vocab_size: backbone.type_vocab_size(),
+        dtype,
+        device: format!("{device:?}"),
+    };
+    let runner = ModelRunner {
+        backbone: loaded.backbone,
+        head: loaded.head,
+        task,
+        pooling,
+        activation,
+        calibration: Calibration {
+            mean: pooler.logit_mean,
+            sigma: pooler.logit_sigma,
+        },
+    };
+    Ok(LoadedEngine {
+        runner,
+        tokenizer: Arc::new(tokenizer),
+        info,
+    })
+}
+
+pub(crate) fn task_list(tasks: &[PoolingTask]) -> String {
+    let names: Vec<String> = tasks.iter().map(|t| format!("'{t}'")).collect();
+    format!("({})", names.join(", "))
+}
+
+fn check_runner(arch: &ArchInfo, args: &EngineArgs) -> Result<()> {
+    if args.runner == Runner::Generate {
+        return Err(EngineError::Config(
+            "verdict serves pooling models only; `--runner generate` is not available".into(),
+        ));
+    }
+    if args.convert == Convert::Embed {
+        return Err(EngineError::Config(
+            "`--convert embed` is not supported: verdict serves classification models (use --convert classify)".into(),
+        ));
+    }
+    if arch.kind == ArchKind::Generative && args.convert != Convert::Classify {
+        return Err(EngineError::Config(format!(
+            "{} is a generative architecture. This model does not support `--runner pooling`. \
+             You can pass `--convert classify` to adapt it into a pooling model.",
+            arch.architecture
+        )));
+    }
+    Ok(())
+}
+
+/// `classifier_from_token` + `method` from the (overridden) config, resolved to token ids.
+fn token_classifier_spec(
+    arch: &ArchInfo,
+    config: &HfConfig,
+    tokenizer: &TextTokenizer,
+) -> Result<Option<TokenClassifierSpec>> {
+    let tokens = config.get_with_text("classifier_from_token");
+    let mut method = config
+        .get_with_text("method")
+        .and_then(Value::as_str)
+        .map(str::to_owned);
+    if method.is_none()
+        && config
+            .get_with_text("is_original_qwen3_reranker")
+            .and_then(Value::as_bool)
+            == Some(true)
+    {
+        method = Some("from_2_way_softmax".into());
+    }
+    let (tokens, method) = match (tokens, method) {
+        (None, None) => return Ok(None),
+        (Some(t), Some(m)) => (t, m),
+        (Some(_), None) => {
+            return Err(EngineError::Config(
+                "classifier_from_token is set but `method` is not (from_2_way_softmax or no_post_processing)".into(),
+            ))
+        }
+        (None, Some(_)) => {
+            return Err(EngineError::Config("`method` is set but classifier_from_token is not".into()))
+        }
+    };
+    if matches!(arch.family, crate::models::Family::Bert(_)) {
+        return Err(EngineError::Config(
+            "classifier_from_token applies to decoder (LLM) checkpoints only".into(),
+        ));
+    }
+    let names: Vec<String> = tokens
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    if names.is_empty() {
+        return Err(EngineError::Config(
+            "classifier_from_token must be a non-empty list of token strings".into(),
+        ));
+    }
+    let mut ids = Vec::with_capacity(names.len());
+    for n in &names {
+        ids.push(tokenizer.token_to_id(n).ok_or_else(|| {
+            EngineError::Config(format!(
+                "classifier_from_token `{n}` is not a token of this tokenizer"
+            ))
+        })?);
+    }
+    let method = match method.as_str() {
+        "from_2_way_softmax" => TokenMethod::From2WaySoftmax,
+        "no_post_processing" => TokenMethod::NoPostProcessing,
+        other => {
+            return Err(EngineError::Config(format!(
+                "unknown method `{other}` (expected from_2_way_softmax or no_post_processing)"
+            )))
+        }
+    };
+    Ok(Some(TokenClassifierSpec {
+        token_ids: ids,
+        method,
+    }))
+}
+
+/// `--chat-template` may name a file or hold the template itself.
+fn read_template_arg(arg: &str) -> Result<String> {
+    let path = std::path::Path::new(arg);
+    if !arg.contains("{%") && !arg.contains("{{") {
+        return std::fs::read_to_string(path)
+            .map_err(|e| EngineError::io_path("reading chat template", path, e));
+    }
+    Ok(arg.to_string())
+}
+
+/// sentence-transformers' `do_lower_case` (sentence_bert_config.json).
+fn apply_sentence_transformers_settings(files: &ModelFiles, tokenizer: &mut TextTokenizer) {
+    if let Some(p) = files.optional("sentence_bert_config.json") {
+        if let Ok(text) = std::fs::read_to_string(p) {
+            if let Ok(v) = serde_json::from_str::<Value>(&text) {
+                if v.get("do_lower_case").and_then(Value::as_bool) == Some(true) {
+                    tokenizer.set_do_lower_case(true);
+                }
+            }
+        }
+    }
+}
+
+/// A tensor of zeros, to warm up allocations before the first request.
+pub fn warmup(runner: &ModelRunner) -> Result<()> {
+    let seq = SequenceInput {
+        ids: vec![0; 4],
+        token_type_ids: None,
+        use_activation: true,
+    };
+    runner.run(std::slice::from_ref(&seq)).map(|_| ())
+}

@@ -1,0 +1,301 @@
+//! Turning prompts into validated token sequences: truncation, length and
+//! emptiness rules, vocabulary checks, chat templates and cross-encoder pairs.
+//! The messages follow vLLM's so clients see the same errors.
+
+use std::sync::Arc;
+
+use crate::engine::ModelInfo;
+use crate::error::{EngineError, Result};
+use crate::tokenize::{ChatMessage, ChatOptions, TextTokenizer, TokenizedPrompt, TruncationSide};
+
+/// One prompt as a caller gives it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Prompt {
+    Text(String),
+    Tokens {
+        ids: Vec<u32>,
+        token_type_ids: Option<Vec<u32>>,
+    },
+    Chat {
+        messages: Vec<ChatMessage>,
+        options: ChatOptions,
+    },
+}
+
+impl From<&str> for Prompt {
+    fn from(s: &str) -> Self {
+        Prompt::Text(s.to_string())
+    }
+}
+
+impl From<String> for Prompt {
+    fn from(s: String) -> Self {
+        Prompt::Text(s)
+    }
+}
+
+impl From<Vec<u32>> for Prompt {
+    fn from(ids: Vec<u32>) -> Self {
+        Prompt::Tokens {
+            ids,
+            token_type_ids: None,
+        }
+    }
+}
+
+impl PartialEq for ChatOptions {
+    fn eq(&self, other: &Self) -> bool {
+        self.add_generation_prompt == other.add_generation_prompt
+            && self.continue_final_message == other.continue_final_message
+            && self.template_kwargs == other.template_kwargs
+    }
+}
+
+/// Per-request tokenization settings (vLLM's `tokenization_kwargs` and request fields).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TokenizeOptions {
+    /// Keep this many tokens; -1 means max_model_len.
+    pub truncate_prompt_tokens: Option<i64>,
+    pub truncation_side: Option<TruncationSide>,
+    /// Defaults to true for text and false for chat prompts (the template adds them).
+    pub add_special_tokens: Option<bool>,
+}
+
+/// Tokenizes and validates prompts for one model.
+#[derive(Clone)]
+pub struct InputProcessor {
+    tokenizer: Arc<TextTokenizer>,
+    info: Arc<ModelInfo>,
+}
+
+impl InputProcessor {
+    pub fn new(tokenizer: Arc<TextTokenizer>, info: Arc<ModelInfo>) -> Self {
+        InputProcessor { tokenizer, info }
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.tokenizer
+    }
+
+    /// The truncation length a request asks for, checked against max_model_len.
+    pub fn truncation_len(&self, opts: &TokenizeOptions) -> Result<Option<usize>> {
+        let max = self.info.max_model_len;
+        match opts.truncate_prompt_tokens {
+            None => Ok(None),
+            Some(-1) => Ok(Some(max)),
+            Some(n) if n < -1 => Err(EngineError::validation_param(
+                format!("truncate_prompt_tokens must be an integer >= -1, got {n}"),
+                "truncate_prompt_tokens",
+            )),
+            Some(n) if n as u64 > max as u64 => Err(EngineError::validation(
+                "truncate_prompt_tokens value is greater than max_model_len. Please request a smaller truncation size.",
+            )),
+            Some(n) => Ok(Some(n as usize)),
+        }
+    }
+
+    /// Tokenizes one prompt and validates the result.
+    pub fn process(&self, prompt: &Prompt, opts: &TokenizeOptions) -> Result<TokenizedPrompt> {
+        let trunc = self.truncation_len(opts)?;
+        let side = opts
+            .truncation_side
+            .unwrap_or_else(|| self.tokenizer.default_truncation_side());
+        let tokenized = match prompt {
+            Prompt::Text(text) => {
+                self.encode_text(text, opts.add_special_tokens.unwrap_or(true), trunc, side)?
+            }
+            Prompt::Chat { messages, options } => {
+                let text = self.render_chat(messages, options)?;
+                self.encode_text(&text, opts.add_special_tokens.unwrap_or(false), trunc, side)?
+            }
+            Prompt::Tokens {
+                ids,
+                token_type_ids,
+            } => {
+                if let Some(tt) = token_type_ids {
+                    if tt.len() != ids.len() {
+                        return Err(EngineError::validation(format!(
+                            "token_type_ids has {} entries but prompt_token_ids has {}",
+                            tt.len(),
+                            ids.len()
+                        )));
+                    }
+                }
+                let (ids, types) = match trunc {
+                    Some(n) if ids.len() > n => {
+                        let start = match side {
+                            TruncationSide::Right => 0,
+                            TruncationSide::Left => ids.len() - n,
+                        };
+                        (
+                            ids[start..start + n].to_vec(),
+                            token_type_ids
+                                .as_ref()
+                                .map(|t| t[start..start + n].to_vec()),
+                        )
+                    }
+                    _ => (ids.clone(), token_type_ids.clone()),
+                };
+                TokenizedPrompt {
+                    ids,
+                    token_type_ids: types,
+                }
+            }
+        };
+        self.validate(&tokenized)?;
+        Ok(tokenized)
+    }
+
+    /// Renders a conversation with the model's (or `--chat-template`'s) template.
+    pub fn render_chat(&self, messages: &[ChatMessage], options: &ChatOptions) -> Result<String> {
+        let template = self.tokenizer.chat_template().ok_or_else(|| {
+            EngineError::validation(
+                "As of transformers v4.44, default chat template is no longer allowed, so you must provide \
+                 a chat template if the tokenizer does not define one.",
+            )
+        })?;
+        if messages.is_empty() {
+            return Err(EngineError::validation(
+                "messages must contain at least one message",
+            ));
+        }
+        template.render(messages, options)
+    }
+
+    fn encode_text(
+        &self,
+        text: &str,
+        add_special_tokens: bool,
+        trunc: Option<usize>,
+        side: TruncationSide,
+    ) -> Result<TokenizedPrompt> {
+        let max = self.info.max_model_len;
+        match trunc {
+            Some(n) => self
+                .tokenizer
+                .encode(text, add_special_tokens, Some(n), side),
+            None => {
+                let max_chars = max.saturating_mul(self.tokenizer.max_chars_per_token());
+                let chars = text.chars().count();
+                if chars > max_chars {
+                    return Err(EngineError::validation(format!(
+                        "This model's maximum context length is {max} tokens. However, you requested 0 output tokens \
+                         and your prompt contains {chars} characters (more than {max_chars} characters, which is the \
+                         upper bound for {max} input tokens). Please reduce the length of the input prompt or the \
+                         number of requested output tokens."
+                    )));
+                }
+                // Tokenize one past the limit: enough to detect overflow, cheap for huge texts.
+                self.tokenizer.encode(
+                    text,
+                    add_special_tokens,
+                    Some(max + 1),
+                    TruncationSide::Right,
+                )
+            }
+        }
+    }
+
+    /// Length, emptiness and vocabulary checks on a tokenized prompt.
+    pub fn validate(&self, p: &TokenizedPrompt) -> Result<()> {
+        let max = self.info.max_model_len;
+        let n = p.ids.len();
+        if n == 0 {
+            return Err(EngineError::validation(
+                "The decoder prompt cannot be empty",
+            ));
+        }
+        if n > max {
+            let at_least = if n == max + 1 { "at least " } else { "" };
+            return Err(EngineError::validation_param(
+                format!(
+                    "This model's maximum context length is {max} tokens. However, you requested 0 output tokens \
+                     and your prompt contains {at_least}{n} input tokens, for a total of {at_least}{n} tokens. \
+                     Please reduce the length of the input prompt or the number of requested output tokens. \
+                     (parameter=input_tokens, value={n})"
+                ),
+                "input_tokens",
+            ));
+        }
+        if let Some(&bad) = p
+            .ids
+            .iter()
+            .max()
+            .filter(|&&m| m as usize >= self.info.vocab_size)
+        {
+            return Err(EngineError::validation(format!(
+                "Token id {bad} is out of vocabulary (the model has {} tokens)",
+                self.info.vocab_size
+            )));
+        }
+        if let Some(tt) = &p.token_type_ids {
+            let limit = self.info.type_vocab_size;
+            if let Some(&bad) = tt.iter().max().filter(|&&m| m as usize >= limit.max(1)) {
+                return Err(EngineError::validation(format!(
+                    "token type id {bad} is out of range (the model has {limit} token types)"
+                )));
+            }
+            if tt.windows(2).any(|w| w[0] > w[1]) {
+                return Err(EngineError::validation(
+                    "Token type ids are expected to be a sequence of zeros followed by a sequence of ones",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// A cross-encoder input: HF pair encoding, or plain concatenation for
+    /// LLM-as-reranker models, or the `--chat-template` score template.
+    pub fn process_pair(
+        &self,
+        query: &str,
+        document: &str,
+        opts: &TokenizeOptions,
+        limits: &PairLimits,
+    ) -> Result<TokenizedPrompt> {
+        let trunc = self.truncation_len(opts)?;
+        let query = match limits.max_tokens_per_query {
+            0 => query.to_string(),
+            n => self.tokenizer.truncate_text(query, n)?,
+        };
+        let document = match limits.max_tokens_per_doc {
+            0 => document.to_string(),
+            n => self.tokenizer.truncate_text(document, n)?,
+        };
+        let limit = trunc.unwrap_or(self.info.max_model_len + 1);
+        let tokenized = if let Some(options) = &limits.score_template {
+            let messages = vec![
+                ChatMessage {
+                    role: "query".into(),
+                    content: serde_json::Value::String(query),
+                    extra: Default::default(),
+                },
+                ChatMessage {
+                    role: "document".into(),
+                    content: serde_json::Value::String(document),
+                    extra: Default::default(),
+                },
+            ];
+            let text = self.render_chat(&messages, options)?;
+            self.tokenizer
+                .encode(&text, true, Some(limit), TruncationSide::Right)?
+        } else if self.info.pair_concat {
+            let text = format!("{query}{document}");
+            self.tokenizer
+                .encode(&text, true, Some(limit), TruncationSide::Right)?
+        } else {
+            self.tokenizer.encode_pair(&query, &document, Some(limit))?
+        };
+        self.validate(&tokenized)?;
+        Ok(tokenized)
+    }
+}
+
+/// Scoring-specific settings.
+#[derive(Debug, Clone, Default)]
+pub struct PairLimits {
+    pub max_tokens_per_query: usize,
+    pub max_tokens_per_doc: usize,
+    /// Render (query, document) through the chat template with these options.
+    pub score_template: Option<ChatOptions>,
+}

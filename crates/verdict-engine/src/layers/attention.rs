@@ -1,0 +1,79 @@
+use candle_core::{DType, Device, Tensor};
+
+use crate::error::Result;
+
+/// Which keys a query may see inside its own sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionMask {
+    /// Encoders: every token sees every token of its sequence.
+    Bidirectional,
+    /// Decoders: token i sees tokens j <= i, and only the last `window` of them when set.
+    Causal { window: Option<usize> },
+}
+
+/// Attention over a packed batch: `q` is `[T, heads, d]`, `k`/`v` are `[T, kv_heads, d]`,
+/// sequences are the row ranges `cu_seqlens[i]..cu_seqlens[i+1]`. Returns `[T, heads*d]`.
+/// Sequences never see each other and nothing is padded. Grouped-query heads are
+/// handled by folding the query heads of a group into rows, so K and V are never copied.
+pub fn packed_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[usize],
+    mask: AttentionMask,
+    scale: f64,
+) -> Result<Tensor> {
+    let (_, heads, d) = q.dims3()?;
+    let kv_heads = k.dim(1)?;
+    let group = heads / kv_heads;
+    let mut outs = Vec::with_capacity(cu_seqlens.len().saturating_sub(1));
+    for w in cu_seqlens.windows(2) {
+        let (start, len) = (w[0], w[1] - w[0]);
+        // [len, heads, d] -> [kv_heads, group*len, d]
+        let qs = q
+            .narrow(0, start, len)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((kv_heads, group * len, d))?;
+        let ks = k.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
+        let vs = v.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
+        let scores = (qs.matmul(&ks.t()?)? * scale)?;
+        let scores = match mask_bias(mask, len, group, q.device())? {
+            Some(bias) => scores.to_dtype(DType::F32)?.broadcast_add(&bias)?,
+            None => scores.to_dtype(DType::F32)?,
+        };
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+        let out = probs
+            .matmul(&vs)?
+            .reshape((heads, len, d))?
+            .transpose(0, 1)?
+            .reshape((len, heads * d))?;
+        outs.push(out);
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// Additive mask `[group*len, len]` (0 or -inf), or None when nothing is masked.
+fn mask_bias(
+    mask: AttentionMask,
+    len: usize,
+    group: usize,
+    device: &Device,
+) -> Result<Option<Tensor>> {
+    let AttentionMask::Causal { window } = mask else {
+        return Ok(None);
+    };
+    if len == 1 {
+        return Ok(None);
+    }
+    let mut data = Vec::with_capacity(group * len * len);
+    for _ in 0..group {
+        for i in 0..len {
+            for j in 0..len {
+                let visible = j <= i && window.is_none_or(|w| i - j < w);
+                data.push(if visible { 0f32 } else { f32::NEG_INFINITY });
+            }
+        }
+    }
+    Ok(Some(Tensor::from_vec(data, (group * len, len), device)?))
+}

@@ -1,0 +1,168 @@
+//! Building blocks shared by the model families: linear layers, norms,
+//! activations, rotary embeddings and packed attention.
+
+mod attention;
+mod rotary;
+
+pub use attention::{packed_attention, AttentionMask};
+pub use rotary::RotaryEmbedding;
+
+use candle_core::{DType, Module, Tensor};
+
+use crate::checkpoint::WeightPath;
+use crate::error::{EngineError, Result};
+
+/// `y = x W^T + b` with `W` stored as `[out, in]` like torch.nn.Linear.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear { weight, bias }
+    }
+
+    pub fn load(wp: &WeightPath, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        let weight = wp.get("weight", &[out_dim, in_dim])?;
+        let bias = if bias {
+            Some(wp.get("bias", &[out_dim])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// Loads a linear layer with a bias when the checkpoint has one.
+    pub fn load_optional_bias(wp: &WeightPath, in_dim: usize, out_dim: usize) -> Result<Self> {
+        Self::load(wp, in_dim, out_dim, wp.contains("bias"))
+    }
+
+    /// Loads in a given dtype (classification heads stay in fp32).
+    pub fn load_as(
+        wp: &WeightPath,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+        dtype: DType,
+    ) -> Result<Self> {
+        let weight = wp.get_as("weight", &[out_dim, in_dim], dtype)?;
+        let bias = if bias {
+            Some(wp.get_as("bias", &[out_dim], dtype)?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// GPT-2's Conv1D stores `[in, out]`; transpose once at load.
+    pub fn load_conv1d(wp: &WeightPath, in_dim: usize, out_dim: usize) -> Result<Self> {
+        let weight = wp.get("weight", &[in_dim, out_dim])?.t()?.contiguous()?;
+        let bias = Some(wp.get("bias", &[out_dim])?);
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.weight.dims()[0]
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = x.matmul(&self.weight.t()?)?;
+        Ok(match &self.bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f32,
+}
+
+impl LayerNorm {
+    /// Accepts `weight/bias` and the legacy `gamma/beta` names.
+    pub fn load(wp: &WeightPath, dim: usize, eps: f64) -> Result<Self> {
+        let (w, b) = if !wp.contains("weight") && wp.contains("gamma") {
+            ("gamma", "beta")
+        } else {
+            ("weight", "bias")
+        };
+        Ok(LayerNorm {
+            weight: wp.get(w, &[dim])?,
+            bias: wp.get(b, &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::layer_norm(
+            x,
+            &self.weight,
+            &self.bias,
+            self.eps,
+        )?)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn load(wp: &WeightPath, dim: usize, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: wp.get("weight", &[dim])?,
+            eps: eps as f32,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+}
+
+/// Hidden activations by their transformers `hidden_act` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HiddenAct {
+    /// Exact (erf) GELU: transformers' "gelu".
+    Gelu,
+    /// tanh-approximated GELU: "gelu_new", "gelu_pytorch_tanh", "gelu_fast".
+    GeluTanh,
+    Silu,
+    Relu,
+}
+
+impl HiddenAct {
+    pub fn from_name(name: &str) -> Result<Self> {
+        Ok(match name {
+            "gelu" => HiddenAct::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => HiddenAct::GeluTanh,
+            "silu" | "swish" => HiddenAct::Silu,
+            "relu" => HiddenAct::Relu,
+            other => {
+                return Err(EngineError::Config(format!(
+                    "unsupported hidden_act `{other}` (supported: gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, silu, swish, relu)"
+                )))
+            }
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            HiddenAct::Gelu => x.gelu_erf()?,
+            HiddenAct::GeluTanh => x.gelu()?,
+            HiddenAct::Silu => candle_nn::Activation::Silu.forward(x)?,
+            HiddenAct::Relu => x.relu()?,
+        })
+    }
+}

@@ -1,0 +1,133 @@
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::HfConfig;
+use crate::error::{EngineError, Result};
+
+/// Rotary position embedding (rotate-half layout, as Llama/Qwen/Mistral in transformers).
+#[derive(Debug, Clone)]
+pub struct RotaryEmbedding {
+    inv_freq: Vec<f32>,
+    /// Multiplies cos/sin (YaRN's mscale); 1.0 otherwise.
+    attention_scaling: f32,
+}
+
+impl RotaryEmbedding {
+    /// Builds the frequencies from `rope_theta`, `partial_rotary_factor` and `rope_scaling`.
+    pub fn from_config(cfg: &HfConfig, head_dim: usize) -> Result<Self> {
+        let base = cfg.f64("rope_theta").unwrap_or(10000.0) as f32;
+        let partial = cfg.f64("partial_rotary_factor").unwrap_or(1.0);
+        let dim = ((head_dim as f64) * partial) as usize;
+        if dim != head_dim {
+            return Err(EngineError::Config(
+                "partial_rotary_factor < 1 is not supported".into(),
+            ));
+        }
+        let mut inv_freq: Vec<f32> = (0..dim)
+            .step_by(2)
+            .map(|i| 1.0f32 / base.powf(i as f32 / dim as f32))
+            .collect();
+        let mut attention_scaling = 1.0f32;
+        if let Some(scaling) = cfg.get("rope_scaling").and_then(|v| v.as_object()) {
+            let kind = scaling
+                .get("rope_type")
+                .or_else(|| scaling.get("type"))
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
+            let num = |k: &str| scaling.get(k).and_then(|v| v.as_f64());
+            let factor = num("factor").unwrap_or(1.0) as f32;
+            match kind {
+                "default" => {}
+                "linear" => inv_freq.iter_mut().for_each(|f| *f /= factor),
+                "llama3" => {
+                    let low = num("low_freq_factor").unwrap_or(1.0) as f32;
+                    let high = num("high_freq_factor").unwrap_or(4.0) as f32;
+                    let old_ctx = num("original_max_position_embeddings").unwrap_or(8192.0) as f32;
+                    let low_wavelen = old_ctx / low;
+                    let high_wavelen = old_ctx / high;
+                    for f in inv_freq.iter_mut() {
+                        let wavelen = 2.0 * std::f32::consts::PI / *f;
+                        let scaled = if wavelen > low_wavelen { *f / factor } else { *f };
+                        let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
+                        *f = if medium {
+                            let smooth = (old_ctx / wavelen - low) / (high - low);
+                            (1.0 - smooth) * scaled / factor + smooth * scaled
+                        } else {
+                            scaled
+                        };
+                    }
+                }
+                "yarn" => {
+                    let orig = num("original_max_position_embeddings")
+                        .or_else(|| cfg.f64("max_position_embeddings"))
+                        .unwrap_or(2048.0) as f32;
+                    let beta_fast = num("beta_fast").unwrap_or(32.0) as f32;
+                    let beta_slow = num("beta_slow").unwrap_or(1.0) as f32;
+                    attention_scaling = num("attention_factor")
+                        .map(|v| v as f32)
+                        .unwrap_or_else(|| {
+                            if factor <= 1.0 {
+                                1.0
+                            } else {
+                                0.1 * factor.ln() + 1.0
+                            }
+                        });
+                    let correction_dim = |rot: f32| {
+                        (dim as f32 * (orig / (rot * 2.0 * std::f32::consts::PI)).ln())
+                            / (2.0 * base.ln())
+                    };
+                    let low = correction_dim(beta_fast).floor().max(0.0);
+                    let high = correction_dim(beta_slow).ceil().min(dim as f32 - 1.0);
+                    let high = if low == high { high + 0.001 } else { high };
+                    for (i, f) in inv_freq.iter_mut().enumerate() {
+                        let ramp = ((i as f32 - low) / (high - low)).clamp(0.0, 1.0);
+                        let extrapolation_factor = 1.0 - ramp;
+                        let interpolation = *f / factor;
+                        *f = interpolation * (1.0 - extrapolation_factor) + *f * extrapolation_factor;
+                    }
+                }
+                other => {
+                    return Err(EngineError::Config(format!(
+                        "unsupported rope_scaling type `{other}` (supported: default, linear, llama3, yarn)"
+                    )))
+                }
+            }
+        }
+        Ok(RotaryEmbedding {
+            inv_freq,
+            attention_scaling,
+        })
+    }
+
+    /// cos and sin tables `[T, head_dim/2]` for per-token positions.
+    pub fn cos_sin(
+        &self,
+        positions: &[u32],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for &p in positions {
+            for &f in &self.inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos() * self.attention_scaling);
+                sin.push(angle.sin() * self.attention_scaling);
+            }
+        }
+        let shape = (positions.len(), half);
+        let cos = Tensor::from_vec(cos, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        let sin = Tensor::from_vec(sin, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        Ok((cos, sin))
+    }
+
+    /// Rotates `x` laid out `[T, heads, head_dim]`.
+    pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let x = x.unsqueeze(0)?.contiguous()?;
+        Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
+    }
+}

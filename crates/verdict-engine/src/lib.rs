@@ -1,0 +1,26 @@
+//! verdict-engine: load Hugging Face sequence classifiers and run them on
+//! packed batches, matching transformers' numbers. No HTTP here: the server
+//! crate and the CLI drive this library.
+
+pub mod checkpoint;
+pub mod engine;
+pub mod error;
+pub mod input;
+pub mod layers;
+pub mod llm;
+pub mod models;
+pub mod pooling;
+pub mod scheduler;
+pub mod tokenize;
+
+pub use engine::{
+    Convert, DTypeArg, DeviceArg, EngineArgs, ModelInfo, PooledData, Runner, SequenceInput,
+};
+pub use error::{EngineError, Result};
+pub use input::{PairLimits, Prompt, TokenizeOptions};
+pub use llm::{
+    ClassificationRequestOutput, Engine, Llm, ParamsArg, PoolingParams, PoolingRequestOutput,
+    ScoringRequestOutput,
+};
+pub use pooling::{PoolerConfig, PoolingTask, PoolingType};
+pub use tokenize::{ChatMessage, ChatOptions, TruncationSide};

@@ -1,0 +1,462 @@
+//! The engine handle shared by the server and the offline API, and the offline
+//! `Llm` API itself (vLLM's `LLM.classify / encode / score`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use crate::engine::{self, task_list, EngineArgs, ModelInfo, PooledData, SequenceInput};
+use crate::error::{EngineError, Result};
+use crate::input::{InputProcessor, PairLimits, Prompt, TokenizeOptions};
+use crate::pooling::PoolingTask;
+use crate::scheduler::{BatchLimits, Scheduler, SchedulerStats, SequenceResult, WorkItem};
+use crate::tokenize::TokenizedPrompt;
+
+/// A loaded model behind its scheduler: the one path every result takes.
+pub struct Engine {
+    info: Arc<ModelInfo>,
+    processor: InputProcessor,
+    scheduler: Scheduler,
+}
+
+impl Engine {
+    pub fn new(args: &EngineArgs) -> Result<Self> {
+        let loaded = engine::load(args)?;
+        engine::warmup(&loaded.runner)?;
+        let info = Arc::new(loaded.info);
+        let limits = BatchLimits {
+            max_num_batched_tokens: info.max_num_batched_tokens,
+            max_num_seqs: info.max_num_seqs,
+            max_queued_sequences: args.max_queued_sequences.max(1),
+        };
+        Ok(Engine {
+            processor: InputProcessor::new(loaded.tokenizer, info.clone()),
+            scheduler: Scheduler::start(loaded.runner, limits),
+            info,
+        })
+    }
+
+    pub fn info(&self) -> &Arc<ModelInfo> {
+        &self.info
+    }
+
+    pub fn processor(&self) -> &InputProcessor {
+        &self.processor
+    }
+
+    pub fn stats(&self) -> Arc<SchedulerStats> {
+        self.scheduler.stats()
+    }
+
+    /// Queues sequences; each callback runs on the engine thread when its result is ready.
+    pub fn submit(&self, items: Vec<WorkItem>) -> Result<()> {
+        self.scheduler.submit(items)
+    }
+
+    /// Runs sequences and blocks until all are done; results in input order.
+    /// `on_done` is told how many have finished so far (for progress bars).
+    pub fn run_blocking(
+        &self,
+        inputs: Vec<SequenceInput>,
+        on_done: &dyn Fn(usize),
+    ) -> Vec<Result<PooledData>> {
+        let total = inputs.len();
+        let mut results: Vec<Option<Result<PooledData>>> = (0..total).map(|_| None).collect();
+        let (tx, rx) = mpsc::channel::<(usize, SequenceResult)>();
+        // Stay under the queue limit: submit in chunks as earlier ones finish.
+        let chunk = (self.scheduler.limits().max_queued_sequences / 2).max(1);
+        let mut pending = inputs.into_iter().enumerate().peekable();
+        let mut in_flight = 0usize;
+        let mut done = 0usize;
+        while done < total {
+            while in_flight < chunk && pending.peek().is_some() {
+                let mut items = Vec::new();
+                while items.len() + in_flight < chunk {
+                    let Some((i, input)) = pending.next() else {
+                        break;
+                    };
+                    let tx = tx.clone();
+                    items.push(WorkItem::new(input, move |r| {
+                        let _ = tx.send((i, r));
+                    }));
+                }
+                let n = items.len();
+                if let Err(e) = self.scheduler.submit(items) {
+                    // Nothing of this chunk was queued: fail what is left.
+                    let msg = e.to_string();
+                    for slot in results.iter_mut().filter(|s| s.is_none()) {
+                        *slot = Some(Err(EngineError::Unavailable(msg.clone())));
+                    }
+                    return results
+                        .into_iter()
+                        .map(|r| r.unwrap_or_else(|| Err(EngineError::Unavailable(msg.clone()))))
+                        .collect();
+                }
+                in_flight += n;
+            }
+            let Ok((i, r)) = rx.recv() else { break };
+            results[i] = Some(r.map(|(data, _)| data));
+            in_flight -= 1;
+            done += 1;
+            on_done(done);
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(EngineError::Unavailable("the engine stopped".into())))
+            })
+            .collect()
+    }
+
+    /// Checks a requested pooling task against the model, with vLLM's messages.
+    /// `online` selects the server's wording for the "switch task" hint.
+    pub fn check_task(&self, task: PoolingTask, online: bool) -> Result<()> {
+        let info = &self.info;
+        if task == PoolingTask::Plugin {
+            return Err(EngineError::validation(
+                "No IOProcessor plugin installed. Please refer to the documentation and to the \
+                 'prithvi_geospatial_mae_io_processor' offline inference example for more details.",
+            ));
+        }
+        if task == info.task {
+            return Ok(());
+        }
+        if !info.supported_tasks.contains(&task) {
+            if !online {
+                match task {
+                    PoolingTask::Embed | PoolingTask::TokenEmbed => {
+                        return Err(EngineError::validation(
+                            "Embedding API is not supported by this model. Try converting the model using `--convert embed`.",
+                        ))
+                    }
+                    PoolingTask::Classify | PoolingTask::TokenClassify => {
+                        return Err(EngineError::validation(
+                            "Classification API is not supported by this model. Try converting the model using `--convert classify`.",
+                        ))
+                    }
+                    _ => {}
+                }
+            }
+            return Err(EngineError::validation(format!(
+                "Unsupported task: '{task}' Supported tasks: {}",
+                task_list(&info.supported_tasks)
+            )));
+        }
+        Err(EngineError::validation(if online {
+            format!("Try switching the model's pooling_task via --pooler-config.task {task}.")
+        } else {
+            format!("Try switching the model's pooling_task via `PoolerConfig(task=\"{task}\")`")
+        }))
+    }
+
+    /// Stops accepting work, finishes what is queued, and stops the engine threads.
+    pub fn shutdown(self) {
+        self.scheduler.shutdown();
+    }
+}
+
+/// Per-prompt pooling parameters (vLLM's `PoolingParams`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolingParams {
+    /// None: the `--pooler-config` default, else true.
+    pub use_activation: Option<bool>,
+    /// Embedding-only; any value is rejected for classifiers.
+    pub dimensions: Option<usize>,
+    /// Scoring: cut queries / documents to this many tokens (0 = off).
+    pub max_tokens_per_query: usize,
+    pub max_tokens_per_doc: usize,
+}
+
+/// Parameters for a call: none, one for all prompts, or one per prompt.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum ParamsArg<'a> {
+    #[default]
+    Default,
+    All(&'a PoolingParams),
+    PerPrompt(&'a [PoolingParams]),
+}
+
+impl ParamsArg<'_> {
+    fn expand(&self, n: usize) -> Result<Vec<PoolingParams>> {
+        match self {
+            ParamsArg::Default => Ok(vec![PoolingParams::default(); n]),
+            ParamsArg::All(p) => Ok(vec![(*p).clone(); n]),
+            ParamsArg::PerPrompt(ps) if ps.len() == n => Ok(ps.to_vec()),
+            ParamsArg::PerPrompt(ps) => Err(EngineError::validation(format!(
+                "The lengths of prompts ({n}) and params ({}) must be the same.",
+                ps.len()
+            ))),
+        }
+    }
+}
+
+/// vLLM's `PoolingRequestOutput`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolingRequestOutput {
+    pub request_id: String,
+    pub prompt_token_ids: Vec<u32>,
+    /// Prefix-cache hits; verdict has no prefix cache, so always 0.
+    pub num_cached_tokens: usize,
+    pub finished: bool,
+    pub outputs: PooledData,
+}
+
+/// vLLM's `ClassificationRequestOutput`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassificationRequestOutput {
+    pub request_id: String,
+    pub prompt_token_ids: Vec<u32>,
+    pub num_cached_tokens: usize,
+    pub finished: bool,
+    pub probs: Vec<f32>,
+}
+
+impl ClassificationRequestOutput {
+    pub fn num_classes(&self) -> usize {
+        self.probs.len()
+    }
+}
+
+/// vLLM's `ScoringRequestOutput`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoringRequestOutput {
+    pub request_id: String,
+    pub prompt_token_ids: Vec<u32>,
+    pub score: f32,
+}
+
+/// The offline API: load once, classify many.
+pub struct Llm {
+    engine: Engine,
+    next_request_id: AtomicU64,
+}
+
+impl Llm {
+    pub fn new(args: EngineArgs) -> Result<Self> {
+        Ok(Llm {
+            engine: Engine::new(&args)?,
+            next_request_id: AtomicU64::new(0),
+        })
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        self.engine.info()
+    }
+
+    fn request_id(&self) -> String {
+        self.next_request_id
+            .fetch_add(1, Ordering::Relaxed)
+            .to_string()
+    }
+
+    /// Probability vectors, one per prompt, in input order.
+    pub fn classify(
+        &self,
+        prompts: &[Prompt],
+        params: ParamsArg,
+        tokenization: &TokenizeOptions,
+    ) -> Result<Vec<ClassificationRequestOutput>> {
+        let outputs = self.encode(prompts, params, Some(PoolingTask::Classify), tokenization)?;
+        outputs
+            .into_iter()
+            .map(|o| match o.outputs {
+                PooledData::Vector(probs) => Ok(ClassificationRequestOutput {
+                    request_id: o.request_id,
+                    prompt_token_ids: o.prompt_token_ids,
+                    num_cached_tokens: 0,
+                    finished: true,
+                    probs,
+                }),
+                PooledData::Matrix(_) => Err(EngineError::validation(
+                    "pooled_data should be a 1-D probability vector",
+                )),
+            })
+            .collect()
+    }
+
+    /// Pooled outputs for a task; fails as a whole on the first invalid prompt (as vLLM).
+    pub fn encode(
+        &self,
+        prompts: &[Prompt],
+        params: ParamsArg,
+        task: Option<PoolingTask>,
+        tokenization: &TokenizeOptions,
+    ) -> Result<Vec<PoolingRequestOutput>> {
+        self.encode_each(prompts, params, task, tokenization, &|_| {})?
+            .into_iter()
+            .collect()
+    }
+
+    /// Like `encode`, but a bad prompt fails only itself: one result per prompt.
+    /// Call-level problems (no prompts, wrong task, params length) still fail the call.
+    pub fn encode_each(
+        &self,
+        prompts: &[Prompt],
+        params: ParamsArg,
+        task: Option<PoolingTask>,
+        tokenization: &TokenizeOptions,
+        on_done: &dyn Fn(usize),
+    ) -> Result<Vec<Result<PoolingRequestOutput>>> {
+        let task = task.ok_or_else(|| {
+            EngineError::validation(
+                "pooling_task required for `LLM.encode`.\nPlease use one of the more specific methods or set the \
+                 pooling_task when using `LLM.encode`:\n  - For classification: use `LLM.classify(...)` or \
+                 `pooling_task=\"classify\"`.\n  - For token classification: use `pooling_task=\"token_classify\"`.",
+            )
+        })?;
+        self.engine.check_task(task, false)?;
+        if prompts.is_empty() {
+            return Err(EngineError::validation("You must pass at least one prompt"));
+        }
+        let params = params.expand(prompts.len())?;
+        let tokenized: Vec<Result<TokenizedPrompt>> = prompts
+            .iter()
+            .zip(&params)
+            .map(|(p, pp)| {
+                check_params(pp)?;
+                self.engine.processor().process(p, tokenization)
+            })
+            .collect();
+        Ok(self.run_tokenized(tokenized, &params, on_done))
+    }
+
+    fn run_tokenized(
+        &self,
+        tokenized: Vec<Result<TokenizedPrompt>>,
+        params: &[PoolingParams],
+        on_done: &dyn Fn(usize),
+    ) -> Vec<Result<PoolingRequestOutput>> {
+        let default_act = self.info().default_use_activation;
+        let mut inputs = Vec::new();
+        let mut slots = Vec::with_capacity(tokenized.len());
+        for (t, p) in tokenized.into_iter().zip(params) {
+            match t {
+                Ok(t) => {
+                    slots.push(Ok((inputs.len(), t.ids.clone())));
+                    inputs.push(SequenceInput {
+                        ids: t.ids,
+                        token_type_ids: t.token_type_ids,
+                        use_activation: p.use_activation.unwrap_or(default_act),
+                    });
+                }
+                Err(e) => slots.push(Err(e)),
+            }
+        }
+        let mut results: Vec<Option<Result<PooledData>>> = self
+            .engine
+            .run_blocking(inputs, on_done)
+            .into_iter()
+            .map(Some)
+            .collect();
+        slots
+            .into_iter()
+            .map(|slot| {
+                let (idx, ids) = slot?;
+                let data = results[idx]
+                    .take()
+                    .unwrap_or_else(|| Err(EngineError::Unavailable("result missing".into())))?;
+                Ok(PoolingRequestOutput {
+                    request_id: self.request_id(),
+                    prompt_token_ids: ids,
+                    num_cached_tokens: 0,
+                    finished: true,
+                    outputs: data,
+                })
+            })
+            .collect()
+    }
+
+    /// Cross-encoder scores for 1:1, 1:N or N:N text pairs (num_labels == 1 only).
+    pub fn score(
+        &self,
+        data_1: &[String],
+        data_2: &[String],
+        params: Option<&PoolingParams>,
+        tokenization: &TokenizeOptions,
+    ) -> Result<Vec<ScoringRequestOutput>> {
+        let info = self.info();
+        if info.task != PoolingTask::Classify {
+            return Err(EngineError::validation(
+                "This model does not support the Scoring API.",
+            ));
+        }
+        if info.num_labels != 1 {
+            return Err(EngineError::validation(
+                "Scoring API is only enabled for num_labels == 1.",
+            ));
+        }
+        let pairs = pair_up(data_1, data_2)?;
+        let params = params.cloned().unwrap_or_default();
+        check_params(&params)?;
+        let limits = PairLimits {
+            max_tokens_per_query: params.max_tokens_per_query,
+            max_tokens_per_doc: params.max_tokens_per_doc,
+            score_template: None,
+        };
+        let mut tokenized = Vec::with_capacity(pairs.len());
+        for (q, d) in &pairs {
+            tokenized.push(Ok(self.engine.processor().process_pair(
+                q,
+                d,
+                tokenization,
+                &limits,
+            )?));
+        }
+        let all_params = vec![params; pairs.len()];
+        self.run_tokenized(tokenized, &all_params, &|_| {})
+            .into_iter()
+            .map(|r| {
+                let r = r?;
+                match r.outputs {
+                    PooledData::Vector(v) if v.len() == 1 => Ok(ScoringRequestOutput {
+                        request_id: r.request_id,
+                        prompt_token_ids: r.prompt_token_ids,
+                        score: v[0],
+                    }),
+                    _ => Err(EngineError::validation(
+                        "pooled_data should be a scalar score",
+                    )),
+                }
+            })
+            .collect()
+    }
+}
+
+fn check_params(p: &PoolingParams) -> Result<()> {
+    if p.dimensions.is_some() {
+        return Err(EngineError::validation(
+            "Task 'classify' only supports ['use_activation'] parameters, does not support ['dimensions'] parameters",
+        ));
+    }
+    Ok(())
+}
+
+/// vLLM's 1:1 / 1:N / N:N pairing of score inputs.
+pub fn pair_up<'a>(a: &'a [String], b: &'a [String]) -> Result<Vec<(&'a str, &'a str)>> {
+    if a.is_empty() {
+        return Err(EngineError::validation(
+            "At least one text element must be given",
+        ));
+    }
+    if b.is_empty() {
+        return Err(EngineError::validation(
+            "At least one text_pair element must be given",
+        ));
+    }
+    if a.len() == 1 {
+        Ok(b.iter().map(|d| (a[0].as_str(), d.as_str())).collect())
+    } else if a.len() == b.len() {
+        Ok(a.iter()
+            .zip(b)
+            .map(|(q, d)| (q.as_str(), d.as_str()))
+            .collect())
+    } else {
+        Err(EngineError::validation(
+            "Input lengths must be either 1:1, 1:N or N:N",
+        ))
+    }
+}

@@ -1,0 +1,222 @@
+use serde::Deserialize;
+
+use crate::error::{EngineError, Result};
+
+/// How hidden states become the rows a head sees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum PoolingType {
+    /// The first token of each sequence.
+    Cls,
+    /// The last token of each sequence.
+    Last,
+    /// The fp32 mean over each sequence's tokens.
+    Mean,
+    /// Every token (token classification).
+    All,
+}
+
+impl std::str::FromStr for PoolingType {
+    type Err = EngineError;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_uppercase().as_str() {
+            "CLS" => Ok(PoolingType::Cls),
+            "LAST" => Ok(PoolingType::Last),
+            "MEAN" => Ok(PoolingType::Mean),
+            "ALL" => Ok(PoolingType::All),
+            _ => Err(EngineError::Config(format!(
+                "unknown pooling type `{s}` (expected CLS, LAST, MEAN or ALL)"
+            ))),
+        }
+    }
+}
+
+/// vLLM's pooling tasks. verdict serves `classify` and `token_classify`; the
+/// others are recognised so requests for them get vLLM's errors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PoolingTask {
+    Classify,
+    TokenClassify,
+    Embed,
+    TokenEmbed,
+    Plugin,
+    EmbedAndTokenClassify,
+}
+
+impl PoolingTask {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            PoolingTask::Classify => "classify",
+            PoolingTask::TokenClassify => "token_classify",
+            PoolingTask::Embed => "embed",
+            PoolingTask::TokenEmbed => "token_embed",
+            PoolingTask::Plugin => "plugin",
+            PoolingTask::EmbedAndTokenClassify => "embed&token_classify",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "classify" => PoolingTask::Classify,
+            "token_classify" => PoolingTask::TokenClassify,
+            "embed" => PoolingTask::Embed,
+            "token_embed" => PoolingTask::TokenEmbed,
+            "plugin" => PoolingTask::Plugin,
+            "embed&token_classify" => PoolingTask::EmbedAndTokenClassify,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for PoolingTask {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `--pooler-config`: server-wide pooling defaults (vLLM's PoolerConfig).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PoolerConfig {
+    pub task: Option<PoolingTask>,
+    pub seq_pooling_type: Option<PoolingType>,
+    pub tok_pooling_type: Option<PoolingType>,
+    pub use_activation: Option<bool>,
+    pub logit_mean: Option<f64>,
+    pub logit_sigma: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPoolerConfig {
+    task: Option<String>,
+    pooling_type: Option<String>,
+    seq_pooling_type: Option<String>,
+    tok_pooling_type: Option<String>,
+    use_activation: Option<bool>,
+    logit_mean: Option<f64>,
+    logit_sigma: Option<f64>,
+    logit_bias: Option<f64>,
+    logit_scale: Option<f64>,
+    // Accepted for compatibility; they only affect embedding models.
+    dimensions: Option<serde_json::Value>,
+    enable_chunked_processing: Option<bool>,
+    max_embed_len: Option<serde_json::Value>,
+    step_tag_id: Option<serde_json::Value>,
+    returned_token_ids: Option<serde_json::Value>,
+    normalize: Option<bool>,
+    softmax: Option<bool>,
+    activation: Option<bool>,
+}
+
+impl PoolerConfig {
+    /// Parses the JSON form of `--pooler-config`, with vLLM's checks.
+    pub fn from_json(value: &serde_json::Value) -> Result<Self> {
+        let raw: RawPoolerConfig = serde_json::from_value(value.clone())
+            .map_err(|e| EngineError::Config(format!("--pooler-config: {e}")))?;
+        let task = match raw.task.as_deref() {
+            None => None,
+            Some(t) => Some(PoolingTask::parse(t).ok_or_else(|| {
+                EngineError::Config(format!("--pooler-config: unknown task `{t}`"))
+            })?),
+        };
+        let parse_type = |v: &Option<String>| -> Result<Option<PoolingType>> {
+            v.as_deref().map(str::parse).transpose()
+        };
+        let mut seq = parse_type(&raw.seq_pooling_type)?;
+        let mut tok = parse_type(&raw.tok_pooling_type)?;
+        if let Some(p) = parse_type(&raw.pooling_type)? {
+            if p == PoolingType::All {
+                if tok.is_some() {
+                    return Err(EngineError::Config(
+                        "Cannot set both `pooling_type` and `tok_pooling_type`".into(),
+                    ));
+                }
+                tok = Some(p);
+            } else {
+                if seq.is_some() {
+                    return Err(EngineError::Config(
+                        "Cannot set both `pooling_type` and `seq_pooling_type`".into(),
+                    ));
+                }
+                seq = Some(p);
+            }
+        }
+        if seq == Some(PoolingType::All) {
+            return Err(EngineError::Config(
+                "seq_pooling_type must be CLS, LAST or MEAN".into(),
+            ));
+        }
+        if matches!(tok, Some(t) if t != PoolingType::All) {
+            return Err(EngineError::Config("tok_pooling_type must be ALL".into()));
+        }
+        if raw.logit_bias.is_some() && raw.logit_mean.is_some() {
+            return Err(EngineError::Config(
+                "Cannot set both `logit_bias` and `logit_mean`. `logit_bias` is deprecated; use `logit_mean`.".into(),
+            ));
+        }
+        if raw.logit_scale.is_some() && raw.logit_sigma.is_some() {
+            return Err(EngineError::Config(
+                "Cannot set both `logit_scale` and `logit_sigma`. `logit_scale` is deprecated; use `logit_sigma`.".into(),
+            ));
+        }
+        let logit_sigma = match (raw.logit_sigma, raw.logit_scale) {
+            (Some(s), _) if s == 0.0 => {
+                return Err(EngineError::Config(
+                    "logit_sigma cannot be 0 (division by zero)".into(),
+                ))
+            }
+            (Some(s), _) => Some(s),
+            (None, Some(scale)) if scale == 0.0 => {
+                return Err(EngineError::Config(
+                    "logit_scale cannot be 0 (division by zero)".into(),
+                ))
+            }
+            (None, Some(scale)) => Some(1.0 / scale),
+            (None, None) => None,
+        };
+        let legacy_activation = raw.softmax.or(raw.activation).or(raw.normalize);
+        let _ = (
+            raw.dimensions,
+            raw.enable_chunked_processing,
+            raw.max_embed_len,
+            raw.step_tag_id,
+            raw.returned_token_ids,
+        );
+        Ok(PoolerConfig {
+            task,
+            seq_pooling_type: seq,
+            tok_pooling_type: tok,
+            use_activation: raw.use_activation.or(legacy_activation),
+            logit_mean: raw.logit_mean.or(raw.logit_bias),
+            logit_sigma,
+        })
+    }
+
+    /// Parses `--pooler-config` text: a JSON object.
+    pub fn from_str_arg(text: &str) -> Result<Self> {
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| EngineError::Config(format!("--pooler-config is not valid JSON: {e}")))?;
+        Self::from_json(&value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn parses_and_checks() {
+        let c = PoolerConfig::from_json(&json!({"task":"token_classify","pooling_type":"mean","logit_bias":4.5,"logit_scale":0.5})).unwrap();
+        assert_eq!(c.task, Some(PoolingTask::TokenClassify));
+        assert_eq!(c.seq_pooling_type, Some(PoolingType::Mean));
+        assert_eq!(c.logit_mean, Some(4.5));
+        assert_eq!(c.logit_sigma, Some(2.0));
+        assert!(PoolerConfig::from_json(&json!({"logit_sigma":0.0})).is_err());
+        assert!(
+            PoolerConfig::from_json(&json!({"pooling_type":"CLS","seq_pooling_type":"LAST"}))
+                .is_err()
+        );
+        assert!(PoolerConfig::from_json(&json!({"bogus":1})).is_err());
+    }
+}

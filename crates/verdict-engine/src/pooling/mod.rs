@@ -1,0 +1,123 @@
+//! Pooling (which hidden rows represent a sequence), classification heads,
+//! calibration and activations: everything between the backbone and the probabilities.
+
+mod config;
+mod head;
+
+pub use config::{PoolerConfig, PoolingTask, PoolingType};
+pub use head::ClassifierHead;
+
+use candle_core::{DType, Tensor};
+
+use crate::checkpoint::HfConfig;
+use crate::error::{EngineError, Result};
+
+/// The function applied to calibrated logits when `use_activation` is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// Softmax over the labels when there are at least 2, sigmoid for 1.
+    Classify,
+    Sigmoid,
+    Identity,
+    Tanh,
+    Relu,
+}
+
+impl Activation {
+    /// vLLM's choice (aligned with transformers' loss selection): problem_type,
+    /// then the sentence-transformers activation, then the label count.
+    pub fn from_config(cfg: &HfConfig) -> Result<Self> {
+        match cfg.problem_type() {
+            Some("regression") => return Ok(Activation::Identity),
+            Some("single_label_classification") => return Ok(Activation::Classify),
+            Some("multi_label_classification") => return Ok(Activation::Sigmoid),
+            Some(other) => {
+                return Err(EngineError::Config(format!(
+                    "unknown problem_type `{other}` (expected regression, single_label_classification or multi_label_classification)"
+                )))
+            }
+            None => {}
+        }
+        if let Some(name) = cfg.sentence_transformers_activation() {
+            let Some(module) = name.strip_prefix("torch.nn.modules.") else {
+                return Err(EngineError::Config(format!(
+                    "sentence-transformers activation `{name}` must be a torch.nn.modules class"
+                )));
+            };
+            let class = module.rsplit('.').next().unwrap_or(module);
+            return match class {
+                "Identity" => Ok(Activation::Identity),
+                "Sigmoid" | "Softmax" => Ok(Activation::Classify),
+                "Tanh" => Ok(Activation::Tanh),
+                "ReLU" => Ok(Activation::Relu),
+                other => Err(EngineError::Config(format!(
+                    "sentence-transformers activation `{other}` is not supported"
+                ))),
+            };
+        }
+        Ok(Activation::Classify)
+    }
+
+    /// Applies the activation over the last dimension of `[rows, labels]` fp32 logits.
+    pub fn apply(&self, logits: &Tensor) -> Result<Tensor> {
+        let labels = logits.dim(candle_core::D::Minus1)?;
+        Ok(match self {
+            Activation::Classify if labels >= 2 => candle_nn::ops::softmax_last_dim(logits)?,
+            Activation::Classify | Activation::Sigmoid => candle_nn::ops::sigmoid(logits)?,
+            Activation::Identity => logits.clone(),
+            Activation::Tanh => logits.tanh()?,
+            Activation::Relu => logits.relu()?,
+        })
+    }
+}
+
+/// `(logit - logit_mean) / logit_sigma`, each step only when configured.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Calibration {
+    pub mean: Option<f64>,
+    pub sigma: Option<f64>,
+}
+
+impl Calibration {
+    pub fn apply(&self, logits: Tensor) -> Result<Tensor> {
+        let mut x = logits;
+        if let Some(m) = self.mean {
+            x = (x - m)?;
+        }
+        if let Some(s) = self.sigma {
+            x = (x / s)?;
+        }
+        Ok(x)
+    }
+}
+
+/// Rows of `hidden` (`[T, H]`) that represent each sequence, as fp32 `[B, H]`.
+pub fn pool_sequences(
+    hidden: &Tensor,
+    cu_seqlens: &[usize],
+    pooling: PoolingType,
+) -> Result<Tensor> {
+    let device = hidden.device();
+    match pooling {
+        PoolingType::Cls | PoolingType::Last => {
+            let rows: Vec<u32> = cu_seqlens
+                .windows(2)
+                .map(|w| if pooling == PoolingType::Cls { w[0] } else { w[1] - 1 } as u32)
+                .collect();
+            let idx = Tensor::from_vec(rows, cu_seqlens.len() - 1, device)?;
+            Ok(hidden.index_select(&idx, 0)?.to_dtype(DType::F32)?)
+        }
+        PoolingType::Mean => {
+            let mut means = Vec::with_capacity(cu_seqlens.len() - 1);
+            for w in cu_seqlens.windows(2) {
+                let len = w[1] - w[0];
+                let rows = hidden.narrow(0, w[0], len)?.to_dtype(DType::F32)?;
+                means.push((rows.sum_keepdim(0)? / len as f64)?);
+            }
+            Ok(Tensor::cat(&means, 0)?)
+        }
+        PoolingType::All => Err(EngineError::Config(
+            "ALL pooling yields one row per token; it is not a sequence pooling".into(),
+        )),
+    }
+}

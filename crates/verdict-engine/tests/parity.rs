@@ -1,0 +1,230 @@
+//! Every fixture architecture against transformers' outputs (fp32, CPU):
+//! token ids, raw logits and probabilities, each prompt alone and all packed
+//! into one batch, and per-token outputs for token classification.
+
+mod common;
+
+use common::*;
+use verdict_engine::{
+    Llm, ParamsArg, PooledData, PoolerConfig, PoolingParams, PoolingTask, Prompt, TokenizeOptions,
+};
+
+const ATOL: f32 = 1e-4;
+
+fn case_prompt(llm: &Llm, case: &Case) -> Prompt {
+    match case.kind.as_str() {
+        "text" => Prompt::Text(case.text.clone().expect("text")),
+        "chat" => Prompt::Chat {
+            messages: case.messages.clone().expect("messages"),
+            options: case.chat_options(),
+        },
+        "pair" => {
+            // Pairs go through the engine's own pair encoding; the ids are checked below.
+            let p = llm
+                .engine()
+                .processor()
+                .process_pair(
+                    case.text.as_deref().expect("text"),
+                    case.text_pair.as_deref().expect("text_pair"),
+                    &TokenizeOptions::default(),
+                    &Default::default(),
+                )
+                .unwrap_or_else(|e| panic!("{}: pair encoding failed: {e}", case.name));
+            Prompt::Tokens {
+                ids: p.ids,
+                token_type_ids: p.token_type_ids,
+            }
+        }
+        other => panic!("unknown case kind {other}"),
+    }
+}
+
+fn vector(data: &PooledData) -> Vec<f32> {
+    match data {
+        PooledData::Vector(v) => v.clone(),
+        PooledData::Matrix(_) => panic!("expected a vector"),
+    }
+}
+
+fn check_fixture(name: &str) {
+    let dir = fixture_dir(name);
+    let reference = load_reference(&dir);
+    let llm = Llm::new(engine_args(&dir, &reference))
+        .unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
+    assert_eq!(
+        llm.info().num_labels,
+        reference.num_labels,
+        "{name}: num_labels"
+    );
+    if let Some(labels) = &reference.id2label {
+        let ours = llm.info().id2label.clone().expect("id2label");
+        for (k, v) in labels {
+            assert_eq!(
+                ours.get(&k.parse::<usize>().unwrap()).map(String::as_str),
+                v.as_str(),
+                "{name}: id2label"
+            );
+        }
+    }
+    let prompts: Vec<Prompt> = reference
+        .cases
+        .iter()
+        .map(|c| case_prompt(&llm, c))
+        .collect();
+    let tok = TokenizeOptions::default();
+    let raw = PoolingParams {
+        use_activation: Some(false),
+        ..Default::default()
+    };
+
+    // Everything packed into one batch: probabilities and raw logits.
+    let batched = llm
+        .encode(
+            &prompts,
+            ParamsArg::Default,
+            Some(PoolingTask::Classify),
+            &tok,
+        )
+        .unwrap_or_else(|e| panic!("{name}: batched encode failed: {e}"));
+    let batched_raw = llm
+        .encode(
+            &prompts,
+            ParamsArg::All(&raw),
+            Some(PoolingTask::Classify),
+            &tok,
+        )
+        .unwrap_or_else(|e| panic!("{name}: batched raw encode failed: {e}"));
+    for (i, case) in reference.cases.iter().enumerate() {
+        let what = format!("{name}/{}", case.name);
+        assert_eq!(
+            batched[i].prompt_token_ids, case.input_ids,
+            "{what}: token ids"
+        );
+        assert_close(
+            &format!("{what} logits (batched)"),
+            &vector(&batched_raw[i].outputs),
+            &case.logits,
+            ATOL,
+        );
+        assert_close(
+            &format!("{what} probs (batched)"),
+            &vector(&batched[i].outputs),
+            &case.probs,
+            ATOL,
+        );
+        // The same prompt alone must give the same numbers as inside the batch.
+        let single = llm
+            .encode(
+                std::slice::from_ref(&prompts[i]),
+                ParamsArg::All(&raw),
+                Some(PoolingTask::Classify),
+                &tok,
+            )
+            .unwrap_or_else(|e| panic!("{what}: single encode failed: {e}"));
+        assert_close(
+            &format!("{what} logits (alone)"),
+            &vector(&single[0].outputs),
+            &case.logits,
+            ATOL,
+        );
+        assert_close(
+            &format!("{what} alone vs batched"),
+            &vector(&single[0].outputs),
+            &vector(&batched_raw[i].outputs),
+            1e-5,
+        );
+    }
+    // classify() gives the same probabilities.
+    let classified = llm
+        .classify(&prompts, ParamsArg::Default, &tok)
+        .expect("classify");
+    for (c, case) in classified.iter().zip(&reference.cases) {
+        assert_eq!(c.num_classes(), reference.num_labels);
+        assert_close(
+            &format!("{name}/{} classify", case.name),
+            &c.probs,
+            &case.probs,
+            ATOL,
+        );
+    }
+
+    // Per-token outputs through the token_classify task.
+    let token_cases: Vec<&Case> = reference
+        .cases
+        .iter()
+        .filter(|c| c.token_logits.is_some())
+        .collect();
+    if token_cases.is_empty() {
+        return;
+    }
+    drop(llm);
+    let mut args = engine_args(&dir, &reference);
+    args.pooler_config = PoolerConfig {
+        task: Some(PoolingTask::TokenClassify),
+        ..Default::default()
+    };
+    let llm = Llm::new(args).unwrap_or_else(|e| panic!("{name}: token_classify load failed: {e}"));
+    let prompts: Vec<Prompt> = token_cases.iter().map(|c| case_prompt(&llm, c)).collect();
+    let probs = llm
+        .encode(
+            &prompts,
+            ParamsArg::Default,
+            Some(PoolingTask::TokenClassify),
+            &tok,
+        )
+        .expect("token probs");
+    let logits = llm
+        .encode(
+            &prompts,
+            ParamsArg::All(&raw),
+            Some(PoolingTask::TokenClassify),
+            &tok,
+        )
+        .expect("token logits");
+    for (i, case) in token_cases.iter().enumerate() {
+        let what = format!("{name}/{} tokens", case.name);
+        let (PooledData::Matrix(p), PooledData::Matrix(l)) =
+            (&probs[i].outputs, &logits[i].outputs)
+        else {
+            panic!("{what}: expected per-token matrices");
+        };
+        assert_eq!(
+            p.len(),
+            case.input_ids.len(),
+            "{what}: one row per prompt token"
+        );
+        assert_close_2d(
+            &format!("{what} logits"),
+            l,
+            case.token_logits.as_ref().unwrap(),
+            ATOL,
+        );
+        assert_close_2d(
+            &format!("{what} probs"),
+            p,
+            case.token_probs.as_ref().unwrap(),
+            ATOL,
+        );
+    }
+}
+
+macro_rules! parity_tests {
+    ($($test:ident => $fixture:literal),* $(,)?) => {
+        $(#[test] fn $test() { check_fixture($fixture); })*
+    };
+}
+
+parity_tests! {
+    bert_sequence_classification => "bert-cls",
+    ernie_sequence_classification => "ernie-cls",
+    roberta_sequence_classification => "roberta-cls",
+    xlm_roberta_cross_encoder => "xlmr-rerank",
+    gpt2_sequence_classification => "gpt2-cls",
+    gpt2_lm_head_converted_from_tokens => "gpt2-lm-tokens",
+    qwen2_sequence_classification => "qwen2-cls",
+    qwen3_multi_label => "qwen3-cls",
+    qwen3_reranker_from_2_way_softmax => "qwen3-reranker",
+    llama_regression_with_llama3_rope => "llama-cls",
+    mistral_sequence_classification => "mistral-cls",
+    qwen2_causal_lm_converted_with_score => "qwen2-causal-score",
+}
