@@ -586,3 +586,8 @@ pub fn warmup(runner: &ModelRunner) -> Result<()> {
     };
     runner.run(std::slice::from_ref(&seq)).map(|_| ())
 }
+
+/// True in a CUDA build on a machine with a GPU.
+pub fn cuda_available() -> bool {
+    candle_core::utils::cuda_is_available()
+}

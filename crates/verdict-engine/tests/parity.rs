@@ -48,8 +48,12 @@ fn vector(data: &PooledData) -> Vec<f32> {
 
 fn check_fixture(name: &str) {
     let dir = fixture_dir(name);
-    let reference = load_reference(&dir);
-    let llm = Llm::new(engine_args(&dir, &reference))
+    check_model(name, &dir, &load_reference(&dir));
+}
+
+fn check_model(name: &str, dir: &std::path::Path, reference: &Reference) {
+    let dir = dir.to_path_buf();
+    let llm = Llm::new(engine_args(&dir, reference))
         .unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
     assert_eq!(
         llm.info().num_labels,
@@ -158,7 +162,7 @@ fn check_fixture(name: &str) {
         return;
     }
     drop(llm);
-    let mut args = engine_args(&dir, &reference);
+    let mut args = engine_args(&dir, reference);
     args.pooler_config = PoolerConfig {
         task: Some(PoolingTask::TokenClassify),
         ..Default::default()
@@ -227,4 +231,58 @@ parity_tests! {
     llama_regression_with_llama3_rope => "llama-cls",
     mistral_sequence_classification => "mistral-cls",
     qwen2_causal_lm_converted_with_score => "qwen2-causal-score",
+}
+
+/// The bundled default model: real all-MiniLM-L6-v2 weights (fetched from the
+/// package registry by scripts/setup-default-model.sh) with the fitted head.
+#[test]
+fn real_minilm_default_model() {
+    let dir = std::env::var("VERDICT_DEFAULT_MODEL")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|_| {
+            let home = std::env::var("VERDICT_HOME")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|_| {
+                    std::path::PathBuf::from(std::env::var("HOME").expect("HOME"))
+                        .join(".cache/verdict")
+                });
+            home.join("default-model")
+        });
+    assert!(
+        dir.join("config.json").is_file(),
+        "the default model is not set up at {}: run scripts/setup-default-model.sh (scripts/test.sh does)",
+        dir.display()
+    );
+    let reference_path = repo_root().join("assets/default-model");
+    let reference = load_reference(&reference_path);
+    check_model("default-model", &dir, &reference);
+
+    // The seed page's examples come out the right way round, with clear margins.
+    let llm = Llm::new(engine_args(&dir, &reference)).expect("load default model");
+    let out = llm
+        .classify(
+            &[
+                Prompt::from("Loved the new café—coffee was great."),
+                Prompt::from("This update broke everything. Frustrating."),
+            ],
+            ParamsArg::Default,
+            &TokenizeOptions::default(),
+        )
+        .expect("classify");
+    let labels = llm.info().id2label.clone().expect("labels");
+    let positive = labels
+        .iter()
+        .find(|(_, l)| l.as_str() == "positive")
+        .map(|(i, _)| *i)
+        .expect("positive label");
+    assert!(
+        out[0].probs[positive] > 0.9,
+        "café sentence: {:?}",
+        out[0].probs
+    );
+    assert!(
+        out[1].probs[positive] < 0.1,
+        "update sentence: {:?}",
+        out[1].probs
+    );
 }

@@ -278,24 +278,36 @@ fn run_batches(runner: &ModelRunner, rx: Receiver<Batch>, stats: &SchedulerStats
             .batched_tokens
             .fetch_add(batch.tokens as u64, AtomicOrdering::Relaxed);
         stats.running_sequences.store(0, AtomicOrdering::Relaxed);
+        let timing = |enqueued: Instant| SequenceTiming {
+            queue_time: started.saturating_duration_since(enqueued),
+            inference_time,
+            batch_size: n,
+            batch_tokens: batch.tokens,
+        };
         match result {
             Ok(outputs) => {
                 for ((reply, enqueued), out) in meta.into_iter().zip(outputs) {
-                    let timing = SequenceTiming {
-                        queue_time: started.saturating_duration_since(enqueued),
-                        inference_time,
-                        batch_size: n,
-                        batch_tokens: batch.tokens,
-                    };
-                    reply(Ok((out, timing)));
+                    reply(Ok((out, timing(enqueued))));
+                }
+            }
+            // A failed batch is retried one sequence at a time, so one bad
+            // sequence cannot take the answers of the others with it.
+            Err(e) if n > 1 => {
+                tracing::warn!(error = %e, sequences = n, "batch failed; retrying its sequences one by one");
+                for ((reply, enqueued), input) in meta.into_iter().zip(inputs) {
+                    let single = runner.run(std::slice::from_ref(&input));
+                    reply(single.and_then(|mut v| {
+                        v.pop().map(|out| (out, timing(enqueued))).ok_or_else(|| {
+                            EngineError::Tensor(candle_core::Error::Msg("empty result".into()))
+                        })
+                    }));
                 }
             }
             Err(e) => {
-                let message = e.to_string();
-                tracing::error!(error = %message, sequences = n, "batch failed");
+                tracing::error!(error = %e, "sequence failed");
                 for (reply, _) in meta {
                     reply(Err(EngineError::Tensor(candle_core::Error::Msg(
-                        message.clone(),
+                        e.to_string(),
                     ))));
                 }
             }

@@ -149,9 +149,11 @@ fn text_content(content: &Value) -> Result<String> {
                             })?
                             .to_string(),
                     ),
-                    other => return Err(EngineError::validation(format!(
+                    other => {
+                        return Err(EngineError::validation(format!(
                         "content part of type `{other}` is not supported by this text-only model"
-                    ))),
+                    )))
+                    }
                 }
             }
             Ok(texts.join("\n"))
