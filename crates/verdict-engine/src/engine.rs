@@ -165,6 +165,8 @@ pub struct ModelInfo {
     pub is_causal: bool,
     /// Cross-encoder pairs are concatenated (LLM-as-reranker) instead of pair-encoded.
     pub pair_concat: bool,
+    /// `--chat-template` was given: scoring renders (query, document) through it.
+    pub chat_template_from_cli: bool,
     pub vocab_size: usize,
     pub type_vocab_size: usize,
     pub dtype: DType,
@@ -407,7 +409,9 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
             )))
         }
         Some(n) => n,
-        None => max_model_len.max(8192),
+        // On the CPU a 4096-token batch already keeps the matmuls busy and
+        // halves peak memory against 8192; GPUs want larger batches.
+        None => max_model_len.max(if device.is_cpu() { 4096 } else { 16384 }),
     };
 
     let activation = Activation::from_config(&config)?;
@@ -433,6 +437,7 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
         max_num_seqs,
         is_causal: arch.is_causal(),
         pair_concat,
+        chat_template_from_cli: args.chat_template.is_some(),
         vocab_size: backbone.vocab_size(),
         type_vocab_size: backbone.type_vocab_size(),
         dtype,

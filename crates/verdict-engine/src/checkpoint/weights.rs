@@ -143,6 +143,18 @@ impl Weights {
         let stored = bytes_to_tensor(bytes, info.dtype, &info.shape).map_err(|e| {
             EngineError::Weight(format!("weight `{name}` in {}: {e}", file.path.display()))
         })?;
+        // The bytes are copied; drop their pages from our resident set so loading
+        // does not hold the file and the weights in memory at the same time.
+        // SAFETY: the mapping is a read-only file mapping and no reference into
+        // this range outlives the copy above; later reads fault the pages back in.
+        #[cfg(unix)]
+        unsafe {
+            let _ = file.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                file.data_start + start,
+                end - start,
+            );
+        }
         Ok(stored.to_dtype(dtype)?.to_device(&self.device)?)
     }
 }
@@ -161,14 +173,8 @@ fn bytes_to_tensor(bytes: &[u8], dtype: StDtype, shape: &[usize]) -> Result<Tens
     let cpu = Device::Cpu;
     let t = match dtype {
         StDtype::F32 => Tensor::from_vec(collect(bytes, f32::from_le_bytes), shape, &cpu),
-        StDtype::F16 => {
-            Tensor::from_vec(collect(bytes, |b| half::f16::from_le_bytes(b)), shape, &cpu)
-        }
-        StDtype::BF16 => Tensor::from_vec(
-            collect(bytes, |b| half::bf16::from_le_bytes(b)),
-            shape,
-            &cpu,
-        ),
+        StDtype::F16 => Tensor::from_vec(collect(bytes, half::f16::from_le_bytes), shape, &cpu),
+        StDtype::BF16 => Tensor::from_vec(collect(bytes, half::bf16::from_le_bytes), shape, &cpu),
         StDtype::F64 => Tensor::from_vec(collect(bytes, f64::from_le_bytes), shape, &cpu),
         other => return Err(format!("unsupported weight dtype {other:?}")),
     };

@@ -25,6 +25,24 @@ pub fn packed_attention(
 ) -> Result<Tensor> {
     let (_, heads, d) = q.dims3()?;
     let kv_heads = k.dim(1)?;
+    let (causal, window) = match mask {
+        AttentionMask::Bidirectional => (false, None),
+        AttentionMask::Causal { window } => (true, window),
+    };
+    if let Some(out) = super::cpu::attention_f32(
+        q,
+        k,
+        v,
+        heads,
+        kv_heads,
+        d,
+        cu_seqlens,
+        causal,
+        window,
+        scale as f32,
+    )? {
+        return Ok(out);
+    }
     let group = heads / kv_heads;
     let mut outs = Vec::with_capacity(cu_seqlens.len().saturating_sub(1));
     for w in cu_seqlens.windows(2) {

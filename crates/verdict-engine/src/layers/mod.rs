@@ -2,7 +2,9 @@
 //! activations, rotary embeddings and packed attention.
 
 mod attention;
+mod cpu;
 mod rotary;
+mod simd;
 
 pub use attention::{packed_attention, AttentionMask};
 pub use rotary::RotaryEmbedding;
@@ -17,11 +19,21 @@ use crate::error::{EngineError, Result};
 pub struct Linear {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The bias as plain floats for the CPU fast path.
+    cpu_bias: Option<Vec<f32>>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Linear { weight, bias }
+        let cpu_bias = bias
+            .as_ref()
+            .filter(|b| b.device().is_cpu() && b.dtype() == DType::F32)
+            .and_then(|b| b.to_vec1::<f32>().ok());
+        Linear {
+            weight,
+            bias,
+            cpu_bias,
+        }
     }
 
     pub fn load(wp: &WeightPath, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
@@ -31,7 +43,7 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
     }
 
     /// Loads a linear layer with a bias when the checkpoint has one.
@@ -53,14 +65,14 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
     }
 
     /// GPT-2's Conv1D stores `[in, out]`; transpose once at load.
     pub fn load_conv1d(wp: &WeightPath, in_dim: usize, out_dim: usize) -> Result<Self> {
         let weight = wp.get("weight", &[in_dim, out_dim])?.t()?.contiguous()?;
         let bias = Some(wp.get("bias", &[out_dim])?);
-        Ok(Linear { weight, bias })
+        Ok(Linear::new(weight, bias))
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -72,6 +84,11 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.bias.is_none() || self.cpu_bias.is_some() {
+            if let Some(y) = cpu::linear_f32(x, &self.weight, self.cpu_bias.as_deref())? {
+                return Ok(y);
+            }
+        }
         let y = x.matmul(&self.weight.t()?)?;
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
@@ -159,7 +176,10 @@ impl HiddenAct {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            HiddenAct::Gelu => x.gelu_erf()?,
+            HiddenAct::Gelu => match cpu::gelu_erf_f32(x)? {
+                Some(y) => y,
+                None => x.gelu_erf()?,
+            },
             HiddenAct::GeluTanh => x.gelu()?,
             HiddenAct::Silu => candle_nn::Activation::Silu.forward(x)?,
             HiddenAct::Relu => x.relu()?,

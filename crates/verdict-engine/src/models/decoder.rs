@@ -103,14 +103,14 @@ impl DecoderModel {
         let cfg: DecoderConfig = config.parse("decoder")?;
         let heads = cfg.num_attention_heads;
         let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
-        if heads == 0 || kv_heads == 0 || heads % kv_heads != 0 {
+        if heads == 0 || kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
             return Err(EngineError::Config(format!(
                 "num_attention_heads {heads} must be a positive multiple of num_key_value_heads {kv_heads}"
             )));
         }
         let head_dim = match cfg.head_dim {
             Some(d) => d,
-            None if cfg.hidden_size % heads == 0 => cfg.hidden_size / heads,
+            None if cfg.hidden_size.is_multiple_of(heads) => cfg.hidden_size / heads,
             None => {
                 return Err(EngineError::Config(format!(
                     "hidden_size {} is not divisible by num_attention_heads {heads}",

@@ -66,7 +66,7 @@ pub struct Gpt2Model {
 impl Gpt2Model {
     pub fn load(config: &HfConfig, weights: &Weights) -> Result<Self> {
         let cfg: Gpt2Config = config.parse("GPT-2")?;
-        if cfg.n_head == 0 || cfg.n_embd % cfg.n_head != 0 {
+        if cfg.n_head == 0 || !cfg.n_embd.is_multiple_of(cfg.n_head) {
             return Err(EngineError::Config(format!(
                 "n_embd {} is not divisible by n_head {}",
                 cfg.n_embd, cfg.n_head

@@ -159,21 +159,17 @@ impl PoolerConfig {
                 "Cannot set both `logit_scale` and `logit_sigma`. `logit_scale` is deprecated; use `logit_sigma`.".into(),
             ));
         }
-        let logit_sigma = match (raw.logit_sigma, raw.logit_scale) {
-            (Some(s), _) if s == 0.0 => {
-                return Err(EngineError::Config(
-                    "logit_sigma cannot be 0 (division by zero)".into(),
-                ))
-            }
-            (Some(s), _) => Some(s),
-            (None, Some(scale)) if scale == 0.0 => {
-                return Err(EngineError::Config(
-                    "logit_scale cannot be 0 (division by zero)".into(),
-                ))
-            }
-            (None, Some(scale)) => Some(1.0 / scale),
-            (None, None) => None,
-        };
+        if raw.logit_sigma == Some(0.0) {
+            return Err(EngineError::Config(
+                "logit_sigma cannot be 0 (division by zero)".into(),
+            ));
+        }
+        if raw.logit_sigma.is_none() && raw.logit_scale == Some(0.0) {
+            return Err(EngineError::Config(
+                "logit_scale cannot be 0 (division by zero)".into(),
+            ));
+        }
+        let logit_sigma = raw.logit_sigma.or(raw.logit_scale.map(|scale| 1.0 / scale));
         let legacy_activation = raw.softmax.or(raw.activation).or(raw.normalize);
         let _ = (
             raw.dimensions,

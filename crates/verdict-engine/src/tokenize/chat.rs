@@ -178,7 +178,7 @@ fn python_json_dumps(v: &Value, indent: Option<usize>) -> String {
                 out.push('[');
                 for (i, it) in items.iter().enumerate() {
                     if i > 0 {
-                        out.push(if indent.is_some() { ',' } else { ',' });
+                        out.push(',');
                         if indent.is_none() {
                             out.push(' ');
                         }

@@ -51,6 +51,9 @@ pub struct TextTokenizer {
     max_chars_per_token: usize,
     /// Does encoding a second segment give it token type 1 (BERT-style)?
     pair_has_type_ids: bool,
+    /// Passed to chat templates compiled later (a request's own template).
+    bos_token: Option<String>,
+    eos_token: Option<String>,
 }
 
 impl TextTokenizer {
@@ -127,6 +130,8 @@ impl TextTokenizer {
             do_lower_case: false,
             max_chars_per_token,
             pair_has_type_ids,
+            bos_token: special("bos_token"),
+            eos_token: special("eos_token"),
         })
     }
 
@@ -140,6 +145,11 @@ impl TextTokenizer {
 
     pub fn chat_template(&self) -> Option<&ChatTemplate> {
         self.chat_template.as_ref()
+    }
+
+    /// Compiles another template (e.g. a request's `chat_template`) with this tokenizer's special tokens.
+    pub fn compile_chat_template(&self, source: &str) -> Result<ChatTemplate> {
+        ChatTemplate::new(source, self.bos_token.clone(), self.eos_token.clone())
     }
 
     pub fn default_truncation_side(&self) -> TruncationSide {
