@@ -1,1 +1,251 @@
-pub fn x() {}
+//! verdict-server: vLLM's classification HTTP API (spec §6) over the verdict engine.
+//!
+//! [`serve`] runs until SIGINT/SIGTERM; [`spawn`] starts a server in the
+//! background (tests, embedding) and hands back its address and a shutdown handle.
+
+mod error;
+mod execution;
+mod fields;
+mod metrics;
+mod middleware;
+mod protocol;
+mod routes;
+mod state;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use verdict_engine::Engine;
+
+pub use error::ApiError;
+
+use crate::execution::TokenizerPool;
+use crate::metrics::ServerMetrics;
+use crate::state::{AppState, SharedState};
+
+/// How the server listens and what it allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    pub host: String,
+    pub port: u16,
+    /// When set, every route but /health, /ping, /version and /metrics needs `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
+    pub max_request_body_bytes: usize,
+    /// Most prompts (or documents) one request may carry.
+    pub max_input_list_len: usize,
+    /// Accept `chat_template` from requests.
+    pub trust_request_chat_template: bool,
+    /// Echo `X-Request-Id` (or a fresh one) in every response.
+    pub enable_request_id_headers: bool,
+    /// Tokenizer threads; 0 means one per core.
+    pub tokenizer_workers: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            host: "0.0.0.0".into(),
+            port: 8000,
+            api_key: None,
+            max_request_body_bytes: 32 * 1024 * 1024,
+            max_input_list_len: 10_000,
+            trust_request_chat_template: false,
+            enable_request_id_headers: false,
+            tokenizer_workers: 0,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("starting the tokenizer threads: {0}")]
+    Threads(#[source] std::io::Error),
+    #[error("serving HTTP: {0}")]
+    Serve(#[source] std::io::Error),
+    #[error("the server task failed: {0}")]
+    Task(String),
+}
+
+/// A server running in the background.
+pub struct RunningServer {
+    /// The bound address (the real port when 0 was asked for).
+    pub addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<Result<(), ServerError>>,
+}
+
+impl RunningServer {
+    /// Stops accepting connections, lets in-flight requests finish, and waits until it has.
+    pub async fn shutdown(mut self) -> Result<(), ServerError> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.wait().await
+    }
+
+    /// Waits until the server stops (after `shutdown` or a fatal error).
+    pub async fn wait(&mut self) -> Result<(), ServerError> {
+        match (&mut self.task).await {
+            Ok(result) => result,
+            Err(e) => Err(ServerError::Task(e.to_string())),
+        }
+    }
+}
+
+/// Binds (port 0 picks a free port) and serves in the background.
+pub async fn spawn(
+    engine: Arc<Engine>,
+    config: ServerConfig,
+) -> Result<RunningServer, ServerError> {
+    let bind_addr = format!("{}:{}", config.host, config.port);
+    let listener = TcpListener::bind((config.host.as_str(), config.port))
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: bind_addr.clone(),
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| ServerError::Bind {
+        addr: bind_addr,
+        source,
+    })?;
+    let metrics = Arc::new(ServerMetrics::new(engine.stats()));
+    let tokenizers = TokenizerPool::new(config.tokenizer_workers).map_err(ServerError::Threads)?;
+    let tokenizer_workers = tokenizers.workers();
+    let state = Arc::new(AppState {
+        info: engine.info().clone(),
+        engine,
+        metrics: metrics.clone(),
+        tokenizers,
+        config,
+    });
+    let app = router(state);
+
+    let upkeep = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            metrics.run_upkeep();
+        }
+    });
+    let (stop, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let result = axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                // A dropped handle stops the server too.
+                let _ = stopped.await;
+            })
+            .await
+            .map_err(ServerError::Serve);
+        upkeep.abort();
+        result
+    });
+    tracing::info!(%addr, tokenizer_workers, "verdict server listening");
+    Ok(RunningServer {
+        addr,
+        stop: Some(stop),
+        task,
+    })
+}
+
+/// Serves until SIGINT or SIGTERM, then stops accepting, finishes in-flight requests and returns.
+pub async fn serve(engine: Arc<Engine>, config: ServerConfig) -> Result<(), ServerError> {
+    let mut server = spawn(engine, config).await?;
+    let failed = tokio::select! {
+        _ = shutdown_signal() => None,
+        result = server.wait() => Some(result),
+    };
+    match failed {
+        Some(result) => result,
+        None => {
+            tracing::info!("shutting down: finishing in-flight requests");
+            let result = server.shutdown().await;
+            tracing::info!("server stopped");
+            result
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
+
+fn router(state: SharedState) -> Router {
+    use routes::{classify, info, invocations, pooling, score, tokenize};
+
+    let mut app = Router::new()
+        .route("/pooling", post(pooling::pooling_route))
+        .route("/invocations", post(invocations::invocations_route))
+        .route("/v1/models", get(info::models))
+        .route("/tokenize", post(tokenize::tokenize_route))
+        .route("/detokenize", post(tokenize::detokenize_route))
+        .route("/health", get(info::health))
+        .route("/ping", get(info::health).post(info::health))
+        .route("/version", get(info::version))
+        .route("/metrics", get(info::metrics));
+    // A model that cannot classify (ForTokenClassification) has no /classify at all.
+    if state
+        .info
+        .supported_tasks
+        .contains(&verdict_engine::PoolingTask::Classify)
+    {
+        app = app.route("/classify", post(classify::classify_route));
+    }
+    // Scoring exists only for num_labels == 1 classifiers; elsewhere these paths are 404.
+    if state.info.supports_score() {
+        app = app
+            .route("/score", post(score::score_route))
+            .route("/v1/score", post(score::score_route))
+            .route("/rerank", post(score::rerank_route))
+            .route("/v1/rerank", post(score::rerank_route))
+            .route("/v2/rerank", post(score::rerank_route));
+    }
+    let body_limit = state.config.max_request_body_bytes;
+    app.fallback(|| async { error::not_found_detail() })
+        .method_not_allowed_fallback(|| async { error::method_not_allowed_detail() })
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::require_api_key,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::echo_request_id,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::observe,
+        ))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(state)
+}

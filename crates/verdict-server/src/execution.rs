@@ -1,0 +1,211 @@
+//! Getting a request's prompts through the engine: tokenization on a worker
+//! pool off the async runtime, submission as separate sequences, results
+//! reassembled in input order, and queued work dropped when the client goes.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+use verdict_engine::scheduler::{SequenceTiming, WorkItem};
+use verdict_engine::tokenize::TokenizedPrompt;
+use verdict_engine::{Engine, PooledData, SequenceInput};
+
+use crate::error::ApiError;
+use crate::metrics::ServerMetrics;
+
+type Job = Box<dyn FnOnce() + Send>;
+
+/// Threads that tokenize requests, so the async runtime never blocks on it.
+pub struct TokenizerPool {
+    sender: Mutex<mpsc::Sender<Job>>,
+    workers: usize,
+}
+
+impl TokenizerPool {
+    /// `workers == 0` means one per core.
+    pub fn new(workers: usize) -> std::io::Result<Self> {
+        let workers = if workers == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            workers
+        };
+        let (sender, receiver) = mpsc::channel::<Job>();
+        let receiver = Arc::new(Mutex::new(receiver));
+        for i in 0..workers {
+            let receiver = receiver.clone();
+            std::thread::Builder::new()
+                .name(format!("verdict-tokenizer-{i}"))
+                .spawn(move || loop {
+                    // Hold the lock only to take a job, not while running it.
+                    let job = {
+                        let rx = receiver.lock().unwrap_or_else(|e| e.into_inner());
+                        rx.recv()
+                    };
+                    match job {
+                        // A panicking job must not take the worker with it; its
+                        // caller sees the dropped reply channel as an error.
+                        Ok(job) => {
+                            let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                        }
+                        Err(_) => return, // the pool is gone
+                    }
+                })?;
+        }
+        Ok(TokenizerPool {
+            sender: Mutex::new(sender),
+            workers,
+        })
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    /// Runs `f` on a worker and waits for its result without blocking the runtime.
+    pub async fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> R + Send + 'static,
+    ) -> Result<R, ApiError> {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move || {
+            let _ = tx.send(f());
+        });
+        self.sender
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send(job)
+            .map_err(|_| ApiError::unavailable("the tokenizer pool has stopped"))?;
+        rx.await
+            .map_err(|_| ApiError::internal("tokenization failed unexpectedly"))
+    }
+
+    /// Tokenizes many items in parallel chunks; results in input order, and
+    /// the first failure (in input order) fails the request, as in vLLM.
+    pub async fn tokenize_all<T, F>(
+        &self,
+        engine: &Arc<Engine>,
+        items: Vec<T>,
+        tokenize: F,
+    ) -> Result<Vec<TokenizedPrompt>, ApiError>
+    where
+        T: Send + 'static,
+        F: Fn(&Engine, T) -> verdict_engine::Result<TokenizedPrompt> + Send + Sync + 'static,
+    {
+        // Small requests stay in one job: a hop between threads costs more than they do.
+        const MIN_CHUNK: usize = 16;
+        let n = items.len();
+        let chunk = n.div_ceil(self.workers).max(MIN_CHUNK);
+        let tokenize = Arc::new(tokenize);
+        let mut pending = Vec::with_capacity(n.div_ceil(chunk));
+        let mut items = items.into_iter().peekable();
+        while items.peek().is_some() {
+            let part: Vec<T> = items.by_ref().take(chunk).collect();
+            let engine = engine.clone();
+            let tokenize = tokenize.clone();
+            pending.push(self.run(move || {
+                let mut out = Vec::with_capacity(part.len());
+                for item in part {
+                    // Stop at the first failure: the request fails anyway.
+                    let result = tokenize(&engine, item);
+                    let failed = result.is_err();
+                    out.push(result);
+                    if failed {
+                        break;
+                    }
+                }
+                out
+            }));
+        }
+        let mut prompts = Vec::with_capacity(n);
+        // Chunks are awaited in order; each was already queued, so they run in parallel.
+        for chunk in pending {
+            for result in chunk.await? {
+                prompts.push(result?);
+            }
+        }
+        Ok(prompts)
+    }
+}
+
+/// Sets the shared flag when dropped: a handler future dropped because its
+/// client disconnected marks its queued sequences so the engine skips them.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+/// One sequence's pooled output and its prompt length.
+pub struct SequenceOutput {
+    pub data: PooledData,
+    pub prompt_tokens: usize,
+}
+
+/// Submits the sequences (all or none) and waits for all of them.
+pub async fn run_sequences(
+    engine: &Engine,
+    metrics: &Arc<ServerMetrics>,
+    inputs: Vec<SequenceInput>,
+    priority: i64,
+) -> Result<Vec<SequenceOutput>, ApiError> {
+    let n = inputs.len();
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let _cancel_guard = CancelOnDrop(cancelled.clone());
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(
+        usize,
+        verdict_engine::Result<(PooledData, SequenceTiming)>,
+    )>();
+    let mut lengths = Vec::with_capacity(n);
+    let items: Vec<WorkItem> = inputs
+        .into_iter()
+        .enumerate()
+        .map(|(i, input)| {
+            lengths.push(input.ids.len());
+            let tx = tx.clone();
+            let metrics = metrics.clone();
+            let mut item = WorkItem::new(input, move |result| {
+                if let Ok((_, timing)) = &result {
+                    metrics.observe_sequence(timing);
+                }
+                let _ = tx.send((i, result));
+            });
+            item.priority = priority;
+            item.cancelled = Some(cancelled.clone());
+            item
+        })
+        .collect();
+    // Only the work items hold senders now: if the engine drops them unanswered, recv ends.
+    drop(tx);
+    engine.submit(items)?;
+
+    let mut outputs: Vec<Option<PooledData>> = (0..n).map(|_| None).collect();
+    let mut received = 0;
+    while received < n {
+        let Some((i, result)) = rx.recv().await else {
+            return Err(ApiError::unavailable(
+                "the engine stopped before the request finished",
+            ));
+        };
+        // An error returns at once; the guard then cancels what is still queued.
+        let (data, _) = result?;
+        if let Some(slot) = outputs.get_mut(i) {
+            *slot = Some(data);
+        }
+        received += 1;
+    }
+    outputs
+        .into_iter()
+        .zip(lengths)
+        .map(|(data, prompt_tokens)| {
+            data.map(|data| SequenceOutput {
+                data,
+                prompt_tokens,
+            })
+            .ok_or_else(|| ApiError::internal("a sequence result is missing"))
+        })
+        .collect()
+}

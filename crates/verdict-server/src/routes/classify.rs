@@ -1,0 +1,89 @@
+//! `POST /classify` (spec §6.2–§6.4).
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use serde::Serialize;
+use verdict_engine::{PooledData, PoolingTask};
+
+use crate::error::ApiError;
+use crate::fields::Body;
+use crate::protocol::{
+    json_floats, json_response, run_prompts, tokenize_prompts, total_tokens, CommonFields,
+    PromptRequest, RequestOutcome, Usage,
+};
+use crate::state::{response_id, unix_now, AppState, JsonBody, SharedState};
+
+#[derive(Serialize)]
+struct ClassificationItem {
+    index: usize,
+    label: Option<String>,
+    probs: Vec<f64>,
+    num_classes: usize,
+}
+
+#[derive(Serialize)]
+struct ClassificationResponse<'a> {
+    id: String,
+    object: &'static str,
+    created: u64,
+    model: &'a str,
+    data: Vec<ClassificationItem>,
+    usage: Usage,
+}
+
+pub async fn classify_route(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody,
+) -> Result<Response, ApiError> {
+    classify(&state, &headers, body).await
+}
+
+pub async fn classify(
+    state: &AppState,
+    headers: &HeaderMap,
+    mut body: Body,
+) -> Result<Response, ApiError> {
+    let common = CommonFields::parse(&mut body)?;
+    let request = PromptRequest::parse(&mut body, state)?;
+    if state.info.task != PoolingTask::Classify {
+        return Err(ApiError::not_implemented(
+            "The model does not support Classification API",
+        ));
+    }
+    state.check_model(common.model.as_deref())?;
+    let prompts = tokenize_prompts(state, request, &common).await?;
+    let outputs = run_prompts(state, prompts, common.use_activation, common.priority).await?;
+
+    let prompt_tokens = total_tokens(&outputs);
+    let mut data = Vec::with_capacity(outputs.len());
+    for (index, output) in outputs.iter().enumerate() {
+        let PooledData::Vector(probs) = &output.data else {
+            return Err(ApiError::internal(
+                "pooled_data should be a 1-D probability vector",
+            ));
+        };
+        data.push(ClassificationItem {
+            index,
+            label: state.info.label_of(probs),
+            probs: json_floats(probs)?,
+            num_classes: probs.len(),
+        });
+    }
+    let response = ClassificationResponse {
+        id: response_id("classify-", headers),
+        object: "list",
+        created: unix_now(),
+        model: state.served_name(),
+        data,
+        usage: Usage::new(prompt_tokens),
+    };
+    Ok(json_response(
+        &response,
+        RequestOutcome {
+            sequences: outputs.len(),
+            prompt_tokens,
+        },
+    ))
+}
