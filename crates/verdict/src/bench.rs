@@ -1,0 +1,391 @@
+//! `verdict bench`: the "mixed" workload (prompt lengths log-uniform in
+//! [16, 512], token ids uniform in [1000, 30000), seed 0) on random-weight
+//! models of real shapes. Throughput does not depend on weight values; the
+//! weights are written once as a real checkpoint and loaded the normal way.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use serde_json::json;
+use verdict_engine::{
+    DTypeArg, DeviceArg, EngineArgs, Llm, ParamsArg, PoolingTask, Prompt, TokenizeOptions,
+};
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Model shape: minilm-l6, bert-base, qwen2.5-0.5b, qwen2.5-1.5b or qwen2.5-7b.
+    #[arg(long, default_value = "minilm-l6")]
+    pub shape: String,
+
+    /// Number of prompts in the workload.
+    #[arg(long, default_value_t = 512)]
+    pub num_prompts: usize,
+
+    /// Seed of the workload's lengths and token ids.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+
+    /// Shortest and longest prompt.
+    #[arg(long, default_value_t = 16)]
+    pub min_len: usize,
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+
+    /// auto (float32 on CPU, bfloat16 on GPU), float32, float16, bfloat16.
+    #[arg(long, default_value = "auto")]
+    pub dtype: String,
+
+    /// cpu, cuda, cuda:N or auto.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+
+    /// Token budget of one packed batch.
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<usize>,
+
+    /// Most sequences in one batch.
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: usize,
+
+    /// Timed repetitions of the whole workload (the best is reported as well).
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+
+    /// Print one JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+
+    /// Where random checkpoints are cached (default: $VERDICT_HOME/bench).
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// The architecture of a benchmark shape.
+struct Shape {
+    name: &'static str,
+    config: serde_json::Value,
+}
+
+fn shape(name: &str) -> Result<Shape> {
+    let bert = |layers: usize, hidden: usize, heads: usize, ffn: usize| {
+        json!({
+            "architectures": ["BertForSequenceClassification"], "model_type": "bert",
+            "vocab_size": 30522, "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "intermediate_size": ffn, "hidden_act": "gelu",
+            "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12,
+            "pad_token_id": 0, "id2label": {"0": "LABEL_0", "1": "LABEL_1"}
+        })
+    };
+    let qwen = |layers: usize,
+                hidden: usize,
+                heads: usize,
+                kv: usize,
+                ffn: usize,
+                vocab: usize,
+                tie: bool| {
+        json!({
+            "architectures": ["Qwen2ForSequenceClassification"], "model_type": "qwen2",
+            "vocab_size": vocab, "hidden_size": hidden, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv, "intermediate_size": ffn,
+            "hidden_act": "silu", "max_position_embeddings": 32768, "rope_theta": 1000000.0,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": tie, "pad_token_id": 151643,
+            "id2label": {"0": "LABEL_0", "1": "LABEL_1"}
+        })
+    };
+    let (name, config) = match name {
+        "minilm-l6" => ("minilm-l6", bert(6, 384, 12, 1536)),
+        "bert-base" => ("bert-base", bert(12, 768, 12, 3072)),
+        "qwen2.5-0.5b" => ("qwen2.5-0.5b", qwen(24, 896, 14, 2, 4864, 151936, true)),
+        "qwen2.5-1.5b" => ("qwen2.5-1.5b", qwen(28, 1536, 12, 2, 8960, 151936, true)),
+        "qwen2.5-7b" => ("qwen2.5-7b", qwen(28, 3584, 28, 4, 18944, 152064, false)),
+        other => bail!("unknown shape `{other}` (minilm-l6, bert-base, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b)"),
+    };
+    Ok(Shape { name, config })
+}
+
+/// Tensor names and shapes of a shape's checkpoint.
+fn tensor_shapes(cfg: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
+    let u = |k: &str| cfg[k].as_u64().unwrap_or(0) as usize;
+    let mut t: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>| t.push((name, shape));
+    let h = u("hidden_size");
+    let ffn = u("intermediate_size");
+    if cfg["model_type"] == "bert" {
+        add(
+            "bert.embeddings.word_embeddings.weight".into(),
+            vec![u("vocab_size"), h],
+        );
+        add(
+            "bert.embeddings.position_embeddings.weight".into(),
+            vec![u("max_position_embeddings"), h],
+        );
+        add(
+            "bert.embeddings.token_type_embeddings.weight".into(),
+            vec![2, h],
+        );
+        add("bert.embeddings.LayerNorm.weight".into(), vec![h]);
+        add("bert.embeddings.LayerNorm.bias".into(), vec![h]);
+        for i in 0..u("num_hidden_layers") {
+            let p = format!("bert.encoder.layer.{i}");
+            for (n, o, inp) in [
+                ("attention.self.query", h, h),
+                ("attention.self.key", h, h),
+                ("attention.self.value", h, h),
+                ("attention.output.dense", h, h),
+                ("intermediate.dense", ffn, h),
+                ("output.dense", h, ffn),
+            ] {
+                add(format!("{p}.{n}.weight"), vec![o, inp]);
+                add(format!("{p}.{n}.bias"), vec![o]);
+            }
+            for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
+                add(format!("{p}.{n}.weight"), vec![h]);
+                add(format!("{p}.{n}.bias"), vec![h]);
+            }
+        }
+        add("bert.pooler.dense.weight".into(), vec![h, h]);
+        add("bert.pooler.dense.bias".into(), vec![h]);
+        add("classifier.weight".into(), vec![2, h]);
+        add("classifier.bias".into(), vec![2]);
+    } else {
+        let heads = u("num_attention_heads");
+        let kv = u("num_key_value_heads");
+        let d = h / heads;
+        add("model.embed_tokens.weight".into(), vec![u("vocab_size"), h]);
+        for i in 0..u("num_hidden_layers") {
+            let p = format!("model.layers.{i}");
+            add(format!("{p}.input_layernorm.weight"), vec![h]);
+            add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+            for (n, o) in [
+                ("q_proj", heads * d),
+                ("k_proj", kv * d),
+                ("v_proj", kv * d),
+            ] {
+                add(format!("{p}.self_attn.{n}.weight"), vec![o, h]);
+                add(format!("{p}.self_attn.{n}.bias"), vec![o]);
+            }
+            add(format!("{p}.self_attn.o_proj.weight"), vec![h, heads * d]);
+            add(format!("{p}.mlp.gate_proj.weight"), vec![ffn, h]);
+            add(format!("{p}.mlp.up_proj.weight"), vec![ffn, h]);
+            add(format!("{p}.mlp.down_proj.weight"), vec![h, ffn]);
+        }
+        add("model.norm.weight".into(), vec![h]);
+        add("score.weight".into(), vec![2, h]);
+    }
+    t
+}
+
+/// Writes a random-weight checkpoint (bf16 or f32 storage) unless it is cached.
+fn ensure_checkpoint(dir: &Path, shape: &Shape, bf16: bool) -> Result<()> {
+    if dir.join("model.safetensors").is_file() && dir.join("config.json").is_file() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
+    };
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, dims) in tensor_shapes(&shape.config) {
+        let n: usize = dims.iter().product();
+        let is_norm = name.contains("norm") || name.contains("LayerNorm.weight");
+        let mut bytes = Vec::with_capacity(n * if bf16 { 2 } else { 4 });
+        for _ in 0..n {
+            let v = if is_norm && name.ends_with("weight") {
+                1.0
+            } else {
+                next()
+            };
+            if bf16 {
+                bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+            } else {
+                bytes.extend_from_slice(&v.to_le_bytes());
+            }
+        }
+        buffers.push((name, dims, bytes));
+    }
+    let dtype = if bf16 {
+        safetensors::Dtype::BF16
+    } else {
+        safetensors::Dtype::F32
+    };
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
+        .iter()
+        .map(|(n, d, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, d.clone(), b)?,
+            ))
+        })
+        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+    let tmp = dir.join("model.safetensors.partial");
+    safetensors::serialize_to_file(views, None, &tmp)?;
+    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
+    std::fs::write(
+        dir.join("config.json"),
+        serde_json::to_string_pretty(&shape.config)?,
+    )?;
+    // The workload is token ids; a one-token tokenizer satisfies the loader.
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":{"type":"Whitespace"},"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"[UNK]":0},"unk_token":"[UNK]"}}"#,
+    )?;
+    Ok(())
+}
+
+/// The "mixed" workload: deterministic in the seed.
+pub fn mixed_workload(n: usize, seed: u64, min_len: usize, max_len: usize) -> Vec<Vec<u32>> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407)
+        | 1;
+    let mut uniform = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 11) as f64 / (1u64 << 53) as f64
+    };
+    let (lo, hi) = ((min_len as f64).ln(), (max_len as f64).ln());
+    (0..n)
+        .map(|_| {
+            let len = (lo + uniform() * (hi - lo)).exp().round() as usize;
+            (0..len.clamp(min_len, max_len))
+                .map(|_| 1000 + (uniform() * 29000.0) as u32)
+                .collect()
+        })
+        .collect()
+}
+
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let shape = shape(&args.shape)?;
+    let device = DeviceArg::parse(&args.device).context("bad --device")?;
+    let dtype = DTypeArg::parse(&args.dtype).context("bad --dtype")?;
+    let on_gpu = match device {
+        DeviceArg::Cpu => false,
+        DeviceArg::Cuda(_) => true,
+        DeviceArg::Auto => verdict_engine::engine::cuda_available(),
+    };
+    let bf16_storage = matches!(dtype, DTypeArg::BFloat16 | DTypeArg::Float16)
+        || (dtype == DTypeArg::Auto && on_gpu);
+    let cache = args.cache_dir.clone().unwrap_or_else(|| {
+        crate::args::default_model_dir()
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default()
+            .join("bench")
+    });
+    let dir = cache.join(format!(
+        "{}-{}",
+        shape.name,
+        if bf16_storage { "bf16" } else { "f32" }
+    ));
+    let t0 = Instant::now();
+    ensure_checkpoint(&dir, &shape, bf16_storage)?;
+    let prepare_s = t0.elapsed().as_secs_f64();
+
+    let mut engine_args = EngineArgs::new(dir.to_string_lossy());
+    engine_args.device = device;
+    engine_args.dtype = dtype;
+    engine_args.max_model_len = Some(args.max_len.max(512));
+    engine_args.max_num_batched_tokens = args.max_num_batched_tokens;
+    engine_args.max_num_seqs = Some(args.max_num_seqs);
+    engine_args.served_model_name = vec![shape.name.to_string()];
+    let t1 = Instant::now();
+    let llm = Llm::new(engine_args)?;
+    let load_s = t1.elapsed().as_secs_f64();
+
+    let workload = mixed_workload(args.num_prompts, args.seed, args.min_len, args.max_len);
+    let total_tokens: usize = workload.iter().map(Vec::len).sum();
+    let prompts: Vec<Prompt> = workload.into_iter().map(Prompt::from).collect();
+    let mut runs = Vec::new();
+    for _ in 0..args.repeat.max(1) {
+        let start = Instant::now();
+        let out = llm.encode(
+            &prompts,
+            ParamsArg::Default,
+            Some(PoolingTask::Classify),
+            &TokenizeOptions::default(),
+        )?;
+        let secs = start.elapsed().as_secs_f64();
+        if out.len() != prompts.len() {
+            bail!("expected {} results, got {}", prompts.len(), out.len());
+        }
+        runs.push(secs);
+    }
+    let best = runs.iter().copied().fold(f64::INFINITY, f64::min);
+    let first = runs[0];
+    let info = llm.info();
+    let mut report = BTreeMap::new();
+    report.insert("shape", json!(shape.name));
+    report.insert("device", json!(info.device));
+    report.insert("dtype", json!(format!("{:?}", info.dtype).to_lowercase()));
+    report.insert("prompts", json!(args.num_prompts));
+    report.insert("tokens", json!(total_tokens));
+    report.insert("seconds", json!(runs));
+    report.insert("tokens_per_s", json!(total_tokens as f64 / first));
+    report.insert("requests_per_s", json!(args.num_prompts as f64 / first));
+    report.insert("best_tokens_per_s", json!(total_tokens as f64 / best));
+    report.insert("peak_rss_mb", json!(peak_rss_mb()));
+    report.insert("load_s", json!(load_s));
+    report.insert("prepare_s", json!(prepare_s));
+    report.insert("max_num_batched_tokens", json!(info.max_num_batched_tokens));
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "verdict bench  shape={} device={} dtype={} prompts={} tokens={}",
+            shape.name,
+            info.device,
+            report["dtype"].as_str().unwrap_or(""),
+            args.num_prompts,
+            total_tokens
+        );
+        for (i, s) in runs.iter().enumerate() {
+            println!(
+                "  run {}: {:.3} s  {:.0} tokens/s  {:.1} requests/s",
+                i + 1,
+                s,
+                total_tokens as f64 / s,
+                args.num_prompts as f64 / s
+            );
+        }
+        println!(
+            "  best {:.0} tokens/s; peak RSS {:.0} MB; model load {:.2} s (budget {} tokens/batch)",
+            total_tokens as f64 / best,
+            peak_rss_mb().unwrap_or(f64::NAN),
+            load_s,
+            info.max_num_batched_tokens
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workload_is_deterministic_and_in_range() {
+        let a = mixed_workload(200, 0, 16, 512);
+        assert_eq!(a, mixed_workload(200, 0, 16, 512));
+        assert_ne!(a, mixed_workload(200, 1, 16, 512));
+        assert!(a.iter().all(|p| (16..=512).contains(&p.len())));
+        assert!(a.iter().flatten().all(|&t| (1000..30000).contains(&t)));
+        // log-uniform: about half the prompts under the geometric mean (~90 tokens)
+        let short = a.iter().filter(|p| p.len() < 91).count();
+        assert!((70..130).contains(&short), "{short}");
+    }
+}
