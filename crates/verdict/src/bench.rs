@@ -10,9 +10,12 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::json;
+use std::sync::Arc;
+
 use verdict_engine::{
-    DTypeArg, DeviceArg, EngineArgs, Llm, ParamsArg, PoolingTask, Prompt, TokenizeOptions,
+    DTypeArg, DeviceArg, Engine, EngineArgs, Prompt, SequenceInput, TokenizeOptions,
 };
+use verdict_server::ServerConfig;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -57,6 +60,12 @@ pub struct BenchArgs {
     /// Print one JSON object instead of text.
     #[arg(long)]
     pub json: bool,
+
+    /// Also serve the model over HTTP on loopback and run the workload through
+    /// /classify (one prompt per request) at each of these concurrency levels,
+    /// printing throughput and p50/p99 latency beside the offline number.
+    #[arg(long, value_delimiter = ',')]
+    pub server_concurrency: Vec<usize>,
 
     /// Where random checkpoints are cached (default: $VERDICT_HOME/bench).
     #[arg(long)]
@@ -304,30 +313,18 @@ pub fn run(args: BenchArgs) -> Result<()> {
     engine_args.max_num_seqs = Some(args.max_num_seqs);
     engine_args.served_model_name = vec![shape.name.to_string()];
     let t1 = Instant::now();
-    let llm = Llm::new(engine_args)?;
+    let engine = Arc::new(Engine::new(&engine_args)?);
     let load_s = t1.elapsed().as_secs_f64();
 
     let workload = mixed_workload(args.num_prompts, args.seed, args.min_len, args.max_len);
     let total_tokens: usize = workload.iter().map(Vec::len).sum();
-    let prompts: Vec<Prompt> = workload.into_iter().map(Prompt::from).collect();
     let mut runs = Vec::new();
     for _ in 0..args.repeat.max(1) {
-        let start = Instant::now();
-        let out = llm.encode(
-            &prompts,
-            ParamsArg::Default,
-            Some(PoolingTask::Classify),
-            &TokenizeOptions::default(),
-        )?;
-        let secs = start.elapsed().as_secs_f64();
-        if out.len() != prompts.len() {
-            bail!("expected {} results, got {}", prompts.len(), out.len());
-        }
-        runs.push(secs);
+        runs.push(run_offline(&engine, &workload)?);
     }
     let best = runs.iter().copied().fold(f64::INFINITY, f64::min);
     let first = runs[0];
-    let info = llm.info();
+    let info = engine.info().clone();
     let mut report = BTreeMap::new();
     report.insert("shape", json!(shape.name));
     report.insert("device", json!(info.device));
@@ -342,9 +339,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     report.insert("load_s", json!(load_s));
     report.insert("prepare_s", json!(prepare_s));
     report.insert("max_num_batched_tokens", json!(info.max_num_batched_tokens));
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
+    if !args.json {
         println!(
             "verdict bench  shape={} device={} dtype={} prompts={} tokens={}",
             shape.name,
@@ -355,7 +350,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         );
         for (i, s) in runs.iter().enumerate() {
             println!(
-                "  run {}: {:.3} s  {:.0} tokens/s  {:.1} requests/s",
+                "  offline run {}: {:.3} s  {:.0} tokens/s  {:.1} requests/s",
                 i + 1,
                 s,
                 total_tokens as f64 / s,
@@ -370,7 +365,223 @@ pub fn run(args: BenchArgs) -> Result<()> {
             info.max_num_batched_tokens
         );
     }
+    if !args.server_concurrency.is_empty() {
+        let levels = run_server_levels(
+            engine.clone(),
+            &workload,
+            &args.server_concurrency,
+            args.json,
+        )?;
+        let best_offline = total_tokens as f64 / best;
+        if !args.json {
+            for l in &levels {
+                println!(
+                    "  http c={:<4} {:.0} tokens/s ({:.0}% of offline)  {:.1} requests/s  p50 {:.1} ms  p99 {:.1} ms",
+                    l.concurrency,
+                    l.tokens_per_s,
+                    100.0 * l.tokens_per_s / best_offline,
+                    l.requests_per_s,
+                    l.p50_ms,
+                    l.p99_ms
+                );
+            }
+        }
+        report.insert("server", json!(levels.iter().map(|l| json!({
+            "concurrency": l.concurrency, "tokens_per_s": l.tokens_per_s, "requests_per_s": l.requests_per_s,
+            "p50_ms": l.p50_ms, "p99_ms": l.p99_ms, "ratio_to_offline": l.tokens_per_s / best_offline,
+        })).collect::<Vec<_>>()));
+        let short = run_short_latency(engine.clone())?;
+        if !args.json {
+            println!(
+                "  single 16-token request: model {:.2} ms, over HTTP p50 {:.2} ms (+{:.2} ms)",
+                short.0,
+                short.1,
+                short.1 - short.0
+            );
+        }
+        report.insert("short_request_model_ms", json!(short.0));
+        report.insert("short_request_http_p50_ms", json!(short.1));
+    }
+    report.insert("peak_rss_mb", json!(peak_rss_mb()));
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
     Ok(())
+}
+
+/// The whole workload through the engine: prompts are validated and queued
+/// as the server would, and the clock stops when the last result is back.
+fn run_offline(engine: &Engine, workload: &[Vec<u32>]) -> Result<f64> {
+    let start = Instant::now();
+    let tok = TokenizeOptions::default();
+    let mut inputs = Vec::with_capacity(workload.len());
+    for ids in workload {
+        let p = engine
+            .processor()
+            .process(&Prompt::from(ids.clone()), &tok)?;
+        inputs.push(SequenceInput {
+            ids: p.ids,
+            token_type_ids: p.token_type_ids,
+            use_activation: true,
+        });
+    }
+    let results = engine.run_blocking(inputs, &|_| {});
+    let secs = start.elapsed().as_secs_f64();
+    if let Some(e) = results.into_iter().find_map(Result::err) {
+        bail!("a benchmark prompt failed: {e}");
+    }
+    Ok(secs)
+}
+
+struct Level {
+    concurrency: usize,
+    tokens_per_s: f64,
+    requests_per_s: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Serves the engine on loopback and drives /classify with `c` concurrent clients.
+fn run_server_levels(
+    engine: Arc<Engine>,
+    workload: &[Vec<u32>],
+    levels: &[usize],
+    quiet: bool,
+) -> Result<Vec<Level>> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let config = ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 0,
+            ..ServerConfig::default()
+        };
+        let server = verdict_server::spawn(engine, config).await?;
+        let url = format!("http://{}/classify", server.addr);
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(1024)
+            .build()?;
+        let total_tokens: usize = workload.iter().map(Vec::len).sum();
+        let bodies: Arc<Vec<String>> = Arc::new(
+            workload
+                .iter()
+                .map(|ids| json!({"input": ids}).to_string())
+                .collect(),
+        );
+        let mut out = Vec::new();
+        for &c in levels {
+            let c = c.max(1);
+            let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+            let start = Instant::now();
+            let mut tasks = Vec::new();
+            for _ in 0..c {
+                let (client, url, bodies, next) =
+                    (client.clone(), url.clone(), bodies.clone(), next.clone());
+                tasks.push(tokio::spawn(async move {
+                    let mut lat = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= bodies.len() {
+                            return Ok::<_, anyhow::Error>(lat);
+                        }
+                        let t = Instant::now();
+                        let resp = client
+                            .post(&url)
+                            .header("content-type", "application/json")
+                            .body(bodies[i].clone())
+                            .send()
+                            .await?;
+                        let status = resp.status();
+                        let _ = resp.bytes().await?;
+                        if !status.is_success() {
+                            bail!("request {i} failed with {status}");
+                        }
+                        lat.push(t.elapsed().as_secs_f64() * 1000.0);
+                    }
+                }));
+            }
+            let mut lat = Vec::new();
+            for t in tasks {
+                lat.extend(t.await??);
+            }
+            let secs = start.elapsed().as_secs_f64();
+            lat.sort_by(f64::total_cmp);
+            if !quiet {
+                eprintln!("  (http c={c} done in {secs:.2} s)");
+            }
+            out.push(Level {
+                concurrency: c,
+                tokens_per_s: total_tokens as f64 / secs,
+                requests_per_s: bodies.len() as f64 / secs,
+                p50_ms: percentile(&lat, 0.5),
+                p99_ms: percentile(&lat, 0.99),
+            });
+        }
+        server.shutdown().await?;
+        Ok(out)
+    })
+}
+
+/// A 16-token request: the engine's own time for it, and its p50 over HTTP.
+fn run_short_latency(engine: Arc<Engine>) -> Result<(f64, f64)> {
+    let ids: Vec<u32> = (1000..1016).collect();
+    let mut model = Vec::new();
+    for _ in 0..50 {
+        let t = Instant::now();
+        let r = engine.run_blocking(
+            vec![SequenceInput {
+                ids: ids.clone(),
+                token_type_ids: None,
+                use_activation: true,
+            }],
+            &|_| {},
+        );
+        if let Some(Err(e)) = r.into_iter().next() {
+            bail!("short request failed: {e}");
+        }
+        model.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    model.sort_by(f64::total_cmp);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let http = runtime.block_on(async move {
+        let config = ServerConfig {
+            host: "127.0.0.1".into(),
+            port: 0,
+            ..ServerConfig::default()
+        };
+        let server = verdict_server::spawn(engine, config).await?;
+        let url = format!("http://{}/classify", server.addr);
+        let client = reqwest::Client::new();
+        let body = json!({"input": ids}).to_string();
+        let mut lat = Vec::new();
+        for _ in 0..60 {
+            let t = Instant::now();
+            let resp = client
+                .post(&url)
+                .header("content-type", "application/json")
+                .body(body.clone())
+                .send()
+                .await?;
+            let _ = resp.bytes().await?;
+            lat.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        server.shutdown().await?;
+        lat.drain(..10);
+        lat.sort_by(f64::total_cmp);
+        Ok::<_, anyhow::Error>(percentile(&lat, 0.5))
+    })?;
+    Ok((percentile(&model, 0.5), http))
 }
 
 #[cfg(test)]

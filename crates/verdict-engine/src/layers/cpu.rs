@@ -20,17 +20,26 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option
     Some(f(&data[start..start + t.elem_count()]))
 }
 
-/// `x [m, k] · wᵀ (+ bias)` with `w` as `[n, k]`, for contiguous f32 CPU tensors.
+/// candle's thread count, read once: asking each time parses /proc/cpuinfo.
+fn num_threads() -> usize {
+    static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(candle_core::utils::get_num_threads)
+}
+
+/// Matmuls smaller than this run on the calling thread.
+const PARALLEL_MIN_MACS: usize = 1 << 24;
+
+/// `x [m, k] · wt (+ bias)` with `wt` as `[k, n]`, for contiguous f32 CPU tensors.
 /// Returns None when the tensors are not of that kind (the caller falls back to candle).
-pub(crate) fn linear_f32(x: &Tensor, w: &Tensor, bias: Option<&[f32]>) -> Result<Option<Tensor>> {
-    let (Ok((m, k)), Ok((n, k2))) = (x.dims2(), w.dims2()) else {
+pub(crate) fn linear_f32(x: &Tensor, wt: &Tensor, bias: Option<&[f32]>) -> Result<Option<Tensor>> {
+    let (Ok((m, k)), Ok((k2, n))) = (x.dims2(), wt.dims2()) else {
         return Ok(None);
     };
     if k != k2 || m == 0 {
         return Ok(None);
     }
     let out = with_cpu_f32(x, |xs| {
-        with_cpu_f32(w, |ws| {
+        with_cpu_f32(wt, |ws| {
             let mut dst = match bias {
                 Some(b) => {
                     let mut d = Vec::with_capacity(m * n);
@@ -41,15 +50,15 @@ pub(crate) fn linear_f32(x: &Tensor, w: &Tensor, bias: Option<&[f32]>) -> Result
                 }
                 None => vec![0f32; m * n],
             };
-            let threads = candle_core::utils::get_num_threads();
-            let parallelism = if threads > 1 {
+            let threads = num_threads();
+            // Waking the pool costs more than it saves on a few rows.
+            let parallelism = if threads > 1 && m * n * k >= PARALLEL_MIN_MACS {
                 gemm::Parallelism::Rayon(threads)
             } else {
                 gemm::Parallelism::None
             };
-            // SAFETY: the slices cover m*k, n*k and m*n elements with the strides given:
-            // lhs row-major [m, k]; rhs is wᵀ, i.e. element (kk, j) at w[j*k + kk];
-            // dst row-major [m, n].
+            // SAFETY: the slices cover m*k, k*n and m*n elements with the strides given:
+            // lhs row-major [m, k]; rhs row-major [k, n]; dst row-major [m, n].
             unsafe {
                 gemm::gemm(
                     m,
@@ -63,8 +72,8 @@ pub(crate) fn linear_f32(x: &Tensor, w: &Tensor, bias: Option<&[f32]>) -> Result
                     1,
                     k as isize,
                     ws.as_ptr(),
-                    k as isize,
                     1,
+                    n as isize,
                     1.0,
                     1.0,
                     false,
@@ -129,7 +138,8 @@ pub(crate) fn attention_f32(
                     .flat_map(|w| (0..heads).map(move |h| (w[0], w[1] - w[0], h)))
                     .filter(|&(_, len, _)| len > 0)
                     .collect();
-                tasks.par_iter().for_each(|&(start, len, h)| {
+                let work: usize = tasks.iter().map(|&(_, len, _)| len * len * d).sum();
+                let run_task = |&(start, len, h): &(usize, usize, usize)| {
                     let kh = h / group;
                     let mut scores = vec![0f32; len * len];
                     // SAFETY: all offsets stay inside this sequence's rows of the
@@ -193,7 +203,13 @@ pub(crate) fn attention_f32(
                             gemm::Parallelism::None,
                         );
                     }
-                });
+                };
+                // Waking the pool costs more than it saves on small batches.
+                if work >= PARALLEL_MIN_MACS {
+                    tasks.par_iter().for_each(run_task);
+                } else {
+                    tasks.iter().for_each(run_task);
+                }
             })
         })
     })

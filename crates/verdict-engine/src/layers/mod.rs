@@ -14,17 +14,31 @@ use candle_core::{DType, Module, Tensor};
 use crate::checkpoint::WeightPath;
 use crate::error::{EngineError, Result};
 
-/// `y = x W^T + b` with `W` stored as `[out, in]` like torch.nn.Linear.
+/// `y = x W^T + b` with `W` given as `[out, in]` like torch.nn.Linear.
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
     /// The bias as plain floats for the CPU fast path.
     cpu_bias: Option<Vec<f32>>,
 }
 
+#[derive(Debug, Clone)]
+enum LinearWeight {
+    /// `[out, in]`, as the checkpoint stores it.
+    OutIn(Tensor),
+    /// `[in, out]` contiguous, for f32 on the CPU: gemm then reads the weight
+    /// in place instead of repacking all of it on every call.
+    InOut(Tensor),
+}
+
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
+        let on_cpu_f32 = weight.device().is_cpu() && weight.dtype() == DType::F32;
+        let weight = match on_cpu_f32.then(|| weight.t().and_then(|t| t.contiguous())) {
+            Some(Ok(t)) => LinearWeight::InOut(t),
+            _ => LinearWeight::OutIn(weight),
+        };
         let cpu_bias = bias
             .as_ref()
             .filter(|b| b.device().is_cpu() && b.dtype() == DType::F32)
@@ -68,28 +82,30 @@ impl Linear {
         Ok(Linear::new(weight, bias))
     }
 
-    /// GPT-2's Conv1D stores `[in, out]`; transpose once at load.
+    /// GPT-2's Conv1D stores `[in, out]`.
     pub fn load_conv1d(wp: &WeightPath, in_dim: usize, out_dim: usize) -> Result<Self> {
-        let weight = wp.get("weight", &[in_dim, out_dim])?.t()?.contiguous()?;
+        let weight = wp.get("weight", &[in_dim, out_dim])?.t()?;
         let bias = Some(wp.get("bias", &[out_dim])?);
         Ok(Linear::new(weight, bias))
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
-    }
-
     pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        match &self.weight {
+            LinearWeight::OutIn(w) => w.dims()[0],
+            LinearWeight::InOut(w) => w.dims()[1],
+        }
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if self.bias.is_none() || self.cpu_bias.is_some() {
-            if let Some(y) = cpu::linear_f32(x, &self.weight, self.cpu_bias.as_deref())? {
-                return Ok(y);
+        let y = match &self.weight {
+            LinearWeight::InOut(wt) => {
+                if let Some(y) = cpu::linear_f32(x, wt, self.cpu_bias.as_deref())? {
+                    return Ok(y);
+                }
+                x.matmul(wt)?
             }
-        }
-        let y = x.matmul(&self.weight.t()?)?;
+            LinearWeight::OutIn(w) => x.matmul(&w.t()?)?,
+        };
         Ok(match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
