@@ -31,7 +31,12 @@ const PARALLEL_MIN_MACS: usize = 1 << 24;
 
 /// `x [m, k] · wt (+ bias)` with `wt` as `[k, n]`, for contiguous f32 CPU tensors.
 /// Returns None when the tensors are not of that kind (the caller falls back to candle).
-pub(crate) fn linear_f32(x: &Tensor, wt: &Tensor, bias: Option<&[f32]>) -> Result<Option<Tensor>> {
+pub(crate) fn linear_f32(
+    x: &Tensor,
+    wt: &Tensor,
+    bias: Option<&[f32]>,
+    act: Option<super::HiddenAct>,
+) -> Result<Option<Tensor>> {
     let (Ok((m, k)), Ok((k2, n))) = (x.dims2(), wt.dims2()) else {
         return Ok(None);
     };
@@ -81,6 +86,14 @@ pub(crate) fn linear_f32(x: &Tensor, wt: &Tensor, bias: Option<&[f32]>) -> Resul
                     false,
                     parallelism,
                 );
+            }
+            // The activation runs on the fresh buffer while it is still in cache.
+            match act {
+                Some(super::HiddenAct::Gelu) => super::simd::gelu_erf_in_place(&mut dst),
+                Some(super::HiddenAct::GeluTanh) => super::simd::gelu_tanh_in_place(&mut dst),
+                Some(super::HiddenAct::Silu) => super::simd::silu_in_place(&mut dst),
+                Some(super::HiddenAct::Relu) => dst.iter_mut().for_each(|v| *v = v.max(0.0)),
+                None => {}
             }
             dst
         })
@@ -219,17 +232,4 @@ pub(crate) fn attention_f32(
         return Ok(None);
     }
     Ok(Some(Tensor::from_vec(out, (t, q_stride), &Device::Cpu)?))
-}
-
-/// Exact-erf GELU on a contiguous f32 CPU tensor; None for anything else.
-pub(crate) fn gelu_erf_f32(x: &Tensor) -> Result<Option<Tensor>> {
-    let out = with_cpu_f32(x, |xs| {
-        let mut dst = vec![0f32; xs.len()];
-        super::simd::gelu_erf(xs, &mut dst);
-        dst
-    });
-    match out {
-        Some(dst) => Ok(Some(Tensor::from_vec(dst, x.shape(), &Device::Cpu)?)),
-        None => Ok(None),
-    }
 }

@@ -97,19 +97,32 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_inner(x, None)
+    }
+
+    /// `act(x W^T + b)`; on the CPU the activation is fused into the output pass.
+    pub fn forward_act(&self, x: &Tensor, act: HiddenAct) -> Result<Tensor> {
+        self.forward_inner(x, Some(act))
+    }
+
+    fn forward_inner(&self, x: &Tensor, act: Option<HiddenAct>) -> Result<Tensor> {
         let y = match &self.weight {
             LinearWeight::InOut(wt) => {
-                if let Some(y) = cpu::linear_f32(x, wt, self.cpu_bias.as_deref())? {
+                if let Some(y) = cpu::linear_f32(x, wt, self.cpu_bias.as_deref(), act)? {
                     return Ok(y);
                 }
                 x.matmul(wt)?
             }
             LinearWeight::OutIn(w) => x.matmul(&w.t()?)?,
         };
-        Ok(match &self.bias {
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
-        })
+        };
+        match act {
+            Some(a) => a.forward(&y),
+            None => Ok(y),
+        }
     }
 }
 
@@ -192,10 +205,7 @@ impl HiddenAct {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            HiddenAct::Gelu => match cpu::gelu_erf_f32(x)? {
-                Some(y) => y,
-                None => x.gelu_erf()?,
-            },
+            HiddenAct::Gelu => x.gelu_erf()?,
             HiddenAct::GeluTanh => x.gelu()?,
             HiddenAct::Silu => candle_nn::Activation::Silu.forward(x)?,
             HiddenAct::Relu => x.relu()?,

@@ -68,9 +68,28 @@ fn softmax_body(row: &mut [f32]) {
 }
 
 #[inline(always)]
-fn gelu_body(src: &[f32], dst: &mut [f32]) {
-    for (d, &x) in dst.iter_mut().zip(src) {
-        *d = 0.5 * x * (1.0 + erf_approx(x * std::f32::consts::FRAC_1_SQRT_2));
+fn gelu_body(xs: &mut [f32]) {
+    for x in xs.iter_mut() {
+        *x = 0.5 * *x * (1.0 + erf_approx(*x * std::f32::consts::FRAC_1_SQRT_2));
+    }
+}
+
+/// tanh-approximated GELU (transformers' gelu_new / gelu_pytorch_tanh).
+#[inline(always)]
+fn gelu_tanh_body(xs: &mut [f32]) {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    for x in xs.iter_mut() {
+        let y = SQRT_2_OVER_PI * (*x + 0.044_715 * *x * *x * *x);
+        // tanh(y) = 1 - 2 / (exp(2y) + 1), exact at both tails after clamping in exp.
+        let tanh = 1.0 - 2.0 / (exp_approx(2.0 * y) + 1.0);
+        *x = 0.5 * *x * (1.0 + tanh);
+    }
+}
+
+#[inline(always)]
+fn silu_body(xs: &mut [f32]) {
+    for x in xs.iter_mut() {
+        *x /= 1.0 + exp_approx(-*x);
     }
 }
 
@@ -98,7 +117,9 @@ macro_rules! dispatch {
 }
 
 dispatch!(softmax_in_place, softmax_body, (row: &mut [f32]));
-dispatch!(gelu_erf, gelu_body, (src: &[f32], dst: &mut [f32]));
+dispatch!(gelu_erf_in_place, gelu_body, (xs: &mut [f32]));
+dispatch!(gelu_tanh_in_place, gelu_tanh_body, (xs: &mut [f32]));
+dispatch!(silu_in_place, silu_body, (xs: &mut [f32]));
 
 #[cfg(test)]
 mod tests {
@@ -139,6 +160,27 @@ mod tests {
             }
         }
         sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn activations_match_their_definitions() {
+        let xs: Vec<f32> = (-400..400).map(|i| i as f32 * 0.025).collect();
+        let mut gelu = xs.clone();
+        gelu_erf_in_place(&mut gelu);
+        let mut tanh = xs.clone();
+        gelu_tanh_in_place(&mut tanh);
+        let mut silu = xs.clone();
+        silu_in_place(&mut silu);
+        for (i, &x) in xs.iter().enumerate() {
+            let xd = x as f64;
+            let want_gelu = 0.5 * xd * (1.0 + libm_erf(xd / std::f64::consts::SQRT_2));
+            let inner = (2.0 / std::f64::consts::PI).sqrt() * (xd + 0.044715 * xd.powi(3));
+            let want_tanh = 0.5 * xd * (1.0 + inner.tanh());
+            let want_silu = xd / (1.0 + (-xd).exp());
+            assert!((gelu[i] as f64 - want_gelu).abs() < 2e-6, "gelu({x})");
+            assert!((tanh[i] as f64 - want_tanh).abs() < 2e-6, "gelu_tanh({x})");
+            assert!((silu[i] as f64 - want_silu).abs() < 2e-6, "silu({x})");
+        }
     }
 
     #[test]

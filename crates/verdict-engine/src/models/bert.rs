@@ -231,7 +231,7 @@ impl Backbone for BertModel {
             let attn = layer
                 .attn_norm
                 .forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
-            let inter = self.act.forward(&layer.intermediate.forward(&attn)?)?;
+            let inter = layer.intermediate.forward_act(&attn, self.act)?;
             x = layer
                 .out_norm
                 .forward(&(layer.output.forward(&inter)? + &attn)?)?;

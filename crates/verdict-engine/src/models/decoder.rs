@@ -251,7 +251,7 @@ impl Backbone for DecoderModel {
             let ctx = packed_attention(&q, &k, &v, &batch.cu_seqlens, mask, scale)?;
             x = (layer.o_proj.forward(&ctx)? + &x)?;
             let normed = layer.post_norm.forward(&x)?;
-            let gated = (self.act.forward(&layer.gate_proj.forward(&normed)?)?
+            let gated = (layer.gate_proj.forward_act(&normed, self.act)?
                 * layer.up_proj.forward(&normed)?)?;
             x = (layer.down_proj.forward(&gated)? + &x)?;
         }

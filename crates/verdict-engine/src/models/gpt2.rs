@@ -137,7 +137,7 @@ impl Backbone for Gpt2Model {
                 scale,
             )?;
             x = (b.c_proj.forward(&ctx)? + &x)?;
-            let m = self.act.forward(&b.c_fc.forward(&b.ln_2.forward(&x)?)?)?;
+            let m = b.c_fc.forward_act(&b.ln_2.forward(&x)?, self.act)?;
             x = (b.mlp_proj.forward(&m)? + &x)?;
         }
         self.ln_f.forward(&x)
