@@ -39,6 +39,10 @@ impl Linear {
             Some(Ok(t)) => LinearWeight::InOut(t),
             _ => LinearWeight::OutIn(weight),
         };
+        Self::with_weight(weight, bias)
+    }
+
+    fn with_weight(weight: LinearWeight, bias: Option<Tensor>) -> Self {
         let cpu_bias = bias
             .as_ref()
             .filter(|b| b.device().is_cpu() && b.dtype() == DType::F32)
@@ -51,12 +55,17 @@ impl Linear {
     }
 
     pub fn load(wp: &WeightPath, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
-        let weight = wp.get("weight", &[out_dim, in_dim])?;
         let bias = if bias {
             Some(wp.get("bias", &[out_dim])?)
         } else {
             None
         };
+        let w = wp.weights();
+        if w.device().is_cpu() && w.dtype() == DType::F32 {
+            let wt = wp.get_transposed_f32("weight", out_dim, in_dim)?;
+            return Ok(Self::with_weight(LinearWeight::InOut(wt), bias));
+        }
+        let weight = wp.get("weight", &[out_dim, in_dim])?;
         Ok(Linear::new(weight, bias))
     }
 
@@ -82,11 +91,14 @@ impl Linear {
         Ok(Linear::new(weight, bias))
     }
 
-    /// GPT-2's Conv1D stores `[in, out]`.
+    /// GPT-2's Conv1D stores `[in, out]`, the CPU layout already.
     pub fn load_conv1d(wp: &WeightPath, in_dim: usize, out_dim: usize) -> Result<Self> {
-        let weight = wp.get("weight", &[in_dim, out_dim])?.t()?;
+        let weight = wp.get("weight", &[in_dim, out_dim])?;
         let bias = Some(wp.get("bias", &[out_dim])?);
-        Ok(Linear::new(weight, bias))
+        if weight.device().is_cpu() && weight.dtype() == DType::F32 {
+            return Ok(Self::with_weight(LinearWeight::InOut(weight), bias));
+        }
+        Ok(Linear::new(weight.t()?, bias))
     }
 
     pub fn out_dim(&self) -> usize {
