@@ -286,3 +286,33 @@ fn real_minilm_default_model() {
         out[1].probs
     );
 }
+
+/// bfloat16 backbones (heads stay fp32) agree with transformers' fp32
+/// probabilities within the usual 16-bit tolerance.
+#[test]
+fn bfloat16_backbone_within_16_bit_tolerance() {
+    for name in ["bert-cls", "qwen2-cls", "gpt2-cls"] {
+        let dir = fixture_dir(name);
+        let reference = load_reference(&dir);
+        let mut args = engine_args(&dir, &reference);
+        args.dtype = verdict_engine::DTypeArg::BFloat16;
+        let llm = Llm::new(args).unwrap_or_else(|e| panic!("{name}: bf16 load failed: {e}"));
+        let cases: Vec<&Case> = reference
+            .cases
+            .iter()
+            .filter(|c| c.kind == "text")
+            .collect();
+        let prompts: Vec<Prompt> = cases.iter().map(|c| case_prompt(&llm, c)).collect();
+        let out = llm
+            .classify(&prompts, ParamsArg::Default, &TokenizeOptions::default())
+            .expect("classify");
+        for (o, case) in out.iter().zip(&cases) {
+            assert_close(
+                &format!("{name}/{} bf16", case.name),
+                &o.probs,
+                &case.probs,
+                1e-2,
+            );
+        }
+    }
+}
