@@ -449,6 +449,18 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[idx.min(sorted.len() - 1)]
 }
 
+/// The server on a free loopback port, and its /classify URL.
+async fn spawn_loopback(engine: Arc<Engine>) -> Result<(verdict_server::RunningServer, String)> {
+    let config = ServerConfig {
+        host: "127.0.0.1".into(),
+        port: 0,
+        ..ServerConfig::default()
+    };
+    let server = verdict_server::spawn(engine, config).await?;
+    let url = format!("http://{}/classify", server.addr);
+    Ok((server, url))
+}
+
 /// Serves the engine on loopback and drives /classify with `c` concurrent clients.
 fn run_server_levels(
     engine: Arc<Engine>,
@@ -460,13 +472,7 @@ fn run_server_levels(
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let config = ServerConfig {
-            host: "127.0.0.1".into(),
-            port: 0,
-            ..ServerConfig::default()
-        };
-        let server = verdict_server::spawn(engine, config).await?;
-        let url = format!("http://{}/classify", server.addr);
+        let (server, url) = spawn_loopback(engine).await?;
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(1024)
             .build()?;
@@ -555,13 +561,7 @@ fn run_short_latency(engine: Arc<Engine>) -> Result<(f64, f64)> {
         .enable_all()
         .build()?;
     let http = runtime.block_on(async move {
-        let config = ServerConfig {
-            host: "127.0.0.1".into(),
-            port: 0,
-            ..ServerConfig::default()
-        };
-        let server = verdict_server::spawn(engine, config).await?;
-        let url = format!("http://{}/classify", server.addr);
+        let (server, url) = spawn_loopback(engine).await?;
         let client = reqwest::Client::new();
         let body = json!({"input": ids}).to_string();
         let mut lat = Vec::new();

@@ -18,6 +18,24 @@ struct WeightFile {
     tensors: HashMap<String, TensorInfo>,
 }
 
+impl WeightFile {
+    /// Drops the pages of a tensor's bytes (offsets relative to the data
+    /// section) from our resident set once they have been copied, so loading
+    /// does not hold the file and the weights in memory at the same time.
+    fn release(&self, start: usize, end: usize) {
+        // SAFETY: a read-only file mapping; callers hold no reference into the
+        // range after copying it, and later reads fault the pages back in.
+        #[cfg(unix)]
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                self.data_start + start,
+                end - start,
+            );
+        }
+    }
+}
+
 /// The memory-mapped tensors of a checkpoint. Tensors are copied (and cast)
 /// into device storage one at a time as the model asks for them; drop this
 /// once the model is built so the mapping goes away.
@@ -143,18 +161,7 @@ impl Weights {
         let stored = bytes_to_tensor(bytes, info.dtype, &info.shape).map_err(|e| {
             EngineError::Weight(format!("weight `{name}` in {}: {e}", file.path.display()))
         })?;
-        // The bytes are copied; drop their pages from our resident set so loading
-        // does not hold the file and the weights in memory at the same time.
-        // SAFETY: the mapping is a read-only file mapping and no reference into
-        // this range outlives the copy above; later reads fault the pages back in.
-        #[cfg(unix)]
-        unsafe {
-            let _ = file.mmap.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                file.data_start + start,
-                end - start,
-            );
-        }
+        file.release(start, end);
         Ok(stored.to_dtype(dtype)?.to_device(&self.device)?)
     }
 }
@@ -208,15 +215,7 @@ impl Weights {
                     }
                 }
             });
-        // SAFETY: as in `load_exact`: a read-only file mapping, nothing borrowed past the copy.
-        #[cfg(unix)]
-        unsafe {
-            let _ = file.mmap.unchecked_advise_range(
-                memmap2::UncheckedAdvice::DontNeed,
-                file.data_start + start,
-                end - start,
-            );
-        }
+        file.release(start, end);
         Ok(Tensor::from_vec(out, (cols, rows), &Device::Cpu)?)
     }
 }
