@@ -157,11 +157,9 @@ impl Weights {
             }
         }
         let (start, end) = info.data_offsets;
-        let bytes = &file.mmap[file.data_start + start..file.data_start + end];
-        let stored = bytes_to_tensor(bytes, info.dtype, &info.shape).map_err(|e| {
+        let stored = bytes_to_tensor(file, start, end, info.dtype, &info.shape).map_err(|e| {
             EngineError::Weight(format!("weight `{name}` in {}: {e}", file.path.display()))
         })?;
-        file.release(start, end);
         Ok(stored.to_dtype(dtype)?.to_device(&self.device)?)
     }
 }
@@ -220,23 +218,56 @@ impl Weights {
     }
 }
 
-fn bytes_to_tensor(bytes: &[u8], dtype: StDtype, shape: &[usize]) -> Result<Tensor, String> {
-    fn collect<T, const N: usize>(bytes: &[u8], f: fn([u8; N]) -> T) -> Vec<T> {
-        bytes
-            .chunks_exact(N)
-            .map(|c| {
+/// Converts a tensor's bytes (`start..end` of the data section) into a CPU
+/// tensor, releasing the mapped pages a slice at a time as they are copied, so
+/// a large tensor never sits in memory twice.
+fn bytes_to_tensor(
+    file: &WeightFile,
+    start: usize,
+    end: usize,
+    dtype: StDtype,
+    shape: &[usize],
+) -> Result<Tensor, String> {
+    fn collect<T, const N: usize>(
+        file: &WeightFile,
+        start: usize,
+        end: usize,
+        f: fn([u8; N]) -> T,
+    ) -> Vec<T> {
+        const SLICE: usize = 1 << 24;
+        let mut out = Vec::with_capacity((end - start) / N);
+        let mut at = start;
+        while at < end {
+            let stop = (at + SLICE).min(end);
+            let bytes = &file.mmap[file.data_start + at..file.data_start + stop];
+            out.extend(bytes.chunks_exact(N).map(|c| {
                 let mut a = [0u8; N];
                 a.copy_from_slice(c);
                 f(a)
-            })
-            .collect()
+            }));
+            file.release(at, stop);
+            at = stop;
+        }
+        out
     }
     let cpu = Device::Cpu;
     let t = match dtype {
-        StDtype::F32 => Tensor::from_vec(collect(bytes, f32::from_le_bytes), shape, &cpu),
-        StDtype::F16 => Tensor::from_vec(collect(bytes, half::f16::from_le_bytes), shape, &cpu),
-        StDtype::BF16 => Tensor::from_vec(collect(bytes, half::bf16::from_le_bytes), shape, &cpu),
-        StDtype::F64 => Tensor::from_vec(collect(bytes, f64::from_le_bytes), shape, &cpu),
+        StDtype::F32 => {
+            Tensor::from_vec(collect(file, start, end, f32::from_le_bytes), shape, &cpu)
+        }
+        StDtype::F16 => Tensor::from_vec(
+            collect(file, start, end, half::f16::from_le_bytes),
+            shape,
+            &cpu,
+        ),
+        StDtype::BF16 => Tensor::from_vec(
+            collect(file, start, end, half::bf16::from_le_bytes),
+            shape,
+            &cpu,
+        ),
+        StDtype::F64 => {
+            Tensor::from_vec(collect(file, start, end, f64::from_le_bytes), shape, &cpu)
+        }
         other => return Err(format!("unsupported weight dtype {other:?}")),
     };
     t.map_err(|e| e.to_string())

@@ -3,6 +3,8 @@
 
 mod attention;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda_attention;
 mod rotary;
 mod simd;
 
@@ -187,6 +189,25 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
     }
+}
+
+/// Rows of the MLP computed at once: its intermediate activations are the
+/// largest buffers of a forward pass (tokens × intermediate_size), so a large
+/// batch runs its MLP in slices of this many tokens to bound peak memory.
+pub const MLP_ROWS: usize = 1024;
+
+/// Applies a row-wise function in slices of `MLP_ROWS` rows (one call when the
+/// input is small), concatenating the results.
+pub fn in_row_chunks(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    let rows = x.dim(0)?;
+    if rows <= MLP_ROWS {
+        return f(x);
+    }
+    let mut outs = Vec::with_capacity(rows.div_ceil(MLP_ROWS));
+    for start in (0..rows).step_by(MLP_ROWS) {
+        outs.push(f(&x.narrow(0, start, MLP_ROWS.min(rows - start))?)?);
+    }
+    Ok(Tensor::cat(&outs, 0)?)
 }
 
 /// Hidden activations by their transformers `hidden_act` names.

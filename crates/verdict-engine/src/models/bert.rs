@@ -6,7 +6,7 @@ use serde::Deserialize;
 use super::{Backbone, PackedBatch};
 use crate::checkpoint::{HfConfig, WeightPath, Weights};
 use crate::error::{EngineError, Result};
-use crate::layers::{packed_attention, AttentionMask, HiddenAct, LayerNorm, Linear};
+use crate::layers::{in_row_chunks, packed_attention, AttentionMask, HiddenAct, LayerNorm, Linear};
 use crate::pooling::ClassifierHead;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -231,10 +231,12 @@ impl Backbone for BertModel {
             let attn = layer
                 .attn_norm
                 .forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
-            let inter = layer.intermediate.forward_act(&attn, self.act)?;
-            x = layer
-                .out_norm
-                .forward(&(layer.output.forward(&inter)? + &attn)?)?;
+            let ffn = in_row_chunks(&attn, |rows| {
+                layer
+                    .output
+                    .forward(&layer.intermediate.forward_act(rows, self.act)?)
+            })?;
+            x = layer.out_norm.forward(&(ffn + &attn)?)?;
         }
         Ok(x)
     }

@@ -7,7 +7,9 @@ use serde::Deserialize;
 use super::{Backbone, PackedBatch};
 use crate::checkpoint::{HfConfig, WeightPath, Weights};
 use crate::error::{EngineError, Result};
-use crate::layers::{packed_attention, AttentionMask, HiddenAct, Linear, RmsNorm, RotaryEmbedding};
+use crate::layers::{
+    in_row_chunks, packed_attention, AttentionMask, HiddenAct, Linear, RmsNorm, RotaryEmbedding,
+};
 
 const BASES: &[&str] = &["model.", "transformer.", ""];
 
@@ -251,9 +253,12 @@ impl Backbone for DecoderModel {
             let ctx = packed_attention(&q, &k, &v, &batch.cu_seqlens, mask, scale)?;
             x = (layer.o_proj.forward(&ctx)? + &x)?;
             let normed = layer.post_norm.forward(&x)?;
-            let gated = (layer.gate_proj.forward_act(&normed, self.act)?
-                * layer.up_proj.forward(&normed)?)?;
-            x = (layer.down_proj.forward(&gated)? + &x)?;
+            let mlp = in_row_chunks(&normed, |rows| {
+                let gated = (layer.gate_proj.forward_act(rows, self.act)?
+                    * layer.up_proj.forward(rows)?)?;
+                layer.down_proj.forward(&gated)
+            })?;
+            x = (mlp + &x)?;
         }
         self.norm.forward(&x)
     }

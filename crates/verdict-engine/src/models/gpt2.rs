@@ -6,7 +6,7 @@ use serde::Deserialize;
 use super::{Backbone, PackedBatch};
 use crate::checkpoint::{HfConfig, Weights};
 use crate::error::{EngineError, Result};
-use crate::layers::{packed_attention, AttentionMask, HiddenAct, LayerNorm, Linear};
+use crate::layers::{in_row_chunks, packed_attention, AttentionMask, HiddenAct, LayerNorm, Linear};
 
 const BASES: &[&str] = &["transformer.", "model.", ""];
 
@@ -137,8 +137,10 @@ impl Backbone for Gpt2Model {
                 scale,
             )?;
             x = (b.c_proj.forward(&ctx)? + &x)?;
-            let m = b.c_fc.forward_act(&b.ln_2.forward(&x)?, self.act)?;
-            x = (b.mlp_proj.forward(&m)? + &x)?;
+            let mlp = in_row_chunks(&b.ln_2.forward(&x)?, |rows| {
+                b.mlp_proj.forward(&b.c_fc.forward_act(rows, self.act)?)
+            })?;
+            x = (mlp + &x)?;
         }
         self.ln_f.forward(&x)
     }
