@@ -244,7 +244,9 @@ impl ModelRunner {
             seqs.iter()
                 .map(|s| (s.ids.as_slice(), s.token_type_ids.as_deref())),
         );
+        let started = std::time::Instant::now();
         let hidden = self.backbone.forward(&batch)?;
+        let queued = started.elapsed();
         match self.task {
             PoolingTask::TokenClassify => {
                 let logits = self.head.forward_tokens(&hidden.to_dtype(DType::F32)?)?;
@@ -276,6 +278,15 @@ impl ModelRunner {
                     None
                 };
                 let raw = logits.to_vec2::<f32>()?;
+                if timing_enabled() {
+                    eprintln!(
+                        "batch: {} sequences, {} tokens: forward queued in {:.1} ms, results in {:.1} ms",
+                        seqs.len(),
+                        batch.input_ids.len(),
+                        queued.as_secs_f64() * 1e3,
+                        started.elapsed().as_secs_f64() * 1e3
+                    );
+                }
                 Ok(seqs
                     .iter()
                     .enumerate()
@@ -290,6 +301,13 @@ impl ModelRunner {
             }
         }
     }
+}
+
+/// `VERDICT_TIMING=1`: one line per batch on stderr with the time the host took to
+/// queue the forward pass and the time until its results were back.
+fn timing_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("VERDICT_TIMING").is_ok_and(|v| !v.is_empty() && v != "0"))
 }
 
 /// Everything `load` builds: the runner (for the engine thread), the tokenizer and the facts.

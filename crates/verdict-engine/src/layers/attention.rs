@@ -43,6 +43,32 @@ pub fn packed_attention(
     )? {
         return Ok(out);
     }
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() {
+        if let Some(out) =
+            super::cuda_attention::packed_attention(q, k, v, cu_seqlens, causal, window, scale)?
+        {
+            if super::cuda_attention::check_enabled() {
+                let reference = sequence_loop(q, k, v, cu_seqlens, mask, scale)?;
+                super::cuda_attention::report_check(&out, &reference, heads)?;
+            }
+            return Ok(out);
+        }
+    }
+    sequence_loop(q, k, v, cu_seqlens, mask, scale)
+}
+
+/// One sequence at a time with candle ops: any device and dtype.
+fn sequence_loop(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[usize],
+    mask: AttentionMask,
+    scale: f64,
+) -> Result<Tensor> {
+    let (_, heads, d) = q.dims3()?;
+    let kv_heads = k.dim(1)?;
     let group = heads / kv_heads;
     let mut outs = Vec::with_capacity(cu_seqlens.len().saturating_sub(1));
     for w in cu_seqlens.windows(2) {

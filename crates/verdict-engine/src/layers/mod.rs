@@ -5,6 +5,8 @@ mod attention;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda_attention;
+#[cfg(feature = "cuda")]
+mod cuda_ops;
 mod rotary;
 mod simd;
 
@@ -129,6 +131,12 @@ impl Linear {
             }
             LinearWeight::OutIn(w) => x.matmul(&w.t()?)?,
         };
+        #[cfg(feature = "cuda")]
+        if y.device().is_cuda() && (self.bias.is_some() || act.is_some()) {
+            if let Some(out) = cuda_ops::bias_act(&y, self.bias.as_ref(), act)? {
+                return Ok(out);
+            }
+        }
         let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
@@ -138,6 +146,16 @@ impl Linear {
             None => Ok(y),
         }
     }
+}
+
+/// `act(gate(x)) * up(x)`, the gated MLP's first half; one fused pass after the two
+/// matmuls on CUDA.
+pub fn gated_mlp(gate: &Linear, up: &Linear, x: &Tensor, act: HiddenAct) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return cuda_ops::act_mul(&gate.forward(x)?, &up.forward(x)?, act);
+    }
+    Ok((gate.forward_act(x, act)? * up.forward(x)?)?)
 }
 
 #[derive(Debug, Clone)]
@@ -197,10 +215,11 @@ impl RmsNorm {
 pub const MLP_ROWS: usize = 1024;
 
 /// Applies a row-wise function in slices of `MLP_ROWS` rows (one call when the
-/// input is small), concatenating the results.
+/// input is small), concatenating the results. GPUs run it in one call: their
+/// memory holds the whole batch, and slicing would cost matmul efficiency and a copy.
 pub fn in_row_chunks(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
     let rows = x.dim(0)?;
-    if rows <= MLP_ROWS {
+    if rows <= MLP_ROWS || !x.device().is_cpu() {
         return f(x);
     }
     let mut outs = Vec::with_capacity(rows.div_ceil(MLP_ROWS));

@@ -1,3 +1,5 @@
+use std::sync::{Arc, Mutex};
+
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::HfConfig;
@@ -9,6 +11,9 @@ pub struct RotaryEmbedding {
     inv_freq: Vec<f32>,
     /// Multiplies cos/sin (YaRN's mscale); 1.0 otherwise.
     attention_scaling: f32,
+    /// On a GPU: cos/sin for positions 0..n, built on first use, so a batch
+    /// uploads its positions rather than tables computed on the host.
+    device_tables: Arc<Mutex<Option<(Tensor, Tensor)>>>,
 }
 
 impl RotaryEmbedding {
@@ -95,11 +100,47 @@ impl RotaryEmbedding {
         Ok(RotaryEmbedding {
             inv_freq,
             attention_scaling,
+            device_tables: Arc::default(),
         })
     }
 
     /// cos and sin tables `[T, head_dim/2]` for per-token positions.
     pub fn cos_sin(
+        &self,
+        positions: &[u32],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        if !device.is_cpu() {
+            return self.cos_sin_from_table(positions, dtype, device);
+        }
+        self.cos_sin_host(positions, dtype, device)
+    }
+
+    fn cos_sin_from_table(
+        &self,
+        positions: &[u32],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let need = positions.iter().max().map_or(1, |&p| p as usize + 1);
+        let mut tables = self.device_tables.lock().unwrap_or_else(|e| e.into_inner());
+        let fresh = match tables.as_ref() {
+            Some((cos, _)) => {
+                cos.dim(0)? >= need && cos.dtype() == dtype && cos.device().same_device(device)
+            }
+            None => false,
+        };
+        if !fresh {
+            let all: Vec<u32> = (0..need.next_multiple_of(4096) as u32).collect();
+            *tables = Some(self.cos_sin_host(&all, dtype, device)?);
+        }
+        let (cos, sin) = tables.as_ref().expect("tables were just built");
+        let idx = Tensor::from_slice(positions, positions.len(), device)?;
+        Ok((cos.index_select(&idx, 0)?, sin.index_select(&idx, 0)?))
+    }
+
+    fn cos_sin_host(
         &self,
         positions: &[u32],
         dtype: DType,

@@ -8,7 +8,8 @@ use super::{Backbone, PackedBatch};
 use crate::checkpoint::{HfConfig, WeightPath, Weights};
 use crate::error::{EngineError, Result};
 use crate::layers::{
-    in_row_chunks, packed_attention, AttentionMask, HiddenAct, Linear, RmsNorm, RotaryEmbedding,
+    gated_mlp, in_row_chunks, packed_attention, AttentionMask, HiddenAct, Linear, RmsNorm,
+    RotaryEmbedding,
 };
 
 const BASES: &[&str] = &["model.", "transformer.", ""];
@@ -254,8 +255,7 @@ impl Backbone for DecoderModel {
             x = (layer.o_proj.forward(&ctx)? + &x)?;
             let normed = layer.post_norm.forward(&x)?;
             let mlp = in_row_chunks(&normed, |rows| {
-                let gated = (layer.gate_proj.forward_act(rows, self.act)?
-                    * layer.up_proj.forward(rows)?)?;
+                let gated = gated_mlp(&layer.gate_proj, &layer.up_proj, rows, self.act)?;
                 layer.down_proj.forward(&gated)
             })?;
             x = (mlp + &x)?;

@@ -1,0 +1,335 @@
+// Packed variable-length attention for the CUDA build (compiled to PTX by build.rs).
+//
+// q is [T, heads, d], k and v are [T, kv_heads, d] (rows `tok_stride` elements apart,
+// heads `d` apart, elements contiguous); sequences are the token ranges
+// cu[s]..cu[s+1]. The output is [T, heads * d], contiguous. Query head h reads
+// kv head h / (heads / kv_heads). `causal` keeps keys j <= i, and with
+// `window` > 0 only i - j < window. Scores are scaled by `scale_log2` =
+// softmax scale * log2(e) and exponentiated with exp2.
+//
+// Two kernels:
+// - attn_rows_*: one warp per (token, head), lanes split the head dim (d <= 256),
+//   f32 math; any dtype and head dim. Used for f32 and odd head dims.
+// - flash_*_d{64,128}: flash-attention style, bf16/f16 tensor cores
+//   (mma.sync m16n8k16, f32 accumulators), one block of 4 warps per
+//   (64-query tile of a sequence, head), 64-key tiles through shared memory,
+//   online softmax in registers.
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+typedef long long i64;
+
+__device__ __forceinline__ int seq_of(const int* cu, int nseq, int t) {
+    int lo = 0, hi = nseq - 1;
+    while (lo < hi) {
+        int mid = (lo + hi + 1) >> 1;
+        if (cu[mid] <= t) lo = mid; else hi = mid - 1;
+    }
+    return lo;
+}
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16(x); }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half(x); }
+
+// ---------------------------------------------------------------------------
+// Generic: one warp per (token, head).
+// ---------------------------------------------------------------------------
+template <typename T>
+__device__ void attn_rows(const T* __restrict__ q, const T* __restrict__ k,
+                          const T* __restrict__ v, T* __restrict__ out,
+                          const int* __restrict__ cu, int nseq, int total, int heads,
+                          int kv_heads, int d, i64 q_ts, i64 k_ts, i64 v_ts, int causal,
+                          int window, float scale_log2) {
+    constexpr int MAXE = 8;  // d <= 256
+    const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    if (row >= (i64)total * heads) return;
+    const int t = (int)(row / heads);
+    const int h = (int)(row % heads);
+    const int kvh = h / (heads / kv_heads);
+    const int s = seq_of(cu, nseq, t);
+    const int start = cu[s], end = cu[s + 1];
+    int kbeg = start, kend = end;
+    if (causal) {
+        kend = t + 1;
+        if (window > 0) kbeg = max(start, t - window + 1);
+    }
+    float qv[MAXE], acc[MAXE];
+    const T* qr = q + (i64)t * q_ts + (i64)h * d;
+#pragma unroll
+    for (int i = 0; i < MAXE; ++i) {
+        const int idx = lane + 32 * i;
+        qv[i] = idx < d ? to_f(qr[idx]) * scale_log2 : 0.f;
+        acc[i] = 0.f;
+    }
+    float m = -INFINITY, l = 0.f;
+    for (int j = kbeg; j < kend; ++j) {
+        const T* kr = k + (i64)j * k_ts + (i64)kvh * d;
+        float dot = 0.f;
+#pragma unroll
+        for (int i = 0; i < MAXE; ++i) {
+            const int idx = lane + 32 * i;
+            if (idx < d) dot += qv[i] * to_f(kr[idx]);
+        }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        const float mn = fmaxf(m, dot);
+        const float corr = exp2f(m - mn);
+        const float p = exp2f(dot - mn);
+        l = l * corr + p;
+        const T* vr = v + (i64)j * v_ts + (i64)kvh * d;
+#pragma unroll
+        for (int i = 0; i < MAXE; ++i) {
+            const int idx = lane + 32 * i;
+            if (idx < d) acc[i] = acc[i] * corr + p * to_f(vr[idx]);
+        }
+        m = mn;
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+    T* orow = out + ((i64)t * heads + h) * d;
+#pragma unroll
+    for (int i = 0; i < MAXE; ++i) {
+        const int idx = lane + 32 * i;
+        if (idx < d) orow[idx] = from_f<T>(acc[i] * inv);
+    }
+}
+
+#define ROWS_KERNEL(NAME, T)                                                                  \
+    extern "C" __global__ void NAME(const T* q, const T* k, const T* v, T* out, const int* cu, \
+                                    int nseq, int total, int heads, int kv_heads, int d,       \
+                                    i64 q_ts, i64 k_ts, i64 v_ts, int causal, int window,      \
+                                    float scale_log2) {                                        \
+        attn_rows<T>(q, k, v, out, cu, nseq, total, heads, kv_heads, d, q_ts, k_ts, v_ts,     \
+                     causal, window, scale_log2);                                              \
+    }
+ROWS_KERNEL(attn_rows_f32, float)
+ROWS_KERNEL(attn_rows_bf16, __nv_bfloat16)
+ROWS_KERNEL(attn_rows_f16, __half)
+
+// ---------------------------------------------------------------------------
+// Flash: tensor cores, bf16/f16, d in {64, 128}.
+// ---------------------------------------------------------------------------
+template <typename T> struct Mma;
+
+template <> struct Mma<__nv_bfloat16> {
+    static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0,
+                                               uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
+};
+
+template <> struct Mma<__half> {
+    static __device__ __forceinline__ void run(float* c, const uint32_t* a, uint32_t b0,
+                                               uint32_t b1) {
+        asm volatile(
+            "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+            "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+            : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+            : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+    }
+    static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+        __half2 v = __floats2half2_rn(lo, hi);
+        return *reinterpret_cast<uint32_t*>(&v);
+    }
+};
+
+__device__ __forceinline__ uint32_t pack_raw(uint16_t lo, uint16_t hi) {
+    return (uint32_t)lo | ((uint32_t)hi << 16);
+}
+
+template <typename T, int D>
+__device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restrict__ k,
+                                      const T* __restrict__ v, T* __restrict__ out,
+                                      const int* __restrict__ cu, const int* __restrict__ tiles,
+                                      int heads, int kv_heads, i64 q_ts, i64 k_ts, i64 v_ts,
+                                      int causal, int window, float scale_log2) {
+    constexpr int BM = 64, BN = 64, LD = D + 8, VEC = 8, NT = 128;
+    __shared__ __align__(16) T sK[BN * LD];
+    __shared__ __align__(16) T sV[BN * LD];
+    const uint16_t* sV16 = reinterpret_cast<const uint16_t*>(sV);
+
+    const int s = tiles[2 * blockIdx.x];
+    const int q0 = tiles[2 * blockIdx.x + 1];
+    const int h = blockIdx.y;
+    const int start = cu[s];
+    const int len = cu[s + 1] - start;
+    const int kvh = h / (heads / kv_heads);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int g = lane >> 2, cq = (lane & 3) * 2;
+
+    // Q tile -> shared (through sK), then into A fragments.
+    for (int c = tid; c < BM * D / VEC; c += NT) {
+        const int r = c / (D / VEC), col = (c % (D / VEC)) * VEC;
+        uint4 val = make_uint4(0, 0, 0, 0);
+        if (q0 + r < len)
+            val = *reinterpret_cast<const uint4*>(q + (i64)(start + q0 + r) * q_ts + (i64)h * D + col);
+        *reinterpret_cast<uint4*>(sK + r * LD + col) = val;
+    }
+    __syncthreads();
+    uint32_t qf[D / 16][4];
+    const int r0 = warp * 16 + g;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; ++kk) {
+        qf[kk][0] = *reinterpret_cast<const uint32_t*>(sK + r0 * LD + kk * 16 + cq);
+        qf[kk][1] = *reinterpret_cast<const uint32_t*>(sK + (r0 + 8) * LD + kk * 16 + cq);
+        qf[kk][2] = *reinterpret_cast<const uint32_t*>(sK + r0 * LD + kk * 16 + cq + 8);
+        qf[kk][3] = *reinterpret_cast<const uint32_t*>(sK + (r0 + 8) * LD + kk * 16 + cq + 8);
+    }
+    __syncthreads();
+
+    const int qi0 = q0 + r0, qi1 = qi0 + 8;  // this thread's query rows, within the sequence
+    const int qlast = min(q0 + BM, len) - 1;
+    int kb = 0, ke = len;
+    if (causal) {
+        ke = qlast + 1;
+        if (window > 0) kb = max(0, q0 - window + 1);
+    }
+    kb = (kb / BN) * BN;
+
+    float m_r[2] = {-INFINITY, -INFINITY}, l_r[2] = {0.f, 0.f};
+    float o[D / 8][4];
+#pragma unroll
+    for (int i = 0; i < D / 8; ++i) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+
+    for (int n0 = kb; n0 < ke; n0 += BN) {
+        for (int c = tid; c < BN * D / VEC; c += NT) {
+            const int r = c / (D / VEC), col = (c % (D / VEC)) * VEC;
+            uint4 kv4 = make_uint4(0, 0, 0, 0), vv4 = make_uint4(0, 0, 0, 0);
+            if (n0 + r < len) {
+                const i64 tok = start + n0 + r;
+                kv4 = *reinterpret_cast<const uint4*>(k + tok * k_ts + (i64)kvh * D + col);
+                vv4 = *reinterpret_cast<const uint4*>(v + tok * v_ts + (i64)kvh * D + col);
+            }
+            *reinterpret_cast<uint4*>(sK + r * LD + col) = kv4;
+            *reinterpret_cast<uint4*>(sV + r * LD + col) = vv4;
+        }
+        __syncthreads();
+
+        float sc[BN / 8][4];
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int nb = 0; nb < BN / 8; ++nb) {
+                const int key = nb * 8 + g;
+                const uint32_t b0 = *reinterpret_cast<const uint32_t*>(sK + key * LD + kk * 16 + cq);
+                const uint32_t b1 = *reinterpret_cast<const uint32_t*>(sK + key * LD + kk * 16 + cq + 8);
+                Mma<T>::run(sc[nb], qf[kk], b0, b1);
+            }
+        }
+
+        // Scale and mask.
+        float mx[2] = {m_r[0], m_r[1]};
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = e < 2 ? qi0 : qi1;
+                const int key = n0 + nb * 8 + cq + (e & 1);
+                bool ok = key < len;
+                if (causal) ok = ok && key <= row && (window <= 0 || row - key < window);
+                sc[nb][e] = ok ? sc[nb][e] * scale_log2 : -INFINITY;
+            }
+            mx[0] = fmaxf(mx[0], fmaxf(sc[nb][0], sc[nb][1]));
+            mx[1] = fmaxf(mx[1], fmaxf(sc[nb][2], sc[nb][3]));
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 1));
+            mx[i] = fmaxf(mx[i], __shfl_xor_sync(0xffffffffu, mx[i], 2));
+        }
+        float ms[2], corr[2], rs[2] = {0.f, 0.f};
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+            ms[i] = mx[i] == -INFINITY ? 0.f : mx[i];
+            corr[i] = exp2f(m_r[i] - ms[i]);
+            m_r[i] = mx[i];
+        }
+#pragma unroll
+        for (int nb = 0; nb < BN / 8; ++nb) {
+            sc[nb][0] = exp2f(sc[nb][0] - ms[0]);
+            sc[nb][1] = exp2f(sc[nb][1] - ms[0]);
+            sc[nb][2] = exp2f(sc[nb][2] - ms[1]);
+            sc[nb][3] = exp2f(sc[nb][3] - ms[1]);
+            rs[0] += sc[nb][0] + sc[nb][1];
+            rs[1] += sc[nb][2] + sc[nb][3];
+        }
+        l_r[0] = l_r[0] * corr[0] + rs[0];
+        l_r[1] = l_r[1] * corr[1] + rs[1];
+#pragma unroll
+        for (int db = 0; db < D / 8; ++db) {
+            o[db][0] *= corr[0];
+            o[db][1] *= corr[0];
+            o[db][2] *= corr[1];
+            o[db][3] *= corr[1];
+        }
+
+        // O += P V
+#pragma unroll
+        for (int j = 0; j < BN / 16; ++j) {
+            uint32_t a[4];
+            a[0] = Mma<T>::pack(sc[2 * j][0], sc[2 * j][1]);
+            a[1] = Mma<T>::pack(sc[2 * j][2], sc[2 * j][3]);
+            a[2] = Mma<T>::pack(sc[2 * j + 1][0], sc[2 * j + 1][1]);
+            a[3] = Mma<T>::pack(sc[2 * j + 1][2], sc[2 * j + 1][3]);
+            const int key = j * 16 + cq;
+#pragma unroll
+            for (int db = 0; db < D / 8; ++db) {
+                const int col = db * 8 + g;
+                const uint32_t b0 = pack_raw(sV16[key * LD + col], sV16[(key + 1) * LD + col]);
+                const uint32_t b1 = pack_raw(sV16[(key + 8) * LD + col], sV16[(key + 9) * LD + col]);
+                Mma<T>::run(o[db], a, b0, b1);
+            }
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 1);
+        l_r[i] += __shfl_xor_sync(0xffffffffu, l_r[i], 2);
+    }
+    const float inv0 = l_r[0] > 0.f ? 1.f / l_r[0] : 0.f;
+    const float inv1 = l_r[1] > 0.f ? 1.f / l_r[1] : 0.f;
+    const i64 ostride = (i64)heads * D;
+#pragma unroll
+    for (int db = 0; db < D / 8; ++db) {
+        const int col = h * D + db * 8 + cq;
+        if (qi0 < len)
+            *reinterpret_cast<uint32_t*>(out + (start + qi0) * ostride + col) =
+                Mma<T>::pack(o[db][0] * inv0, o[db][1] * inv0);
+        if (qi1 < len)
+            *reinterpret_cast<uint32_t*>(out + (start + qi1) * ostride + col) =
+                Mma<T>::pack(o[db][2] * inv1, o[db][3] * inv1);
+    }
+}
+
+#define FLASH_KERNEL(NAME, T, D)                                                                  \
+    extern "C" __global__ void __launch_bounds__(128)                                            \
+        NAME(const T* q, const T* k, const T* v, T* out, const int* cu, const int* tiles,         \
+             int heads, int kv_heads, i64 q_ts, i64 k_ts, i64 v_ts, int causal, int window,       \
+             float scale_log2) {                                                                  \
+        flash<T, D>(q, k, v, out, cu, tiles, heads, kv_heads, q_ts, k_ts, v_ts, causal, window,  \
+                    scale_log2);                                                                  \
+    }
+FLASH_KERNEL(flash_bf16_d64, __nv_bfloat16, 64)
+FLASH_KERNEL(flash_bf16_d128, __nv_bfloat16, 128)
+FLASH_KERNEL(flash_f16_d64, __half, 64)
+FLASH_KERNEL(flash_f16_d128, __half, 128)

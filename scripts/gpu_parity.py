@@ -1,0 +1,72 @@
+#!/usr/bin/env python3
+"""GPU parity: every fixture through the verdict binary on CUDA, against the
+committed transformers references (fp32 within 1e-4, bf16 within 1e-2).
+Standard library only, so it runs on the GPU machine as it is.
+
+  python3 scripts/gpu_parity.py target-cuda/release/verdict
+"""
+import json
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
+# bf16 is held to 1e-2 on the fixtures the CPU bf16 test holds (tests/parity.rs); the
+# others have hidden sizes of 4 or 8, where one bf16 rounding can move a probability
+# by more, so their bf16 gaps are shown for information ("info").
+BF16_GATED = {"bert-cls", "qwen2-cls", "gpt2-cls"}
+
+
+def run_fixture(binary, fixture, dtype):
+    ref = json.loads((fixture / "reference.json").read_text())
+    args = [binary, "classify", "--model", str(fixture), "--device", "cuda", "--dtype", dtype,
+            "--format", "jsonl", "--no-progress", "--log-level", "warn"]
+    ea = ref["engine_args"]
+    if ea.get("convert"):
+        args += ["--convert", ea["convert"]]
+    if ea.get("hf_overrides"):
+        args += ["--hf-overrides", json.dumps(ea["hf_overrides"])]
+    with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
+        for case in ref["cases"]:
+            line = {"prompt_token_ids": case["input_ids"]}
+            if case.get("token_type_ids"):
+                line["token_type_ids"] = case["token_type_ids"]
+            f.write(json.dumps(line) + "\n")
+        path = f.name
+    out = subprocess.run(args + ["--input", path], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None, out.stderr.strip().splitlines()[-1:] or ["failed"]
+    worst = 0.0
+    for line, case in zip(out.stdout.splitlines(), ref["cases"]):
+        got = json.loads(line)
+        if "error" in got:
+            return None, [got["error"]["message"]]
+        worst = max(worst, max(abs(a - b) for a, b in zip(got["probs"], case["probs"])))
+    return worst, []
+
+
+def main():
+    binary = sys.argv[1] if len(sys.argv) > 1 else str(ROOT / "target-cuda/release/verdict")
+    failures = 0
+    print(f"{'fixture':<22} {'float32 max|dp|':>16} {'bfloat16 max|dp|':>17}")
+    for fixture in sorted((ROOT / "fixtures/models").iterdir()):
+        cells = []
+        for dtype, tol in TOLERANCE.items():
+            worst, err = run_fixture(binary, fixture, dtype)
+            if worst is None:
+                failures += 1
+                cells.append(f"ERROR {err[0][:40]}")
+            else:
+                ok = worst <= tol
+                gated = dtype == "float32" or fixture.name in BF16_GATED
+                failures += 0 if ok or not gated else 1
+                cells.append(f"{worst:.2e} {'ok' if ok else ('FAIL' if gated else 'info')}")
+        print(f"{fixture.name:<22} {cells[0]:>16} {cells[1]:>17}")
+    print(f"{'all within tolerance' if failures == 0 else f'{failures} failures'}")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
