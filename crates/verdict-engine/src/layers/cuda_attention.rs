@@ -132,11 +132,17 @@ fn token_stride(l: &Layout) -> i64 {
     l.stride()[0] as i64
 }
 
+/// The last batch's `cu_seqlens ++ tiles` on the device: every layer of a
+/// forward pass shares it, so it is uploaded once per batch.
+struct Metadata {
+    device: DeviceId,
+    cu: Vec<i32>,
+    data: Rc<CudaSlice<i32>>,
+    tiles: usize,
+}
+
 thread_local! {
-    /// The last batch's `cu_seqlens ++ tiles` on the device: every layer of a
-    /// forward pass shares it, so it is uploaded once per batch.
-    static METADATA: RefCell<Option<(DeviceId, Vec<i32>, Rc<CudaSlice<i32>>, usize)>> =
-        const { RefCell::new(None) };
+    static METADATA: RefCell<Option<Metadata>> = const { RefCell::new(None) };
 }
 
 impl PackedAttention {
@@ -145,9 +151,9 @@ impl PackedAttention {
     fn metadata(&self, dev: &CudaDevice) -> candle_core::Result<(Rc<CudaSlice<i32>>, usize)> {
         METADATA.with(|cell| {
             let mut cell = cell.borrow_mut();
-            if let Some((id, cu, meta, tiles)) = cell.as_ref() {
-                if *id == dev.id() && *cu == self.cu {
-                    return Ok((meta.clone(), *tiles));
+            if let Some(m) = cell.as_ref() {
+                if m.device == dev.id() && m.cu == self.cu {
+                    return Ok((m.data.clone(), m.tiles));
                 }
             }
             let mut meta = self.cu.clone();
@@ -159,7 +165,12 @@ impl PackedAttention {
             }
             let tiles = (meta.len() - self.cu.len()) / 2;
             let meta = Rc::new(dev.clone_htod(meta.as_slice())?);
-            *cell = Some((dev.id(), self.cu.clone(), meta.clone(), tiles));
+            *cell = Some(Metadata {
+                device: dev.id(),
+                cu: self.cu.clone(),
+                data: meta.clone(),
+                tiles,
+            });
             Ok((meta, tiles))
         })
     }
