@@ -17,10 +17,19 @@ pub struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
-    /// Builds the frequencies from `rope_theta`, `partial_rotary_factor` and `rope_scaling`.
+    /// Builds the frequencies from `rope_theta`, `partial_rotary_factor` and
+    /// `rope_scaling`, or from `rope_parameters` (how transformers v5 writes them).
     pub fn from_config(cfg: &HfConfig, head_dim: usize) -> Result<Self> {
-        let base = cfg.f64("rope_theta").unwrap_or(10000.0) as f32;
-        let partial = cfg.f64("partial_rotary_factor").unwrap_or(1.0);
+        let params = cfg.get("rope_parameters").and_then(|v| v.as_object());
+        let param = |k: &str| params.and_then(|p| p.get(k)).and_then(|v| v.as_f64());
+        let base = cfg
+            .f64("rope_theta")
+            .or_else(|| param("rope_theta"))
+            .unwrap_or(10000.0) as f32;
+        let partial = cfg
+            .f64("partial_rotary_factor")
+            .or_else(|| param("partial_rotary_factor"))
+            .unwrap_or(1.0);
         let dim = ((head_dim as f64) * partial) as usize;
         if dim != head_dim {
             return Err(EngineError::Config(
@@ -32,7 +41,11 @@ impl RotaryEmbedding {
             .map(|i| 1.0f32 / base.powf(i as f32 / dim as f32))
             .collect();
         let mut attention_scaling = 1.0f32;
-        if let Some(scaling) = cfg.get("rope_scaling").and_then(|v| v.as_object()) {
+        let scaling = cfg
+            .get("rope_scaling")
+            .and_then(|v| v.as_object())
+            .or(params);
+        if let Some(scaling) = scaling {
             let kind = scaling
                 .get("rope_type")
                 .or_else(|| scaling.get("type"))
@@ -41,7 +54,8 @@ impl RotaryEmbedding {
             let num = |k: &str| scaling.get(k).and_then(|v| v.as_f64());
             let factor = num("factor").unwrap_or(1.0) as f32;
             match kind {
-                "default" => {}
+                // M-RoPE only changes which position each frequency reads (`cos_sin_mrope`).
+                "default" | "mrope" => {}
                 "linear" => inv_freq.iter_mut().for_each(|f| *f /= factor),
                 "llama3" => {
                     let low = num("low_freq_factor").unwrap_or(1.0) as f32;
@@ -138,6 +152,45 @@ impl RotaryEmbedding {
         let (cos, sin) = tables.as_ref().expect("tables were just built");
         let idx = Tensor::from_slice(positions, positions.len(), device)?;
         Ok((cos.index_select(&idx, 0)?, sin.index_select(&idx, 0)?))
+    }
+
+    /// Multimodal RoPE (Qwen2-VL): each token has (temporal, height, width)
+    /// positions, and frequency `i` reads the axis whose `sections` span holds it.
+    pub fn cos_sin_mrope(
+        &self,
+        positions: &[[u32; 3]],
+        sections: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Tensor, Tensor)> {
+        let half = self.inv_freq.len();
+        if sections.iter().sum::<usize>() != half {
+            return Err(EngineError::Config(format!(
+                "mrope_section {sections:?} must add up to head_dim / 2 = {half}"
+            )));
+        }
+        let axis_of: Vec<usize> = sections
+            .iter()
+            .enumerate()
+            .flat_map(|(axis, &n)| std::iter::repeat_n(axis % 3, n))
+            .collect();
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        for p in positions {
+            for (f, &axis) in self.inv_freq.iter().zip(&axis_of) {
+                let angle = p[axis] as f32 * f;
+                cos.push(angle.cos() * self.attention_scaling);
+                sin.push(angle.sin() * self.attention_scaling);
+            }
+        }
+        let shape = (positions.len(), half);
+        let cos = Tensor::from_vec(cos, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        let sin = Tensor::from_vec(sin, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?;
+        Ok((cos, sin))
     }
 
     fn cos_sin_host(

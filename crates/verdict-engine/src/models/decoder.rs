@@ -103,6 +103,17 @@ pub struct DecoderModel {
 
 impl DecoderModel {
     pub fn load(variant: DecoderVariant, config: &HfConfig, weights: &Weights) -> Result<Self> {
+        Self::load_under(variant, config, weights, BASES)
+    }
+
+    /// Loads with the weights under one of `bases` (e.g. a multimodal
+    /// checkpoint's `model.language_model.`).
+    pub fn load_under(
+        variant: DecoderVariant,
+        config: &HfConfig,
+        weights: &Weights,
+        bases: &[&str],
+    ) -> Result<Self> {
         let cfg: DecoderConfig = config.parse("decoder")?;
         let heads = cfg.num_attention_heads;
         let kv_heads = cfg.num_key_value_heads.unwrap_or(heads);
@@ -140,7 +151,7 @@ impl DecoderModel {
             }
         };
         let h = cfg.hidden_size;
-        let root = weights.root(BASES);
+        let root = weights.root(bases);
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
         for i in 0..cfg.num_hidden_layers {
             let l = root.pp("layers").pp(i);
@@ -179,6 +190,67 @@ impl DecoderModel {
 
     pub fn ties_embeddings(&self) -> bool {
         self.cfg.tie_word_embeddings.unwrap_or(false)
+    }
+
+    pub fn rotary(&self) -> &RotaryEmbedding {
+        &self.rotary
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Token embeddings `[T, H]`.
+    pub fn embed(&self, ids: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::from_slice(ids, ids.len(), &self.device)?;
+        Ok(self.embed_tokens.embedding(&ids)?)
+    }
+
+    /// The decoder layers and final norm over given input embeddings, with
+    /// rotary tables `[T, head_dim/2]` for each token.
+    pub fn forward_embeds(
+        &self,
+        mut x: Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        cu_seqlens: &[usize],
+    ) -> Result<Tensor> {
+        let t = x.dim(0)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        for layer in &self.layers {
+            let normed = layer.input_norm.forward(&x)?;
+            let mut q = layer
+                .q_proj
+                .forward(&normed)?
+                .reshape((t, self.heads, self.head_dim))?;
+            let mut k =
+                layer
+                    .k_proj
+                    .forward(&normed)?
+                    .reshape((t, self.kv_heads, self.head_dim))?;
+            let v = layer
+                .v_proj
+                .forward(&normed)?
+                .reshape((t, self.kv_heads, self.head_dim))?;
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                q = qn.forward(&q)?;
+                k = kn.forward(&k)?;
+            }
+            let q = RotaryEmbedding::apply(&q, cos, sin)?;
+            let k = RotaryEmbedding::apply(&k, cos, sin)?;
+            let mask = AttentionMask::Causal {
+                window: layer.window,
+            };
+            let ctx = packed_attention(&q, &k, &v, cu_seqlens, mask, scale)?;
+            x = (layer.o_proj.forward(&ctx)? + &x)?;
+            let normed = layer.post_norm.forward(&x)?;
+            let mlp = in_row_chunks(&normed, |rows| {
+                let gated = gated_mlp(&layer.gate_proj, &layer.up_proj, rows, self.act)?;
+                layer.down_proj.forward(&gated)
+            })?;
+            x = (mlp + &x)?;
+        }
+        self.norm.forward(&x)
     }
 }
 
@@ -220,47 +292,11 @@ fn load_layer(
 
 impl Backbone for DecoderModel {
     fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
-        let t = batch.input_ids.len();
-        let ids = Tensor::from_slice(&batch.input_ids, t, &self.device)?;
         let (cos, sin) = self
             .rotary
             .cos_sin(&batch.positions, self.dtype, &self.device)?;
-        let mut x = self.embed_tokens.embedding(&ids)?;
-        let scale = 1.0 / (self.head_dim as f64).sqrt();
-        for layer in &self.layers {
-            let normed = layer.input_norm.forward(&x)?;
-            let mut q = layer
-                .q_proj
-                .forward(&normed)?
-                .reshape((t, self.heads, self.head_dim))?;
-            let mut k =
-                layer
-                    .k_proj
-                    .forward(&normed)?
-                    .reshape((t, self.kv_heads, self.head_dim))?;
-            let v = layer
-                .v_proj
-                .forward(&normed)?
-                .reshape((t, self.kv_heads, self.head_dim))?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = qn.forward(&q)?;
-                k = kn.forward(&k)?;
-            }
-            let q = RotaryEmbedding::apply(&q, &cos, &sin)?;
-            let k = RotaryEmbedding::apply(&k, &cos, &sin)?;
-            let mask = AttentionMask::Causal {
-                window: layer.window,
-            };
-            let ctx = packed_attention(&q, &k, &v, &batch.cu_seqlens, mask, scale)?;
-            x = (layer.o_proj.forward(&ctx)? + &x)?;
-            let normed = layer.post_norm.forward(&x)?;
-            let mlp = in_row_chunks(&normed, |rows| {
-                let gated = gated_mlp(&layer.gate_proj, &layer.up_proj, rows, self.act)?;
-                layer.down_proj.forward(&gated)
-            })?;
-            x = (mlp + &x)?;
-        }
-        self.norm.forward(&x)
+        let x = self.embed(&batch.input_ids)?;
+        self.forward_embeds(x, &cos, &sin, &batch.cu_seqlens)
     }
 
     fn hidden_size(&self) -> usize {
