@@ -131,6 +131,13 @@ pub(crate) fn attention_f32(
     scale: f32,
 ) -> Result<Option<Tensor>> {
     use rayon::prelude::*;
+    // Checked before anything is allocated: this runs first for GPU tensors too, and a
+    // zeroed host buffer of T × heads × d floats per layer once cost more host time
+    // than the GPU spent on the whole layer.
+    let on_cpu_f32 = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32;
+    if !(on_cpu_f32(q) && on_cpu_f32(k) && on_cpu_f32(v)) {
+        return Ok(None);
+    }
     let t = *cu_seqlens.last().unwrap_or(&0);
     let d = head_dim;
     let (q_stride, kv_stride) = (heads * d, kv_heads * d);
