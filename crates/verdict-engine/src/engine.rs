@@ -359,6 +359,7 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
     }
 
     let device = args.device.device()?;
+    crate::layers::configure_device(&device)?;
     let dtype = match args.dtype {
         DTypeArg::Float32 => DType::F32,
         DTypeArg::Float16 => DType::F16,

@@ -17,6 +17,45 @@ use crate::error::Result;
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const MODULE: &str = "verdict_fused";
 
+/// Settings for serving on one CUDA device, applied once before the weights load.
+///
+/// - The stream-ordered allocator's pool keeps what it has grown to. Its default
+///   release threshold of zero hands all free memory back to the driver at every
+///   synchronisation, which for us is the end of every batch, so each batch had to
+///   grow the pool again: new device memory mapped on the host, while the GPU waits.
+/// - No per-allocation CUDA events: cudarc creates a read and a write event for every
+///   buffer (and destroys them on free) to order work across streams; all our work is
+///   on one stream, where they are never recorded.
+///
+/// `VERDICT_CUDA_POOL=0` and `VERDICT_CUDA_EVENTS=1` turn these off, for comparisons.
+pub(crate) fn configure_device(dev: &CudaDevice) -> Result<()> {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let flag = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    if flag("VERDICT_CUDA_POOL").as_deref() != Some("0") {
+        let ctx = dev.cuda_stream().context().clone();
+        ctx.bind_to_thread().w()?;
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut keep = u64::MAX;
+        // SAFETY: plain driver calls on a live context; `keep` outlives the call.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result().w()?;
+            sys::cuMemPoolSetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                (&mut keep as *mut u64).cast(),
+            )
+            .result()
+            .w()?;
+        }
+    }
+    if flag("VERDICT_CUDA_EVENTS").as_deref() != Some("1") {
+        // SAFETY: verdict queues all of a device's work on its one stream (the calling
+        // thread's default stream), so no buffer is used on two streams at once.
+        unsafe { dev.disable_event_tracking() };
+    }
+    Ok(())
+}
+
 fn act_code(act: Option<HiddenAct>) -> i32 {
     match act {
         None => 0,

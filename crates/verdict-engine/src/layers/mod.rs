@@ -18,6 +18,16 @@ use candle_core::{DType, Module, Tensor};
 use crate::checkpoint::WeightPath;
 use crate::error::{EngineError, Result};
 
+/// Prepares a device for serving (see `cuda_ops::configure_device`); nothing on the CPU.
+pub fn configure_device(device: &candle_core::Device) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        return cuda_ops::configure_device(dev);
+    }
+    let _ = device;
+    Ok(())
+}
+
 /// `y = x W^T + b` with `W` given as `[out, in]` like torch.nn.Linear.
 #[derive(Debug, Clone)]
 pub struct Linear {
