@@ -9,13 +9,16 @@ use serde_json::Value;
 
 use crate::checkpoint::{resolve_model_dir, HfConfig, ModelFiles, Weights};
 use crate::error::{EngineError, Result};
+use crate::models::qwen2_5_vl::VlTokens;
+use crate::models::Family;
 use crate::models::{
     load_model, ArchInfo, ArchKind, Backbone, PackedBatch, TokenClassifierSpec, TokenMethod,
 };
+use crate::multimodal::{MediaPolicy, VisionProcessor, VisualInput};
 use crate::pooling::{
     pool_sequences, Activation, Calibration, ClassifierHead, PoolerConfig, PoolingTask, PoolingType,
 };
-use crate::tokenize::TextTokenizer;
+use crate::tokenize::{TextTokenizer, TokenizedPrompt};
 
 /// `--runner`: what kind of model runner to build.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -121,6 +124,69 @@ pub struct EngineArgs {
     pub served_model_name: Vec<String>,
     /// Sequences allowed to wait in the queue before requests are refused.
     pub max_queued_sequences: usize,
+    /// Hosts image/video URLs may come from (`--allowed-media-domains`); `None` allows any.
+    pub allowed_media_domains: Option<Vec<String>>,
+    /// Local media files are read only under this directory (`--allowed-local-media-path`).
+    pub allowed_local_media_path: Option<PathBuf>,
+    /// Most images / videos one prompt may carry (`--limit-mm-per-prompt`).
+    pub limit_mm_per_prompt: MediaLimits,
+}
+
+/// Per-prompt limits on multimodal inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MediaLimits {
+    pub image: usize,
+    pub video: usize,
+}
+
+impl Default for MediaLimits {
+    /// vLLM's default: effectively unlimited.
+    fn default() -> Self {
+        MediaLimits {
+            image: 999,
+            video: 999,
+        }
+    }
+}
+
+impl MediaLimits {
+    /// `{"image": N, "video": M}`; modalities left out keep the default.
+    pub fn from_json(v: &Value) -> Result<Self> {
+        let obj = v.as_object().ok_or_else(|| {
+            EngineError::Config("--limit-mm-per-prompt must be a JSON object".into())
+        })?;
+        let mut limits = MediaLimits::default();
+        for (k, n) in obj {
+            let n = n
+                .as_u64()
+                .or_else(|| n.get("count").and_then(Value::as_u64))
+                .ok_or_else(|| {
+                    EngineError::Config(format!(
+                        "--limit-mm-per-prompt: `{k}` must be a non-negative integer"
+                    ))
+                })? as usize;
+            match k.as_str() {
+                "image" => limits.image = n,
+                "video" => limits.video = n,
+                other => {
+                    return Err(EngineError::Config(format!(
+                        "--limit-mm-per-prompt: unknown modality `{other}` (image, video)"
+                    )))
+                }
+            }
+        }
+        Ok(limits)
+    }
+}
+
+/// What a multimodal model needs to turn images and videos into inputs.
+#[derive(Debug, Clone)]
+pub struct MultimodalInfo {
+    pub processor: Arc<VisionProcessor>,
+    pub image_token_id: u32,
+    pub video_token_id: u32,
+    pub limits: MediaLimits,
+    pub policy: Arc<MediaPolicy>,
 }
 
 impl EngineArgs {
@@ -141,6 +207,9 @@ impl EngineArgs {
             chat_template: None,
             served_model_name: Vec::new(),
             max_queued_sequences: 100_000,
+            allowed_media_domains: None,
+            allowed_local_media_path: None,
+            limit_mm_per_prompt: MediaLimits::default(),
         }
     }
 }
@@ -171,6 +240,8 @@ pub struct ModelInfo {
     pub type_vocab_size: usize,
     pub dtype: DType,
     pub device: String,
+    /// Set for models that take images and videos.
+    pub multimodal: Option<MultimodalInfo>,
 }
 
 impl ModelInfo {
@@ -194,12 +265,24 @@ impl ModelInfo {
     }
 }
 
-/// One sequence to run: its tokens and whether to apply the activation.
+/// One sequence to run: its tokens (and images/videos) and whether to apply the activation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SequenceInput {
     pub ids: Vec<u32>,
     pub token_type_ids: Option<Vec<u32>>,
+    pub visuals: Vec<Arc<VisualInput>>,
     pub use_activation: bool,
+}
+
+impl SequenceInput {
+    pub fn new(prompt: TokenizedPrompt, use_activation: bool) -> Self {
+        SequenceInput {
+            ids: prompt.ids,
+            token_type_ids: prompt.token_type_ids,
+            visuals: prompt.visuals,
+            use_activation,
+        }
+    }
 }
 
 /// The pooled result of one sequence.
@@ -240,10 +323,13 @@ pub struct ModelRunner {
 impl ModelRunner {
     /// Runs a batch in one forward pass. Inputs must already be validated.
     pub fn run(&self, seqs: &[SequenceInput]) -> Result<Vec<PooledData>> {
-        let batch = PackedBatch::from_sequences(
+        let mut batch = PackedBatch::from_sequences(
             seqs.iter()
                 .map(|s| (s.ids.as_slice(), s.token_type_ids.as_deref())),
         );
+        if seqs.iter().any(|s| !s.visuals.is_empty()) {
+            batch.visuals = seqs.iter().map(|s| s.visuals.clone()).collect();
+        }
         let started = std::time::Instant::now();
         let hidden = self.backbone.forward(&batch)?;
         let queued = started.elapsed();
@@ -433,6 +519,31 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
         None => max_model_len.max(if device.is_cpu() { 4096 } else { 16384 }),
     };
 
+    let multimodal = match arch.family {
+        Family::Qwen25Vl => {
+            let tokens = VlTokens::from_config(&config);
+            let local = match &args.allowed_local_media_path {
+                Some(p) => Some(
+                    p.canonicalize()
+                        .map_err(|e| EngineError::io_path("--allowed-local-media-path", p, e))?,
+                ),
+                None => None,
+            };
+            Some(MultimodalInfo {
+                processor: Arc::new(VisionProcessor::load(&dir)?),
+                image_token_id: tokens.image_token_id,
+                video_token_id: tokens.video_token_id,
+                limits: args.limit_mm_per_prompt,
+                policy: Arc::new(MediaPolicy {
+                    allowed_domains: args.allowed_media_domains.clone(),
+                    allowed_local_path: local,
+                    ..MediaPolicy::default()
+                }),
+            })
+        }
+        _ => None,
+    };
+
     let activation = Activation::from_config(&config)?;
     let pair_concat = from_token.is_some() || config.bool("use_sep_token") == Some(false);
     let served_model_names = if args.served_model_name.is_empty() {
@@ -461,6 +572,7 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
         type_vocab_size: backbone.type_vocab_size(),
         dtype,
         device: format!("{device:?}"),
+        multimodal,
     };
     let runner = ModelRunner {
         backbone: loaded.backbone,
@@ -603,11 +715,7 @@ fn apply_sentence_transformers_settings(files: &ModelFiles, tokenizer: &mut Text
 
 /// A tensor of zeros, to warm up allocations before the first request.
 pub fn warmup(runner: &ModelRunner) -> Result<()> {
-    let seq = SequenceInput {
-        ids: vec![0; 4],
-        token_type_ids: None,
-        use_activation: true,
-    };
+    let seq = SequenceInput::new(vec![0; 4].into(), true);
     runner.run(std::slice::from_ref(&seq)).map(|_| ())
 }
 

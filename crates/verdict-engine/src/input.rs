@@ -6,7 +6,11 @@ use std::sync::Arc;
 
 use crate::engine::ModelInfo;
 use crate::error::{EngineError, Result};
-use crate::tokenize::{ChatMessage, ChatOptions, TextTokenizer, TokenizedPrompt, TruncationSide};
+use crate::multimodal::{fetch_media, Modality};
+use crate::tokenize::{
+    media_parts, ChatMessage, ChatOptions, ChatTemplate, TextTokenizer, TokenizedPrompt,
+    TruncationSide,
+};
 
 /// One prompt as a caller gives it.
 #[derive(Debug, Clone, PartialEq)]
@@ -105,8 +109,7 @@ impl InputProcessor {
                 self.encode_text(text, opts.add_special_tokens.unwrap_or(true), trunc, side)?
             }
             Prompt::Chat { messages, options } => {
-                let text = self.render_chat(messages, options)?;
-                self.encode_text(&text, opts.add_special_tokens.unwrap_or(false), trunc, side)?
+                return self.process_chat(messages, options, None, opts);
             }
             Prompt::Tokens {
                 ids,
@@ -139,6 +142,7 @@ impl InputProcessor {
                 TokenizedPrompt {
                     ids,
                     token_type_ids: types,
+                    visuals: Vec::new(),
                 }
             }
         };
@@ -148,18 +152,130 @@ impl InputProcessor {
 
     /// Renders a conversation with the model's (or `--chat-template`'s) template.
     pub fn render_chat(&self, messages: &[ChatMessage], options: &ChatOptions) -> Result<String> {
-        let template = self.tokenizer.chat_template().ok_or_else(|| {
-            EngineError::validation(
-                "As of transformers v4.44, default chat template is no longer allowed, so you must provide \
-                 a chat template if the tokenizer does not define one.",
-            )
-        })?;
+        self.render_chat_with(messages, options, None)
+    }
+
+    /// Renders with `template` when given (a request's own), else the model's.
+    pub fn render_chat_with(
+        &self,
+        messages: &[ChatMessage],
+        options: &ChatOptions,
+        template: Option<&ChatTemplate>,
+    ) -> Result<String> {
+        let template = match template {
+            Some(t) => t,
+            None => self.tokenizer.chat_template().ok_or_else(|| {
+                EngineError::validation(
+                    "As of transformers v4.44, default chat template is no longer allowed, so you must provide \
+                     a chat template if the tokenizer does not define one.",
+                )
+            })?,
+        };
         if messages.is_empty() {
             return Err(EngineError::validation(
                 "messages must contain at least one message",
             ));
         }
-        template.render(messages, options)
+        template.render(messages, options, self.info.multimodal.is_some())
+    }
+
+    /// A conversation to tokens: rendered, tokenized, and for multimodal
+    /// models with its images and videos fetched, preprocessed, and their
+    /// placeholder tokens expanded to one per merged patch, as the Hugging Face
+    /// processor does.
+    pub fn process_chat(
+        &self,
+        messages: &[ChatMessage],
+        options: &ChatOptions,
+        template: Option<&ChatTemplate>,
+        opts: &TokenizeOptions,
+    ) -> Result<TokenizedPrompt> {
+        let trunc = self.truncation_len(opts)?;
+        let side = opts
+            .truncation_side
+            .unwrap_or_else(|| self.tokenizer.default_truncation_side());
+        let text = self.render_chat_with(messages, options, template)?;
+        let add_special = opts.add_special_tokens.unwrap_or(false);
+        let media = match &self.info.multimodal {
+            Some(_) => media_parts(messages)?,
+            None => Vec::new(),
+        };
+        let (Some(mm), false) = (&self.info.multimodal, media.is_empty()) else {
+            let tokenized = self.encode_text(&text, add_special, trunc, side)?;
+            self.validate(&tokenized)?;
+            return Ok(tokenized);
+        };
+        let images = media.iter().filter(|m| !m.is_video).count();
+        let videos = media.len() - images;
+        for (count, limit, name) in [
+            (images, mm.limits.image, "image"),
+            (videos, mm.limits.video, "video"),
+        ] {
+            if count > limit {
+                return Err(EngineError::validation(format!(
+                    "At most {limit} {name}(s) may be provided in one prompt."
+                )));
+            }
+        }
+        let mut visuals = Vec::with_capacity(media.len());
+        for m in &media {
+            let bytes = fetch_media(&m.url, &mm.policy)?;
+            let visual = if m.is_video {
+                mm.processor.video(&bytes)?
+            } else {
+                mm.processor.image(&bytes)?
+            };
+            visuals.push(Arc::new(visual));
+        }
+        let ids = self
+            .tokenizer
+            .encode(&text, add_special, None, TruncationSide::Right)?
+            .ids;
+        let merge = mm.processor.merge_size();
+        let mut expanded = Vec::with_capacity(ids.len());
+        let mut next = visuals.iter();
+        for id in ids {
+            let placeholder = id == mm.image_token_id || id == mm.video_token_id;
+            if !placeholder {
+                expanded.push(id);
+                continue;
+            }
+            let visual = next.next().ok_or_else(|| {
+                EngineError::validation(
+                    "the prompt has more image/video placeholders than images and videos",
+                )
+            })?;
+            let want_video = id == mm.video_token_id;
+            if want_video != (visual.modality == Modality::Video) {
+                return Err(EngineError::validation(
+                    "the chat template placed image and video placeholders in a different order than the inputs",
+                ));
+            }
+            expanded.extend(std::iter::repeat_n(id, visual.num_tokens(merge)));
+        }
+        if next.next().is_some() {
+            return Err(EngineError::validation(
+                "the chat template has no placeholder for some images or videos",
+            ));
+        }
+        if let Some(n) = trunc {
+            if expanded.len() > n {
+                return Err(EngineError::validation_param(
+                    format!(
+                        "truncate_prompt_tokens={n} would cut into the image or video tokens of a {}-token prompt",
+                        expanded.len()
+                    ),
+                    "truncate_prompt_tokens",
+                ));
+            }
+        }
+        let tokenized = TokenizedPrompt {
+            ids: expanded,
+            token_type_ids: None,
+            visuals,
+        };
+        self.validate(&tokenized)?;
+        Ok(tokenized)
     }
 
     fn encode_text(
@@ -227,6 +343,20 @@ impl InputProcessor {
                 "Token id {bad} is out of vocabulary (the model has {} tokens)",
                 self.info.vocab_size
             )));
+        }
+        if let Some(mm) = &self.info.multimodal {
+            let placeholders = p
+                .ids
+                .iter()
+                .filter(|&&id| id == mm.image_token_id || id == mm.video_token_id)
+                .count();
+            let merge = mm.processor.merge_size();
+            let expected: usize = p.visuals.iter().map(|v| v.num_tokens(merge)).sum();
+            if placeholders != expected {
+                return Err(EngineError::validation(format!(
+                    "the prompt has {placeholders} image/video placeholder tokens but its images and videos need {expected}"
+                )));
+            }
         }
         if let Some(tt) = &p.token_type_ids {
             let limit = self.info.type_vocab_size;

@@ -9,12 +9,14 @@ pub mod input;
 pub mod layers;
 pub mod llm;
 pub mod models;
+pub mod multimodal;
 pub mod pooling;
 pub mod scheduler;
 pub mod tokenize;
 
 pub use engine::{
-    Convert, DTypeArg, DeviceArg, EngineArgs, ModelInfo, PooledData, Runner, SequenceInput,
+    Convert, DTypeArg, DeviceArg, EngineArgs, MediaLimits, ModelInfo, MultimodalInfo, PooledData,
+    Runner, SequenceInput,
 };
 pub use error::{EngineError, Result};
 pub use input::{PairLimits, Prompt, TokenizeOptions};

@@ -337,11 +337,10 @@ impl Llm {
             match t {
                 Ok(t) => {
                     slots.push(Ok((inputs.len(), t.ids.clone())));
-                    inputs.push(SequenceInput {
-                        ids: t.ids,
-                        token_type_ids: t.token_type_ids,
-                        use_activation: p.use_activation.unwrap_or(default_act),
-                    });
+                    inputs.push(SequenceInput::new(
+                        t,
+                        p.use_activation.unwrap_or(default_act),
+                    ));
                 }
                 Err(e) => slots.push(Err(e)),
             }

@@ -5,7 +5,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Map, Value};
-use verdict_engine::tokenize::TokenizedPrompt;
+use verdict_engine::tokenize::{ChatTemplate, TokenizedPrompt};
 use verdict_engine::{
     ChatMessage, ChatOptions, EngineError, Prompt, SequenceInput, TokenizeOptions, TruncationSide,
 };
@@ -282,12 +282,34 @@ pub async fn tokenize_prompts(
             state
                 .tokenizers
                 .tokenize_all(&state.engine, vec![chat], move |engine, chat| {
-                    let text = render_chat(engine, &chat)?;
-                    engine.processor().process(&Prompt::Text(text), &opts)
+                    let template = request_template(engine, &chat)?;
+                    engine.processor().process_chat(
+                        &chat.messages,
+                        &chat.options,
+                        template.as_ref(),
+                        &opts,
+                    )
                 })
                 .await
         }
     }
+}
+
+/// The request's own chat template, compiled, if it brought one.
+fn request_template(
+    engine: &verdict_engine::Engine,
+    chat: &ChatInput,
+) -> verdict_engine::Result<Option<ChatTemplate>> {
+    chat.template
+        .as_deref()
+        .map(|source| {
+            engine
+                .processor()
+                .tokenizer()
+                .compile_chat_template(source)
+                .map_err(|e| EngineError::validation(e.to_string()))
+        })
+        .transpose()
 }
 
 /// Renders a conversation with the request's template if it brought one, else the model's.
@@ -295,19 +317,10 @@ pub fn render_chat(
     engine: &verdict_engine::Engine,
     chat: &ChatInput,
 ) -> verdict_engine::Result<String> {
-    match &chat.template {
-        Some(source) => {
-            let template = engine
-                .processor()
-                .tokenizer()
-                .compile_chat_template(source)
-                .map_err(|e| EngineError::validation(e.to_string()))?;
-            template.render(&chat.messages, &chat.options)
-        }
-        None => engine
-            .processor()
-            .render_chat(&chat.messages, &chat.options),
-    }
+    let template = request_template(engine, chat)?;
+    engine
+        .processor()
+        .render_chat_with(&chat.messages, &chat.options, template.as_ref())
 }
 
 /// Runs tokenized prompts through the engine with the request's activation and priority.
@@ -320,11 +333,7 @@ pub async fn run_prompts(
     let use_activation = use_activation.unwrap_or(state.info.default_use_activation);
     let inputs = prompts
         .into_iter()
-        .map(|p| SequenceInput {
-            ids: p.ids,
-            token_type_ids: p.token_type_ids,
-            use_activation,
-        })
+        .map(|p| SequenceInput::new(p, use_activation))
         .collect();
     run_sequences(&state.engine, &state.metrics, inputs, priority).await
 }

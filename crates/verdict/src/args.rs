@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use verdict_engine::{Convert, DTypeArg, DeviceArg, EngineArgs, PoolerConfig, Runner};
+use verdict_engine::{Convert, DTypeArg, DeviceArg, EngineArgs, MediaLimits, PoolerConfig, Runner};
 
 #[derive(Debug, Clone, Args)]
 pub struct EngineFlags {
@@ -71,6 +71,18 @@ pub struct EngineFlags {
     /// Names the model answers to; the first is reported. Default: the --model value.
     #[arg(long, num_args = 1..)]
     pub served_model_name: Vec<String>,
+
+    /// Multimodal models: most images/videos per prompt, as JSON, e.g. '{"image": 4, "video": 1}'.
+    #[arg(long)]
+    pub limit_mm_per_prompt: Option<String>,
+
+    /// Multimodal models: hosts that http(s) image/video URLs may point to (default: any).
+    #[arg(long, num_args = 1..)]
+    pub allowed_media_domains: Vec<String>,
+
+    /// Multimodal models: `file://` media is read only under this directory (default: never).
+    #[arg(long)]
+    pub allowed_local_media_path: Option<PathBuf>,
 }
 
 /// Where the bundled default model lives once set up.
@@ -148,6 +160,15 @@ impl EngineFlags {
         } else {
             self.served_model_name.clone()
         };
+        if let Some(limits) = &self.limit_mm_per_prompt {
+            let json =
+                serde_json::from_str(limits).context("--limit-mm-per-prompt is not valid JSON")?;
+            args.limit_mm_per_prompt = MediaLimits::from_json(&json)?;
+        }
+        if !self.allowed_media_domains.is_empty() {
+            args.allowed_media_domains = Some(self.allowed_media_domains.clone());
+        }
+        args.allowed_local_media_path = self.allowed_local_media_path.clone();
         Ok(args)
     }
 }

@@ -419,11 +419,7 @@ fn run_offline(engine: &Engine, workload: &[Vec<u32>]) -> Result<f64> {
         let p = engine
             .processor()
             .process(&Prompt::from(ids.clone()), &tok)?;
-        inputs.push(SequenceInput {
-            ids: p.ids,
-            token_type_ids: p.token_type_ids,
-            use_activation: true,
-        });
+        inputs.push(SequenceInput::new(p, true));
     }
     let results = engine.run_blocking(inputs, &|_| {});
     let secs = start.elapsed().as_secs_f64();
@@ -543,14 +539,7 @@ fn run_short_latency(engine: Arc<Engine>) -> Result<(f64, f64)> {
     let mut model = Vec::new();
     for _ in 0..50 {
         let t = Instant::now();
-        let r = engine.run_blocking(
-            vec![SequenceInput {
-                ids: ids.clone(),
-                token_type_ids: None,
-                use_activation: true,
-            }],
-            &|_| {},
-        );
+        let r = engine.run_blocking(vec![SequenceInput::new(ids.clone().into(), true)], &|_| {});
         if let Some(Err(e)) = r.into_iter().next() {
             bail!("short request failed: {e}");
         }

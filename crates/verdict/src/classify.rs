@@ -139,16 +139,9 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
                 Ok(tok) => {
                     let n = tok.ids.len();
                     let reply = tx.clone();
-                    let item = WorkItem::new(
-                        SequenceInput {
-                            ids: tok.ids,
-                            token_type_ids: tok.token_type_ids,
-                            use_activation,
-                        },
-                        move |r| {
-                            let _ = reply.send((index, r.map(|(d, _)| (d, n))));
-                        },
-                    );
+                    let item = WorkItem::new(SequenceInput::new(tok, use_activation), move |r| {
+                        let _ = reply.send((index, r.map(|(d, _)| (d, n))));
+                    });
                     if let Err(e) = reader_engine.submit(vec![item]) {
                         let _ = tx.send((index, Err(e)));
                     }

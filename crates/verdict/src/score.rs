@@ -96,11 +96,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         let inputs: Vec<SequenceInput> = tokenized
             .iter()
             .filter_map(|t| t.as_ref().ok())
-            .map(|t| SequenceInput {
-                ids: t.ids.clone(),
-                token_type_ids: t.token_type_ids.clone(),
-                use_activation,
-            })
+            .map(|t| SequenceInput::new(t.clone(), use_activation))
             .collect();
         let mut results = engine.run_blocking(inputs, &|_| {}).into_iter();
         for (i, t) in tokenized.iter().enumerate() {

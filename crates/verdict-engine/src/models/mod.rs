@@ -4,15 +4,20 @@
 pub mod bert;
 pub mod decoder;
 pub mod gpt2;
+pub mod qwen2_5_vl;
+
+use std::sync::Arc;
 
 use candle_core::{DType, Tensor};
 
 use crate::checkpoint::{HfConfig, Weights};
 use crate::error::{EngineError, Result};
+use crate::multimodal::VisualInput;
 use crate::pooling::{ClassifierHead, PoolingTask, PoolingType};
 use bert::{BertModel, BertVariant};
 use decoder::{DecoderModel, DecoderVariant};
 use gpt2::Gpt2Model;
+use qwen2_5_vl::Qwen25VlModel;
 
 /// All sequences of a batch concatenated, with no padding.
 #[derive(Debug, Clone, Default)]
@@ -24,6 +29,8 @@ pub struct PackedBatch {
     pub positions: Vec<u32>,
     /// Sequence boundaries: sequence i is rows `cu_seqlens[i]..cu_seqlens[i+1]`.
     pub cu_seqlens: Vec<usize>,
+    /// Images and videos of each sequence, in prompt order (empty for text models).
+    pub visuals: Vec<Vec<Arc<VisualInput>>>,
 }
 
 impl PackedBatch {
@@ -90,6 +97,8 @@ pub enum Family {
     Bert(BertVariant),
     Gpt2,
     Decoder(DecoderVariant),
+    /// Qwen2.5-VL: vision tower + M-RoPE Qwen2 language model.
+    Qwen25Vl,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +128,8 @@ pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
     "Qwen2ForCausalLM (--convert classify)",
     "Qwen3ForSequenceClassification",
     "Qwen3ForCausalLM (--convert classify)",
+    "Qwen2_5_VLForSequenceClassification",
+    "Qwen2_5_VLForConditionalGeneration (--convert classify)",
 ];
 
 const SUFFIXES: &[(&str, ArchKind)] = &[
@@ -128,6 +139,7 @@ const SUFFIXES: &[(&str, ArchKind)] = &[
     ),
     ("ForTokenClassification", ArchKind::TokenClassification),
     ("ForCausalLM", ArchKind::Generative),
+    ("ForConditionalGeneration", ArchKind::Generative),
     ("LMHeadModel", ArchKind::Generative),
 ];
 
@@ -141,12 +153,21 @@ impl ArchInfo {
                 Some(Family::Bert(v))
             } else if base == "GPT2" {
                 Some(Family::Gpt2)
+            } else if base == "Qwen2_5_VL" {
+                Some(Family::Qwen25Vl)
             } else {
                 DecoderVariant::from_arch(base).map(Family::Decoder)
             };
             let supported = match (family, kind) {
                 (Some(Family::Bert(_)), ArchKind::Generative) => false,
-                (Some(Family::Gpt2) | Some(Family::Decoder(_)), ArchKind::TokenClassification) => {
+                (
+                    Some(Family::Gpt2 | Family::Decoder(_) | Family::Qwen25Vl),
+                    ArchKind::TokenClassification,
+                ) => false,
+                // Only the multimodal family is a "conditional generation" model.
+                (Some(Family::Gpt2 | Family::Decoder(_)), ArchKind::Generative)
+                    if arch.ends_with("ForConditionalGeneration") =>
+                {
                     false
                 }
                 (Some(_), _) => true,
@@ -167,7 +188,7 @@ impl ArchInfo {
     pub fn default_pooling(&self) -> PoolingType {
         match self.family {
             Family::Bert(_) => PoolingType::Cls,
-            Family::Gpt2 | Family::Decoder(_) => PoolingType::Last,
+            Family::Gpt2 | Family::Decoder(_) | Family::Qwen25Vl => PoolingType::Last,
         }
     }
 
@@ -240,6 +261,24 @@ pub fn load_model(
                 num_labels,
                 from_token,
                 Some(backbone.embeddings()),
+            )?;
+            Ok(LoadedModel {
+                backbone: Box::new(backbone),
+                head,
+            })
+        }
+        Family::Qwen25Vl => {
+            let backbone = Qwen25VlModel::load(config, weights)?;
+            let lm = backbone.language_model();
+            let tied = (lm.ties_embeddings() || !weights.contains("lm_head.weight"))
+                .then(|| lm.embeddings());
+            let head = decoder_head(
+                weights,
+                &["model.language_model.", "model.", ""],
+                backbone.hidden_size(),
+                num_labels,
+                from_token,
+                tied,
             )?;
             Ok(LoadedModel {
                 backbone: Box::new(backbone),

@@ -25,6 +25,55 @@ pub struct ChatOptions {
     pub template_kwargs: serde_json::Map<String, Value>,
 }
 
+/// An image or video a chat message refers to, by URL (http(s), `data:` or `file:`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MediaRef {
+    pub is_video: bool,
+    pub url: String,
+}
+
+/// The images and videos of a conversation, in the order the template places them.
+pub fn media_parts(messages: &[ChatMessage]) -> Result<Vec<MediaRef>> {
+    let mut out = Vec::new();
+    for m in messages {
+        let Value::Array(parts) = &m.content else {
+            continue;
+        };
+        for part in parts {
+            if let Some(media) = media_of(part)? {
+                out.push(media);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The media a content part carries: OpenAI's `image_url`/`video_url` parts
+/// (object with `url`, or a bare string), `input_image`, or transformers'
+/// `{"type": "image", "image"|"url": ...}` style.
+fn media_of(part: &Value) -> Result<Option<MediaRef>> {
+    let kind = part.get("type").and_then(Value::as_str).unwrap_or("text");
+    let (is_video, keys): (bool, &[&str]) = match kind {
+        "image_url" | "input_image" => (false, &["image_url"]),
+        "video_url" => (true, &["video_url"]),
+        "image" => (false, &["image", "url", "image_url"]),
+        "video" => (true, &["video", "url", "video_url"]),
+        _ => return Ok(None),
+    };
+    let url = keys.iter().find_map(|k| match part.get(*k)? {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("url").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    });
+    match url {
+        Some(url) => Ok(Some(MediaRef { is_video, url })),
+        None => Err(EngineError::validation(format!(
+            "a `{kind}` content part needs a URL (e.g. {{\"type\": \"{kind}\", \"{key}\": {{\"url\": ...}}}})",
+            key = keys[0]
+        ))),
+    }
+}
+
 /// A compiled chat template (Jinja, rendered with minijinja the way transformers renders it).
 pub struct ChatTemplate {
     env: Environment<'static>,
@@ -66,8 +115,16 @@ impl ChatTemplate {
         })
     }
 
-    /// Renders the conversation to the prompt text.
-    pub fn render(&self, messages: &[ChatMessage], options: &ChatOptions) -> Result<String> {
+    /// Renders the conversation to the prompt text. `multimodal` passes
+    /// content-part lists through (images and videos as `{"type": "image"}` /
+    /// `{"type": "video"}`) for templates that place vision tokens; otherwise
+    /// content is flattened to text.
+    pub fn render(
+        &self,
+        messages: &[ChatMessage],
+        options: &ChatOptions,
+        multimodal: bool,
+    ) -> Result<String> {
         if options.add_generation_prompt && options.continue_final_message {
             return Err(EngineError::validation(
                 "Cannot set both `continue_final_message` and `add_generation_prompt` to True.",
@@ -77,7 +134,11 @@ impl ChatTemplate {
         for m in messages {
             let mut obj = m.extra.clone();
             obj.insert("role".into(), Value::String(m.role.clone()));
-            obj.insert("content".into(), Value::String(text_content(&m.content)?));
+            let content = match (&m.content, multimodal) {
+                (Value::Array(parts), true) => Value::Array(template_parts(parts)?),
+                (other, _) => Value::String(text_content(other, multimodal)?),
+            };
+            obj.insert("content".into(), content);
             msgs.push(Value::Object(obj));
         }
         let mut ctx = serde_json::Map::new();
@@ -108,7 +169,7 @@ impl ChatTemplate {
             let last = messages.last().ok_or_else(|| {
                 EngineError::validation("continue_final_message needs at least one message")
             })?;
-            let final_text = text_content(&last.content)?;
+            let final_text = text_content(&last.content, multimodal)?;
             // As transformers: cut everything the template adds after the final message.
             if let Some(pos) = rendered.rfind(&final_text) {
                 rendered.truncate(pos + final_text.len());
@@ -131,30 +192,52 @@ fn jinja_message(e: &JinjaError) -> String {
     }
 }
 
-/// A message's content as text: strings as they are, text parts joined by newlines.
-fn text_content(content: &Value) -> Result<String> {
+/// Content parts as a multimodal template expects them.
+fn template_parts(parts: &[Value]) -> Result<Vec<Value>> {
+    parts
+        .iter()
+        .map(|part| {
+            Ok(match media_of(part)? {
+                Some(m) => serde_json::json!({"type": if m.is_video { "video" } else { "image" }}),
+                None => serde_json::json!({"type": "text", "text": part_text(part)?}),
+            })
+        })
+        .collect()
+}
+
+fn part_text(part: &Value) -> Result<String> {
+    let kind = part.get("type").and_then(Value::as_str).unwrap_or("text");
+    match kind {
+        "text" | "input_text" => part
+            .get("text")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| EngineError::validation("a text content part needs a `text` string")),
+        other => Err(EngineError::validation(format!(
+            "content part of type `{other}` is not supported"
+        ))),
+    }
+}
+
+/// A message's content as text: strings as they are, text parts joined by
+/// newlines (media parts are skipped when the model takes them).
+fn text_content(content: &Value, multimodal: bool) -> Result<String> {
     match content {
         Value::Null => Ok(String::new()),
         Value::String(s) => Ok(s.clone()),
         Value::Array(parts) => {
             let mut texts = Vec::with_capacity(parts.len());
             for part in parts {
-                let kind = part.get("type").and_then(Value::as_str).unwrap_or("text");
-                match kind {
-                    "text" | "input_text" => texts.push(
-                        part.get("text")
-                            .and_then(Value::as_str)
-                            .ok_or_else(|| {
-                                EngineError::validation("a text content part needs a `text` string")
-                            })?
-                            .to_string(),
-                    ),
-                    other => {
-                        return Err(EngineError::validation(format!(
-                        "content part of type `{other}` is not supported by this text-only model"
-                    )))
+                if media_of(part)?.is_some() {
+                    if multimodal {
+                        continue;
                     }
+                    let kind = part.get("type").and_then(Value::as_str).unwrap_or("");
+                    return Err(EngineError::validation(format!(
+                        "content part of type `{kind}` is not supported by this text-only model"
+                    )));
                 }
+                texts.push(part_text(part)?);
             }
             Ok(texts.join("\n"))
         }
@@ -297,7 +380,7 @@ mod tests {
         )
         .unwrap();
         let msgs = vec![msg("user", " hi "), msg("assistant", "hello")];
-        let plain = t.render(&msgs, &ChatOptions::default()).unwrap();
+        let plain = t.render(&msgs, &ChatOptions::default(), false).unwrap();
         assert_eq!(plain, "<|user|>hi<|end|>\n<|assistant|>hello<|end|>\n");
         let cont = t
             .render(
@@ -306,6 +389,7 @@ mod tests {
                     continue_final_message: true,
                     ..Default::default()
                 },
+                false,
             )
             .unwrap();
         assert_eq!(cont, "<|user|>hi<|end|>\n<|assistant|>hello");
@@ -314,7 +398,7 @@ mod tests {
             add_generation_prompt: true,
             ..Default::default()
         };
-        assert!(t.render(&msgs, &both).is_err());
+        assert!(t.render(&msgs, &both, false).is_err());
     }
 
     #[test]
@@ -322,7 +406,7 @@ mod tests {
         let t =
             ChatTemplate::new("{{ raise_exception('roles must alternate') }}", None, None).unwrap();
         let err = t
-            .render(&[msg("user", "x")], &ChatOptions::default())
+            .render(&[msg("user", "x")], &ChatOptions::default(), false)
             .unwrap_err();
         assert!(err.to_string().contains("roles must alternate"), "{err}");
     }

@@ -4,14 +4,16 @@
 
 mod chat;
 
-pub use chat::{ChatMessage, ChatOptions, ChatTemplate};
+pub use chat::{media_parts, ChatMessage, ChatOptions, ChatTemplate, MediaRef};
 
 use std::path::Path;
+use std::sync::Arc;
 
 use serde_json::Value;
 use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationDirection};
 
 use crate::error::{EngineError, Result};
+use crate::multimodal::VisualInput;
 
 /// Which end of a prompt truncation removes tokens from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -34,11 +36,22 @@ impl TruncationSide {
 }
 
 /// One tokenized prompt.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct TokenizedPrompt {
     pub ids: Vec<u32>,
     /// Token types when the tokenizer produces a second segment (pairs).
     pub token_type_ids: Option<Vec<u32>>,
+    /// Images and videos whose placeholder tokens are in `ids`, in order.
+    pub visuals: Vec<Arc<VisualInput>>,
+}
+
+impl From<Vec<u32>> for TokenizedPrompt {
+    fn from(ids: Vec<u32>) -> Self {
+        TokenizedPrompt {
+            ids,
+            ..Default::default()
+        }
+    }
 }
 
 /// A model's tokenizer plus what its `tokenizer_config.json` says.
@@ -101,8 +114,13 @@ impl TextTokenizer {
 
         let template_source = match chat_template_override {
             Some(t) => Some(t.to_string()),
-            None => template_from_config(&config)
-                .or_else(|| std::fs::read_to_string(dir.join("chat_template.jinja")).ok()),
+            // As transformers: a separate chat_template.jinja wins over
+            // tokenizer_config.json; chat_template.json is the processor's
+            // (multimodal checkpoints), whose template places the vision tokens.
+            None => std::fs::read_to_string(dir.join("chat_template.jinja"))
+                .ok()
+                .or_else(|| template_from_config(&read_json(&dir.join("chat_template.json")).ok()?))
+                .or_else(|| template_from_config(&config)),
         };
         let chat_template = template_source
             .map(|src| ChatTemplate::new(&src, special("bos_token"), special("eos_token")))
@@ -294,6 +312,7 @@ impl TextTokenizer {
         TokenizedPrompt {
             ids: enc.get_ids().to_vec(),
             token_type_ids: has_types.then(|| types.to_vec()),
+            visuals: Vec::new(),
         }
     }
 
