@@ -38,6 +38,7 @@ pub(crate) fn decode_rgb8(bytes: &[u8]) -> Result<Rgb8> {
             "could not decode the image: unknown or unsupported format (PNG, JPEG, WebP, GIF and BMP are supported)",
         ));
     }
+    let is_jpeg = reader.format() == Some(image::ImageFormat::Jpeg);
     let mut limits = Limits::default();
     limits.max_alloc = Some(2 << 30);
     reader.limits(limits);
@@ -51,7 +52,16 @@ pub(crate) fn decode_rgb8(bytes: &[u8]) -> Result<Rgb8> {
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
-    let mut img = DynamicImage::from_decoder(decoder).map_err(|e| bad(&e))?;
+    let libjpeg = match is_jpeg {
+        true => super::jpeg::decode_rgb(bytes)?,
+        false => None,
+    };
+    let mut img = match libjpeg {
+        Some((w, h, data)) => image::RgbImage::from_raw(w as u32, h as u32, data)
+            .map(DynamicImage::ImageRgb8)
+            .ok_or_else(|| bad(&"JPEG size mismatch"))?,
+        None => DynamicImage::from_decoder(decoder).map_err(|e| bad(&e))?,
+    };
     img.apply_orientation(orientation);
     Ok(to_rgb8(img))
 }
@@ -109,7 +119,11 @@ mod tests {
 
     #[test]
     fn undecodable_bytes_are_validation_errors() {
-        for bytes in [&b""[..], b"not an image at all", b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR"] {
+        for bytes in [
+            &b""[..],
+            b"not an image at all",
+            b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR",
+        ] {
             let e = decode_rgb8(bytes).unwrap_err();
             assert!(matches!(e, EngineError::Validation { .. }), "{e}");
             assert!(e.to_string().contains("could not decode the image"), "{e}");

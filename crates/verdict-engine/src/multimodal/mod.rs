@@ -16,6 +16,7 @@
 mod config;
 mod fetch;
 mod image;
+mod jpeg;
 mod resize;
 mod video;
 
@@ -168,10 +169,8 @@ impl VisionProcessor {
         // cap also bounded by an even share of `max_video_tokens`' pixels.
         let mut max_pixels = cfg.max_pixels;
         if self.video.cap_pixels_per_frame == Some(true) && !indices.is_empty() {
-            let total_pixels = (self.video.max_video_tokens as f64
-                * factor as f64
-                * factor as f64
-                * 0.9) as usize;
+            let total_pixels =
+                (self.video.max_video_tokens as f64 * factor as f64 * factor as f64 * 0.9) as usize;
             let share = total_pixels * cfg.temporal_patch_size / indices.len();
             max_pixels = max_pixels
                 .min(share)
