@@ -28,9 +28,18 @@ def run_fixture(binary, fixture, dtype):
         args += ["--convert", ea["convert"]]
     if ea.get("hf_overrides"):
         args += ["--hf-overrides", json.dumps(ea["hf_overrides"])]
+    media = fixture / "media"
+    if media.is_dir():
+        args += ["--allowed-local-media-path", str(media)]
     with tempfile.NamedTemporaryFile("w", suffix=".jsonl", delete=False) as f:
         for case in ref["cases"]:
-            line = {"prompt_token_ids": case["input_ids"]}
+            if case.get("messages") and media.is_dir():
+                # Multimodal cases: the conversation, with media:<file> as local files.
+                text = json.dumps(case["messages"]).replace("media:", f"file://{media}/")
+                line = {"messages": json.loads(text),
+                        "add_generation_prompt": case.get("add_generation_prompt", False)}
+            else:
+                line = {"prompt_token_ids": case["input_ids"]}
             if case.get("token_type_ids"):
                 line["token_type_ids"] = case["token_type_ids"]
             f.write(json.dumps(line) + "\n")
