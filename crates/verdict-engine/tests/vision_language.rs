@@ -347,3 +347,100 @@ fn video_longer_than_max_model_len_is_refused() {
         "{err}"
     );
 }
+
+/// The fixture rewritten the way checkpoints saved before transformers v5 are:
+/// text settings at the top level with `rope_scaling: {type: mrope}`, the
+/// vision config spelled `in_chans`/`spatial_patch_size`, weights under
+/// `visual.` and `model.`, and one `preprocessor_config.json` with
+/// `min_pixels`/`max_pixels`.
+fn legacy_checkpoint(dir: &Path) -> tempfile::TempDir {
+    let out = tempfile::tempdir().expect("tempdir");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).expect("config"))
+            .expect("json");
+    let mut flat = config.clone();
+    let obj = flat.as_object_mut().expect("object");
+    obj.remove("text_config");
+    for (k, v) in config["text_config"].as_object().expect("text_config") {
+        obj.insert(k.clone(), v.clone());
+    }
+    let rope = obj.remove("rope_parameters").expect("rope_parameters");
+    obj.insert("rope_theta".into(), rope["rope_theta"].clone());
+    obj.insert(
+        "rope_scaling".into(),
+        json!({"type": "mrope", "mrope_section": rope["mrope_section"]}),
+    );
+    let vision = obj["vision_config"].as_object_mut().expect("vision_config");
+    let channels = vision.remove("in_channels").expect("in_channels");
+    vision.insert("in_chans".into(), channels);
+    vision.insert("spatial_patch_size".into(), vision["patch_size"].clone());
+    vision.remove("rope_parameters");
+    std::fs::write(out.path().join("config.json"), flat.to_string()).expect("write config");
+
+    let bytes = std::fs::read(dir.join("model.safetensors")).expect("weights");
+    let tensors = safetensors::SafeTensors::deserialize(&bytes).expect("safetensors");
+    let renamed: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .tensors()
+        .into_iter()
+        .map(|(name, view)| {
+            let name = name
+                .replace("model.visual.", "visual.")
+                .replace("model.language_model.", "model.");
+            (name, view)
+        })
+        .collect();
+    safetensors::serialize_to_file(renamed, None, &out.path().join("model.safetensors"))
+        .expect("write weights");
+
+    for f in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.json",
+    ] {
+        std::fs::copy(dir.join(f), out.path().join(f)).expect("copy");
+    }
+    let image: Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("preprocessor_config.json")).expect("preprocessor"),
+    )
+    .expect("json");
+    let mut legacy = image.clone();
+    let obj = legacy.as_object_mut().expect("object");
+    let size = obj.remove("size").expect("size");
+    obj.insert("min_pixels".into(), size["shortest_edge"].clone());
+    obj.insert("max_pixels".into(), size["longest_edge"].clone());
+    obj.insert(
+        "image_processor_type".into(),
+        json!("Qwen2_5_VLImageProcessor"),
+    );
+    std::fs::write(
+        out.path().join("preprocessor_config.json"),
+        legacy.to_string(),
+    )
+    .expect("write preprocessor");
+    out
+}
+
+#[test]
+fn qwen2_5_vl_loads_checkpoints_in_the_pre_v5_layout() {
+    let dir = fixture_dir(FIXTURE);
+    let reference = subset(
+        load_reference(&dir),
+        &["text_only", "image_png", "image_jpeg", "two_images"],
+    );
+    let legacy = legacy_checkpoint(&dir);
+    let llm = Llm::new(engine_args(legacy.path(), &reference)).expect("load the legacy layout");
+    let prompts: Vec<Prompt> = reference
+        .cases
+        .iter()
+        .map(|c| Prompt::Chat {
+            messages: with_urls(
+                c.messages.as_ref().expect("messages"),
+                &dir.join("media"),
+                Transport::DataUrl,
+                "",
+            ),
+            options: c.chat_options(),
+        })
+        .collect();
+    check(&llm, &reference, &prompts, "legacy");
+}

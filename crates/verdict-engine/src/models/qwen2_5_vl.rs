@@ -30,10 +30,16 @@ struct VisionConfig {
     hidden_size: usize,
     intermediate_size: usize,
     num_heads: usize,
-    #[serde(default = "default_in_channels", alias = "in_chans")]
-    in_channels: usize,
-    #[serde(default = "default_patch", alias = "spatial_patch_size")]
-    patch_size: usize,
+    // Older configs say `in_chans` (and carry `spatial_patch_size` beside
+    // `patch_size`); read separately so both spellings may appear at once.
+    #[serde(default)]
+    in_channels: Option<usize>,
+    #[serde(default)]
+    in_chans: Option<usize>,
+    #[serde(default)]
+    patch_size: Option<usize>,
+    #[serde(default)]
+    spatial_patch_size: Option<usize>,
     #[serde(default = "default_two")]
     spatial_merge_size: usize,
     #[serde(default = "default_two")]
@@ -53,12 +59,16 @@ struct VisionConfig {
     rope_theta: Option<f64>,
 }
 
-fn default_in_channels() -> usize {
-    3
+impl VisionConfig {
+    fn channels(&self) -> usize {
+        self.in_channels.or(self.in_chans).unwrap_or(3)
+    }
+
+    fn patch(&self) -> usize {
+        self.patch_size.or(self.spatial_patch_size).unwrap_or(14)
+    }
 }
-fn default_patch() -> usize {
-    14
-}
+
 fn default_two() -> usize {
     2
 }
@@ -171,9 +181,9 @@ impl VisionTower {
             )));
         }
         let root = weights.root(VISION_BASES);
-        let p = cfg.patch_size;
+        let p = cfg.patch();
         let t = cfg.temporal_patch_size;
-        let c = cfg.in_channels;
+        let c = cfg.channels();
         // A Conv3d whose stride equals its kernel is a matmul over flattened patches.
         let conv = root
             .pp("patch_embed")
@@ -340,7 +350,7 @@ impl WindowLayout {
     fn new(visuals: &[&VisualInput], cfg: &VisionConfig) -> Self {
         let m = cfg.spatial_merge_size;
         let unit = m * m;
-        let window = (cfg.window_size / m / cfg.patch_size).max(1);
+        let window = (cfg.window_size / m / cfg.patch()).max(1);
         let mut layout = WindowLayout {
             window_index: Vec::new(),
             positions: Vec::new(),
