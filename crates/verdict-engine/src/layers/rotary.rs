@@ -183,14 +183,7 @@ impl RotaryEmbedding {
                 sin.push(angle.sin() * self.attention_scaling);
             }
         }
-        let shape = (positions.len(), half);
-        let cos = Tensor::from_vec(cos, shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)?;
-        let sin = Tensor::from_vec(sin, shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)?;
-        Ok((cos, sin))
+        upload_tables(cos, sin, (positions.len(), half), dtype, device)
     }
 
     fn cos_sin_host(
@@ -209,14 +202,7 @@ impl RotaryEmbedding {
                 sin.push(angle.sin() * self.attention_scaling);
             }
         }
-        let shape = (positions.len(), half);
-        let cos = Tensor::from_vec(cos, shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)?;
-        let sin = Tensor::from_vec(sin, shape, &Device::Cpu)?
-            .to_dtype(dtype)?
-            .to_device(device)?;
-        Ok((cos, sin))
+        upload_tables(cos, sin, (positions.len(), half), dtype, device)
     }
 
     /// Rotates `x` laid out `[T, heads, head_dim]`.
@@ -224,4 +210,20 @@ impl RotaryEmbedding {
         let x = x.unsqueeze(0)?.contiguous()?;
         Ok(candle_nn::rotary_emb::rope_thd(&x, cos, sin)?.squeeze(0)?)
     }
+}
+
+/// Host-built cos/sin tables as tensors of the model's dtype on its device.
+fn upload_tables(
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    shape: (usize, usize),
+    dtype: DType,
+    device: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let to = |v: Vec<f32>| -> Result<Tensor> {
+        Ok(Tensor::from_vec(v, shape, &Device::Cpu)?
+            .to_dtype(dtype)?
+            .to_device(device)?)
+    };
+    Ok((to(cos)?, to(sin)?))
 }

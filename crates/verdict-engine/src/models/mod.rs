@@ -269,17 +269,7 @@ pub fn load_model(
         }
         Family::Qwen25Vl => {
             let backbone = Qwen25VlModel::load(config, weights)?;
-            let lm = backbone.language_model();
-            let tied = (lm.ties_embeddings() || !weights.contains("lm_head.weight"))
-                .then(|| lm.embeddings());
-            let head = decoder_head(
-                weights,
-                &["model.language_model.", "model.", ""],
-                backbone.hidden_size(),
-                num_labels,
-                from_token,
-                tied,
-            )?;
+            let head = decoder_lm_head(backbone.language_model(), weights, num_labels, from_token)?;
             Ok(LoadedModel {
                 backbone: Box::new(backbone),
                 head,
@@ -287,22 +277,33 @@ pub fn load_model(
         }
         Family::Decoder(variant) => {
             let backbone = DecoderModel::load(variant, config, weights)?;
-            let tied = (backbone.ties_embeddings() || !weights.contains("lm_head.weight"))
-                .then(|| backbone.embeddings());
-            let head = decoder_head(
-                weights,
-                &["model.", ""],
-                backbone.hidden_size(),
-                num_labels,
-                from_token,
-                tied,
-            )?;
+            let head = decoder_lm_head(&backbone, weights, num_labels, from_token)?;
             Ok(LoadedModel {
                 backbone: Box::new(backbone),
                 head,
             })
         }
     }
+}
+
+/// A Llama-family decoder's head; the LM head is tied to the embeddings when
+/// the config says so or the checkpoint has none.
+fn decoder_lm_head(
+    lm: &DecoderModel,
+    weights: &Weights,
+    num_labels: usize,
+    from_token: Option<&TokenClassifierSpec>,
+) -> Result<ClassifierHead> {
+    let tied =
+        (lm.ties_embeddings() || !weights.contains("lm_head.weight")).then(|| lm.embeddings());
+    decoder_head(
+        weights,
+        &["model.language_model.", "model.", ""],
+        lm.hidden_size(),
+        num_labels,
+        from_token,
+        tied,
+    )
 }
 
 /// The `score` head of a decoder classifier, taken from the checkpoint or
