@@ -88,9 +88,8 @@ impl CommonConfig {
 
     fn from_json(obj: &Map<String, Value>, defaults: CommonConfig, what: &str) -> Result<Self> {
         let mut c = defaults;
-        let err = |key: &str, v: &Value| {
-            EngineError::Config(format!("{what}: bad value for {key}: {v}"))
-        };
+        let err =
+            |key: &str, v: &Value| EngineError::Config(format!("{what}: bad value for {key}: {v}"));
         if let Some(v) = present(obj, "do_resize") {
             c.do_resize = v.as_bool().ok_or_else(|| err("do_resize", v))?;
         }
@@ -196,9 +195,8 @@ impl VideoConfig {
     fn from_json(obj: &Map<String, Value>, what: &str) -> Result<Self> {
         let mut c = VideoConfig::defaults();
         c.common = CommonConfig::from_json(obj, c.common, what)?;
-        let err = |key: &str, v: &Value| {
-            EngineError::Config(format!("{what}: bad value for {key}: {v}"))
-        };
+        let err =
+            |key: &str, v: &Value| EngineError::Config(format!("{what}: bad value for {key}: {v}"));
         if let Some(v) = present(obj, "do_sample_frames") {
             c.do_sample_frames = v.as_bool().ok_or_else(|| err("do_sample_frames", v))?;
         }
@@ -215,7 +213,8 @@ impl VideoConfig {
             c.max_frames = as_usize(v).ok_or_else(|| err("max_frames", v))?;
         }
         if let Some(v) = present(obj, "cap_pixels_per_frame") {
-            c.cap_pixels_per_frame = Some(v.as_bool().ok_or_else(|| err("cap_pixels_per_frame", v))?);
+            c.cap_pixels_per_frame =
+                Some(v.as_bool().ok_or_else(|| err("cap_pixels_per_frame", v))?);
         }
         if let Some(v) = present(obj, "max_video_tokens") {
             c.max_video_tokens = as_usize(v).ok_or_else(|| err("max_video_tokens", v))?;
@@ -236,7 +235,9 @@ pub(crate) fn load_configs(dir: &Path) -> Result<(CommonConfig, VideoConfig)> {
     };
     let preprocessor = read_json(&dir.join("preprocessor_config.json"))?;
     let image = match section("image_processor").or_else(|| preprocessor.clone()) {
-        Some(obj) => CommonConfig::from_json(&obj, CommonConfig::image_defaults(), "image processor")?,
+        Some(obj) => {
+            CommonConfig::from_json(&obj, CommonConfig::image_defaults(), "image processor")?
+        }
         None => CommonConfig::image_defaults(),
     };
     let video_obj = match section("video_processor") {
@@ -311,7 +312,10 @@ mod tests {
         assert_eq!(img, CommonConfig::image_defaults());
         assert_eq!(vid, VideoConfig::defaults());
         assert_eq!((img.min_pixels, img.max_pixels), (3136, 1003520));
-        assert_eq!((vid.common.min_pixels, vid.common.max_pixels), (100352, 602112));
+        assert_eq!(
+            (vid.common.min_pixels, vid.common.max_pixels),
+            (100352, 602112)
+        );
     }
 
     #[test]
@@ -323,8 +327,14 @@ mod tests {
         )]);
         let (img, vid) = load_configs(d.path()).unwrap();
         assert_eq!((img.min_pixels, img.max_pixels), (3136, 12845056));
-        assert_eq!((vid.common.min_pixels, vid.common.max_pixels), (3136, 12845056));
-        assert_eq!((vid.min_frames, vid.max_frames, vid.do_sample_frames), (4, 768, false));
+        assert_eq!(
+            (vid.common.min_pixels, vid.common.max_pixels),
+            (3136, 12845056)
+        );
+        assert_eq!(
+            (vid.min_frames, vid.max_frames, vid.do_sample_frames),
+            (4, 768, false)
+        );
     }
 
     #[test]
@@ -336,8 +346,14 @@ mod tests {
                     "video_processor": {"size": {"shortest_edge": 300, "longest_edge": 400}, "fps": 2.0,
                                         "do_sample_frames": true}}"#,
             ),
-            ("preprocessor_config.json", r#"{"min_pixels": 1, "max_pixels": 2}"#),
-            ("video_preprocessor_config.json", r#"{"min_pixels": 5, "max_pixels": 6}"#),
+            (
+                "preprocessor_config.json",
+                r#"{"min_pixels": 1, "max_pixels": 2}"#,
+            ),
+            (
+                "video_preprocessor_config.json",
+                r#"{"min_pixels": 5, "max_pixels": 6}"#,
+            ),
         ]);
         let (img, vid) = load_configs(d.path()).unwrap();
         assert_eq!((img.min_pixels, img.max_pixels), (100, 200));

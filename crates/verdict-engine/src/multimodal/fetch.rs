@@ -179,7 +179,10 @@ fn local_file(url: &str, policy: &MediaPolicy) -> Result<Vec<u8>> {
     };
     let parsed = url::Url::parse(url)
         .map_err(|e| EngineError::validation(format!("invalid file URL {url:?}: {e}")))?;
-    if parsed.host_str().is_some_and(|h| !h.is_empty() && h != "localhost") {
+    if parsed
+        .host_str()
+        .is_some_and(|h| !h.is_empty() && h != "localhost")
+    {
         return Err(EngineError::validation(format!(
             "file URL {url:?} names a remote host"
         )));
@@ -236,8 +239,14 @@ mod tests {
     #[test]
     fn data_urls() {
         let p = MediaPolicy::default();
-        assert_eq!(fetch_media("data:image/png;base64,aGVsbG8=", &p).unwrap(), b"hello");
-        assert_eq!(fetch_media("data:image/png;base64,aGVsbG8", &p).unwrap(), b"hello");
+        assert_eq!(
+            fetch_media("data:image/png;base64,aGVsbG8=", &p).unwrap(),
+            b"hello"
+        );
+        assert_eq!(
+            fetch_media("data:image/png;base64,aGVsbG8", &p).unwrap(),
+            b"hello"
+        );
         let e = fetch_media("data:image/png;base64,@@@@", &p).unwrap_err();
         assert!(e.to_string().contains("invalid base64"), "{e}");
         let e = fetch_media("data:image/png,hello", &p).unwrap_err();
@@ -257,7 +266,10 @@ mod tests {
             ..MediaPolicy::default()
         };
         let e = fetch_media("ftp://example.org/a.png", &p).unwrap_err();
-        assert!(e.to_string().contains("unsupported media URL scheme"), "{e}");
+        assert!(
+            e.to_string().contains("unsupported media URL scheme"),
+            "{e}"
+        );
         let e = fetch_media("https://evil.test/a.png", &p).unwrap_err();
         assert!(e.to_string().contains("not allowed"), "{e}");
         let e = fetch_media("file:///etc/passwd", &MediaPolicy::default()).unwrap_err();

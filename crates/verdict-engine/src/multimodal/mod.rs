@@ -207,8 +207,12 @@ impl VisionProcessor {
             ));
         }
         let mut slices: Vec<&[u8]> = frames.chunks_exact(frame_len).collect();
-        while slices.len() % cfg.temporal_patch_size != 0 {
-            slices.push(slices[slices.len() - 1]);
+        // Pad to a whole temporal patch by repeating the last frame.
+        while let (false, Some(&last)) = (
+            slices.len().is_multiple_of(cfg.temporal_patch_size),
+            slices.last(),
+        ) {
+            slices.push(last);
         }
         let grid_t = slices.len() / cfg.temporal_patch_size;
         // VideoMetadata.sampled_fps: len(frames_indices) / total_num_frames * fps.
@@ -240,7 +244,11 @@ fn target_size(
             )));
         }
         Ok((h, w))
-    } else if height % factor == 0 && width % factor == 0 && height > 0 && width > 0 {
+    } else if height.is_multiple_of(factor)
+        && width.is_multiple_of(factor)
+        && height > 0
+        && width > 0
+    {
         Ok((height, width))
     } else {
         Err(EngineError::validation(format!(
@@ -300,7 +308,12 @@ fn value_tables(cfg: &CommonConfig) -> [[f32; 256]; 3] {
 fn patchify(frames: &[&[u8]], h: usize, w: usize, cfg: &CommonConfig) -> Result<Vec<f32>> {
     let (p, m, tps) = (cfg.patch_size, cfg.merge_size, cfg.temporal_patch_size);
     let (gh, gw) = (h / p, w / p);
-    if gh * p != h || gw * p != w || gh % m != 0 || gw % m != 0 || frames.len() % tps != 0 {
+    if gh * p != h
+        || gw * p != w
+        || !gh.is_multiple_of(m)
+        || !gw.is_multiple_of(m)
+        || !frames.len().is_multiple_of(tps)
+    {
         return Err(EngineError::validation(format!(
             "image of {w}x{h} does not fit the {p}-pixel patch and {m}x{m} merge grid"
         )));

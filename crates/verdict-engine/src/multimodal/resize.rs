@@ -255,24 +255,22 @@ fn resize_vertical(
     let half = 1i32 << (t.precision - 1).min(31);
     let row_len = width * 3;
     let mut out = vec![0u8; row_len * out_height];
-    out.par_chunks_mut(row_len)
-        .enumerate()
-        .for_each_init(
-            || vec![0i32; row_len],
-            |acc, (y, dst)| {
-                acc.fill(half);
-                let w = &t.weights[y * t.stride..y * t.stride + t.len[y]];
-                for (j, &wj) in w.iter().enumerate() {
-                    let row = &src[(t.start[y] + j) * row_len..(t.start[y] + j + 1) * row_len];
-                    for (a, &p) in acc.iter_mut().zip(row) {
-                        *a += wj * i32::from(p);
-                    }
+    out.par_chunks_mut(row_len).enumerate().for_each_init(
+        || vec![0i32; row_len],
+        |acc, (y, dst)| {
+            acc.fill(half);
+            let w = &t.weights[y * t.stride..y * t.stride + t.len[y]];
+            for (j, &wj) in w.iter().enumerate() {
+                let row = &src[(t.start[y] + j) * row_len..(t.start[y] + j + 1) * row_len];
+                for (a, &p) in acc.iter_mut().zip(row) {
+                    *a += wj * i32::from(p);
                 }
-                for (d, &a) in dst.iter_mut().zip(acc.iter()) {
-                    *d = finish(a, t.precision);
-                }
-            },
-        );
+            }
+            for (d, &a) in dst.iter_mut().zip(acc.iter()) {
+                *d = finish(a, t.precision);
+            }
+        },
+    );
     out
 }
 

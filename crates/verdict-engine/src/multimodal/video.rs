@@ -38,9 +38,11 @@ pub(crate) const MISSING_FFMPEG: &str =
 /// `$VERDICT_FFMPEG`, then the copy scripts/setup-ffmpeg.sh installs under
 /// `${VERDICT_HOME:-$HOME/.cache/verdict}/ffmpeg/bin/ffmpeg`, then `PATH`.
 pub(crate) fn locate_ffmpeg(explicit: Option<&Path>) -> Result<PathBuf> {
-    let named = explicit
-        .map(Path::to_path_buf)
-        .or_else(|| std::env::var_os("VERDICT_FFMPEG").filter(|v| !v.is_empty()).map(PathBuf::from));
+    let named = explicit.map(Path::to_path_buf).or_else(|| {
+        std::env::var_os("VERDICT_FFMPEG")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    });
     if let Some(path) = named {
         return if path.is_file() {
             Ok(path)
@@ -171,20 +173,16 @@ fn run_ffmpeg(
 /// Frame count, frame rate and size of the first video stream of `file`.
 pub(crate) fn probe(ffmpeg: &Path, file: &Path, timeout: Duration) -> Result<VideoInfo> {
     let mut packets = String::new();
-    let args: Vec<&std::ffi::OsStr> = [
-        "-hide_banner",
-        "-nostdin",
-        "-i",
-    ]
-    .iter()
-    .map(std::ffi::OsStr::new)
-    .chain(std::iter::once(file.as_os_str()))
-    .chain(
-        ["-map", "0:v:0", "-c", "copy", "-f", "framecrc", "pipe:1"]
-            .iter()
-            .map(std::ffi::OsStr::new),
-    )
-    .collect();
+    let args: Vec<&std::ffi::OsStr> = ["-hide_banner", "-nostdin", "-i"]
+        .iter()
+        .map(std::ffi::OsStr::new)
+        .chain(std::iter::once(file.as_os_str()))
+        .chain(
+            ["-map", "0:v:0", "-c", "copy", "-f", "framecrc", "pipe:1"]
+                .iter()
+                .map(std::ffi::OsStr::new),
+        )
+        .collect();
     let stderr = run_ffmpeg(ffmpeg, &args, timeout, &mut |r| {
         r.read_to_string(&mut packets)
             .map(|_| ())
@@ -281,7 +279,10 @@ pub(crate) fn sample_indices(
         })?;
         let max_frames = ((cfg.max_frames.min(total)) as f64 / tps).floor() * tps;
         let mut n = total as f64 / video_fps * fps;
-        n = n.max(cfg.min_frames as f64).min(max_frames).min(total as f64);
+        n = n
+            .max(cfg.min_frames as f64)
+            .min(max_frames)
+            .min(total as f64);
         Some((n / tps).floor() * tps)
     } else {
         None
@@ -320,7 +321,14 @@ pub(crate) fn decode_frames(
         return Ok(0);
     };
     let frames_arg = (last + 1).to_string();
-    let pre = ["-hide_banner", "-nostdin", "-v", "error", "-noautorotate", "-i"];
+    let pre = [
+        "-hide_banner",
+        "-nostdin",
+        "-v",
+        "error",
+        "-noautorotate",
+        "-i",
+    ];
     let post = [
         "-map",
         "0:v:0",
@@ -433,14 +441,20 @@ mod tests {
     fn sampling_matches_transformers() {
         let c = cfg(r#"{"do_sample_frames": true, "fps": 2.0}"#);
         // 20 frames at 12.5 fps: 3.2 -> min_frames 4 -> 4.
-        assert_eq!(sample_indices(&c, 20, Some(12.5)).unwrap(), vec![0, 5, 10, 15]);
+        assert_eq!(
+            sample_indices(&c, 20, Some(12.5)).unwrap(),
+            vec![0, 5, 10, 15]
+        );
         // 300 frames at 29.97 fps, 2 fps: 20.02 -> 20 frames, step 15.
         let idx = sample_indices(&c, 300, Some(30000.0 / 1001.0)).unwrap();
         assert_eq!(idx.len(), 20);
         assert_eq!(&idx[..3], &[0, 15, 30]);
         // torch.arange(0, 25, 25 / 6).int() = [0, 4, 8, 12, 16, 20]
         let c = cfg(r#"{"do_sample_frames": true, "num_frames": 6}"#);
-        assert_eq!(sample_indices(&c, 25, None).unwrap(), vec![0, 4, 8, 12, 16, 20]);
+        assert_eq!(
+            sample_indices(&c, 25, None).unwrap(),
+            vec![0, 4, 8, 12, 16, 20]
+        );
         // round(5 / 2) * 2 = 4 (half to even)
         let c = cfg(r#"{"do_sample_frames": true, "num_frames": 5}"#);
         assert_eq!(sample_indices(&c, 10, None).unwrap().len(), 4);
@@ -449,7 +463,10 @@ mod tests {
         let c = cfg(r#"{"do_sample_frames": true, "fps": 2.0}"#);
         assert!(sample_indices(&c, 1, Some(25.0)).is_err());
         let c = cfg(r#"{"do_sample_frames": false, "fps": 2.0}"#);
-        assert_eq!(sample_indices(&c, 5, Some(25.0)).unwrap(), vec![0, 1, 2, 3, 4]);
+        assert_eq!(
+            sample_indices(&c, 5, Some(25.0)).unwrap(),
+            vec![0, 1, 2, 3, 4]
+        );
     }
 
     #[test]
@@ -459,7 +476,15 @@ mod tests {
                        0,      -1024,       4096,     1024,       60, 0x4fd61dd7, F=0x0\n";
         let stderr = "Input #0, mov,mp4\n  Stream #0:0[0x1](und): Video: h264 (High), yuv420p(progressive), 64x48, 22 kb/s, 12.50 fps, 12.50 tbr, 12800 tbn (default)\nStream mapping:\n";
         let info = parse_probe(packets, stderr).unwrap();
-        assert_eq!(info, VideoInfo { total_frames: 2, fps: Some(12.5), width: 64, height: 48 });
+        assert_eq!(
+            info,
+            VideoInfo {
+                total_frames: 2,
+                fps: Some(12.5),
+                width: 64,
+                height: 48
+            }
+        );
         // WebM: ms durations (41 * 6 = 246) disagree with the printed 24 fps.
         let packets = "#tb 0: 1/1000\n#dimensions 0: 64x48\n".to_string()
             + &"0, 0, 0, 41, 10, 0x0\n".repeat(6);
