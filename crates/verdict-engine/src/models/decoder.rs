@@ -63,6 +63,9 @@ struct DecoderConfig {
     max_window_layers: Option<usize>,
     #[serde(default)]
     tie_word_embeddings: Option<bool>,
+    /// transformers v5: "full_attention" / "sliding_attention" per layer.
+    #[serde(default)]
+    layer_types: Option<Vec<String>>,
 }
 
 fn default_eps() -> f64 {
@@ -140,6 +143,9 @@ impl DecoderModel {
         // Qwen2 only slides when use_sliding_window is set, and only from max_window_layers on.
         let window_for = |layer: usize| -> Option<usize> {
             let w = cfg.sliding_window?;
+            if let Some(kind) = cfg.layer_types.as_ref().and_then(|t| t.get(layer)) {
+                return (kind == "sliding_attention").then_some(w);
+            }
             match variant {
                 DecoderVariant::Mistral => Some(w),
                 DecoderVariant::Qwen2 | DecoderVariant::Qwen3 => {
