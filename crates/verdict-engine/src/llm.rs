@@ -44,6 +44,11 @@ impl Engine {
         &self.processor
     }
 
+    /// True while the engine threads run and accept work (`/health`).
+    pub fn is_alive(&self) -> bool {
+        self.scheduler.is_alive()
+    }
+
     pub fn stats(&self) -> Arc<SchedulerStats> {
         self.scheduler.stats()
     }

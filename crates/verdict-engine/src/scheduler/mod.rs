@@ -156,6 +156,17 @@ impl Scheduler {
         self.shared.limits
     }
 
+    /// True while the batching and engine threads run and take work.
+    pub fn is_alive(&self) -> bool {
+        let open = !self
+            .shared
+            .queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .closed;
+        open && self.threads.iter().all(|t| !t.is_finished())
+    }
+
     /// Queues all items or none: when the queue cannot take them all the call
     /// fails with `Unavailable` and no callback runs.
     pub fn submit(&self, items: Vec<WorkItem>) -> Result<()> {
@@ -271,7 +282,7 @@ fn run_batches(runner: &ModelRunner, rx: Receiver<Batch>, stats: &SchedulerStats
             .into_iter()
             .map(|q| ((q.item.reply, q.enqueued), q.item.input))
             .unzip();
-        let result = runner.run(&inputs);
+        let result = run_guarded(runner, &inputs);
         let inference_time = started.elapsed();
         stats.batches.fetch_add(1, AtomicOrdering::Relaxed);
         stats
@@ -295,7 +306,7 @@ fn run_batches(runner: &ModelRunner, rx: Receiver<Batch>, stats: &SchedulerStats
             Err(e) if n > 1 => {
                 tracing::warn!(error = %e, sequences = n, "batch failed; retrying its sequences one by one");
                 for ((reply, enqueued), input) in meta.into_iter().zip(inputs) {
-                    let single = runner.run(std::slice::from_ref(&input));
+                    let single = run_guarded(runner, std::slice::from_ref(&input));
                     reply(single.and_then(|mut v| {
                         v.pop().map(|out| (out, timing(enqueued))).ok_or_else(|| {
                             EngineError::Tensor(candle_core::Error::Msg("empty result".into()))
@@ -305,12 +316,27 @@ fn run_batches(runner: &ModelRunner, rx: Receiver<Batch>, stats: &SchedulerStats
             }
             Err(e) => {
                 tracing::error!(error = %e, "sequence failed");
-                for (reply, _) in meta {
-                    reply(Err(EngineError::Tensor(candle_core::Error::Msg(
-                        e.to_string(),
-                    ))));
+                if let Some((reply, _)) = meta.into_iter().next() {
+                    reply(Err(e));
                 }
             }
         }
     }
+}
+
+/// Runs a batch; a panic inside the model becomes this batch's error instead
+/// of taking the engine thread (and every later request) down with it.
+fn run_guarded(runner: &ModelRunner, inputs: &[SequenceInput]) -> Result<Vec<PooledData>> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runner.run(inputs))).unwrap_or_else(
+        |panic| {
+            let what = panic
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| panic.downcast_ref::<&str>().copied())
+                .unwrap_or("unknown panic");
+            Err(EngineError::Tensor(candle_core::Error::Msg(format!(
+                "the model failed on this batch: {what}"
+            ))))
+        },
+    )
 }

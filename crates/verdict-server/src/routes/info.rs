@@ -44,9 +44,14 @@ pub async fn models(State(state): State<SharedState>) -> Json<Value> {
     Json(json!({"object": "list", "data": cards}))
 }
 
-/// 200 with an empty body while the engine takes work.
-pub async fn health() -> StatusCode {
-    StatusCode::OK
+/// 200 with an empty body while the engine takes work; 503 once its threads
+/// have stopped (shutting down, or dead).
+pub async fn health(State(state): State<SharedState>) -> StatusCode {
+    if state.engine.is_alive() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    }
 }
 
 pub async fn version() -> Json<Value> {
