@@ -467,3 +467,47 @@ fn big_photo_timing() {
     }
     let _ = p;
 }
+
+/// The wider random check of scripts/crosscheck_media.py (run by hand: it
+/// needs transformers to write its cases).
+#[test]
+#[ignore]
+fn crosscheck_against_transformers() {
+    let Some(dir) = std::env::var_os("VERDICT_MEDIA_CROSSCHECK") else {
+        eprintln!("set VERDICT_MEDIA_CROSSCHECK (see scripts/crosscheck_media.py)");
+        return;
+    };
+    let cases: Value =
+        serde_json::from_slice(&std::fs::read(Path::new(&dir).join("cases.json")).unwrap())
+            .unwrap();
+    let mut worst = 0f32;
+    for case in cases.as_array().unwrap() {
+        let d = Path::new(case["dir"].as_str().unwrap());
+        let bytes = std::fs::read(d.join(case["file"].as_str().unwrap())).unwrap();
+        let p = VisionProcessor::load(d).unwrap();
+        let got = match case["kind"].as_str().unwrap() {
+            "image" => p.image(&bytes).unwrap(),
+            _ => p.video(&bytes).unwrap(),
+        };
+        let want: Vec<f32> = std::fs::read(d.join("expected.f32"))
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        assert_eq!(got.grid_thw, grid(case), "{case}");
+        if let Some(spg) = case["second_per_grid_t"].as_f64() {
+            assert_eq!(got.second_per_grid_t, spg as f32, "{case}");
+        }
+        let (max, n) = compare(&got, &want);
+        eprintln!(
+            "{} {} {}: grid {:?}, max |diff| {max:e}, {n} of {} differ",
+            case["kind"],
+            case["file"],
+            case["size"],
+            got.grid_thw,
+            want.len()
+        );
+        worst = worst.max(max);
+    }
+    assert_eq!(worst, 0.0);
+}
