@@ -310,6 +310,12 @@ pub(crate) fn sample_indices(
 
 /// Decode the frames at `indices` (sorted) of the first video stream,
 /// handing each to `each` as it arrives. Returns how many were delivered.
+///
+/// Like PyAV's loop, every frame up to the last index is decoded, but only the
+/// sampled ones are converted to rgb24 and piped: ffmpeg's `select` filter
+/// (frame number `n` counts decoded frames in output order, as PyAV's
+/// `enumerate(container.decode(video=0))` does) drops the rest before the
+/// format conversion, which is per frame and so unchanged.
 pub(crate) fn decode_frames(
     ffmpeg: &Path,
     file: &Path,
@@ -317,60 +323,79 @@ pub(crate) fn decode_frames(
     timeout: Duration,
     each: &mut dyn FnMut(Rgb8) -> Result<()>,
 ) -> Result<usize> {
-    let Some(&last) = indices.last() else {
+    let mut wanted: Vec<usize> = indices.to_vec();
+    wanted.dedup();
+    let Some(&last) = wanted.last() else {
         return Ok(0);
     };
-    let frames_arg = (last + 1).to_string();
-    let pre = [
+    let all = wanted.len() == last + 1; // 0..=last: nothing to drop
+                                        // `not(n-K)` is 1 on frame K (no commas, so no filtergraph escaping),
+                                        // summed as a balanced tree: ffmpeg's expression parser rejects long flat
+                                        // chains (~100 terms) but takes 768 terms nested log2(768) deep.
+    let select = (!all).then(|| {
+        let terms: Vec<String> = wanted.iter().map(|k| format!("not(n-{k})")).collect();
+        format!("select={}", balanced_sum(&terms))
+    });
+    let frames_arg = wanted.len().to_string();
+    let mut args: Vec<&std::ffi::OsStr> = [
         "-hide_banner",
         "-nostdin",
         "-v",
         "error",
         "-noautorotate",
         "-i",
-    ];
-    let post = [
-        "-map",
-        "0:v:0",
-        "-an",
-        "-sn",
-        "-dn",
-        "-fps_mode",
-        "passthrough",
-        "-frames:v",
-        frames_arg.as_str(),
-        "-sws_flags",
-        "bilinear",
-        "-pix_fmt",
-        "rgb24",
-        "-c:v",
-        "ppm",
-        "-f",
-        "image2pipe",
-        "pipe:1",
-    ];
-    let args: Vec<&std::ffi::OsStr> = pre
-        .iter()
-        .map(std::ffi::OsStr::new)
-        .chain(std::iter::once(file.as_os_str()))
-        .chain(post.iter().map(std::ffi::OsStr::new))
-        .collect();
+    ]
+    .iter()
+    .map(std::ffi::OsStr::new)
+    .collect();
+    args.push(file.as_os_str());
+    args.extend(["-map", "0:v:0", "-an", "-sn", "-dn"].map(std::ffi::OsStr::new));
+    if let Some(select) = &select {
+        args.extend([std::ffi::OsStr::new("-vf"), std::ffi::OsStr::new(select)]);
+    }
+    args.extend(
+        [
+            "-fps_mode",
+            "passthrough",
+            "-frames:v",
+            frames_arg.as_str(),
+            "-sws_flags",
+            "bilinear",
+            "-pix_fmt",
+            "rgb24",
+            "-c:v",
+            "ppm",
+            "-f",
+            "image2pipe",
+            "pipe:1",
+        ]
+        .map(std::ffi::OsStr::new),
+    );
     let mut delivered = 0usize;
-    let mut next = 0usize; // position in `indices`
     run_ffmpeg(ffmpeg, &args, timeout, &mut |r| {
-        let mut i = 0usize;
-        while next < indices.len() {
+        for &k in &wanted {
             let Some(frame) = read_ppm(r)? else { break };
-            while next < indices.len() && indices[next] == i {
+            let copies = indices.iter().filter(|&&i| i == k).count();
+            for _ in 1..copies {
                 each(frame.clone())?;
-                delivered += 1;
-                next += 1;
             }
-            i += 1;
+            each(frame)?;
+            delivered += copies;
         }
         Ok(())
     })?;
     Ok(delivered)
+}
+
+fn balanced_sum(terms: &[String]) -> String {
+    match terms {
+        [] => "0".to_string(),
+        [one] => one.clone(),
+        _ => {
+            let (a, b) = terms.split_at(terms.len() / 2);
+            format!("({}+{})", balanced_sum(a), balanced_sum(b))
+        }
+    }
 }
 
 /// One binary PPM (P6, maxval 255) from ffmpeg's image2pipe; None at the end.
