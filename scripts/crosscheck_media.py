@@ -69,6 +69,10 @@ def main():
                        "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709"], {}),
         ("fullrange.mp4", ["-f", "lavfi", "-i", "testsrc2=size=64x48:rate=15", "-frames:v", "23",
                            "-c:v", "libx264", "-pix_fmt", "yuvj420p"], {"num_frames": 6, "fps": None}),
+        ("capped.mp4", ["-f", "lavfi", "-i", "testsrc2=size=200x150:rate=30000/1001", "-frames:v", "150",
+                        "-c:v", "libx264", "-pix_fmt", "yuv420p"],
+         {"cap_pixels_per_frame": True, "max_video_tokens": 40,
+          "size": {"shortest_edge": 3136, "longest_edge": 28 * 28 * 20}}),
         ("mpeg4.avi", ["-f", "lavfi", "-i", "testsrc2=size=80x60:rate=25", "-frames:v", "40",
                        "-c:v", "mpeg4", "-q:v", "3"], {"min_frames": 2}),
     ]
