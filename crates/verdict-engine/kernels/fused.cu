@@ -99,3 +99,187 @@ __device__ void act_mul(const T* __restrict__ gate, const T* __restrict__ up, T*
 FUSED(f32, float)
 FUSED(bf16, __nv_bfloat16)
 FUSED(f16, __half)
+
+// ---------------------------------------------------------------------------
+// Residual add + RMSNorm, one block per row:
+//   sum_out = T(x + delta), the residual stream as a separate add would store it;
+//   out = T(s * rsqrt(mean(s^2) + eps) * w) with s = x + delta in f32: one rounding
+//   at the end, so the norm sees the sum before it is rounded (closer to f32 math).
+// delta may be null (plain RMSNorm of x; sum_out unused). Rows are `cols` apart.
+// ---------------------------------------------------------------------------
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float part[32];
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    if (lane == 0) part[warp] = v;
+    __syncthreads();
+    const int nw = (blockDim.x + 31) >> 5;
+    v = lane < nw ? part[lane] : 0.f;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// Up to VPT 16-byte vectors per thread stay in registers between the two passes.
+template <typename T, int VPT>
+__device__ void add_rmsnorm_vec(const T* __restrict__ x, const T* __restrict__ delta,
+                                const T* __restrict__ w, T* __restrict__ sum_out,
+                                T* __restrict__ out, int cols, float eps) {
+    constexpr int V = 16 / sizeof(T);
+    const i64 base = (i64)blockIdx.x * cols;
+    const int nvec = cols / V;
+    const uint4* xr = reinterpret_cast<const uint4*>(x + base);
+    const uint4* dr = reinterpret_cast<const uint4*>(delta + base);
+    uint4* sr = reinterpret_cast<uint4*>(sum_out + base);
+    uint4* orow = reinterpret_cast<uint4*>(out + base);
+    const uint4* wr = reinterpret_cast<const uint4*>(w);
+    float vals[VPT][V];
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < nvec) {
+            uint4 a = xr[i];
+            T* ae = reinterpret_cast<T*>(&a);
+#pragma unroll
+            for (int e = 0; e < V; ++e) vals[j][e] = to_f(ae[e]);
+            if (delta) {
+                const uint4 b = dr[i];
+                const T* be = reinterpret_cast<const T*>(&b);
+#pragma unroll
+                for (int e = 0; e < V; ++e) {
+                    vals[j][e] += to_f(be[e]);
+                    ae[e] = from_f<T>(vals[j][e]);
+                }
+                sr[i] = a;
+            }
+#pragma unroll
+            for (int e = 0; e < V; ++e) ss += vals[j][e] * vals[j][e];
+        }
+    }
+    const float r = rsqrtf(block_sum(ss) / cols + eps);
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < nvec) {
+            const uint4 wv = wr[i];
+            const T* we = reinterpret_cast<const T*>(&wv);
+            uint4 o;
+            T* oe = reinterpret_cast<T*>(&o);
+#pragma unroll
+            for (int e = 0; e < V; ++e) oe[e] = from_f<T>(vals[j][e] * r * to_f(we[e]));
+            orow[i] = o;
+        }
+    }
+}
+
+// Any row length: element by element, reading x and delta again in the second pass.
+template <typename T>
+__device__ void add_rmsnorm_any(const T* __restrict__ x, const T* __restrict__ delta,
+                                const T* __restrict__ w, T* __restrict__ sum_out,
+                                T* __restrict__ out, int cols, float eps) {
+    const i64 base = (i64)blockIdx.x * cols;
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        float f = to_f(x[base + c]);
+        if (delta) {
+            f += to_f(delta[base + c]);
+            sum_out[base + c] = from_f<T>(f);
+        }
+        ss += f * f;
+    }
+    const float r = rsqrtf(block_sum(ss) / cols + eps);
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float f = to_f(x[base + c]) + (delta ? to_f(delta[base + c]) : 0.f);
+        out[base + c] = from_f<T>(f * r * to_f(w[c]));
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Bias + rotary embedding on a packed QKV projection, one pass:
+//   qkv, out: [T, heads + 2 * kv_heads, d], contiguous; bias: [(heads + 2 kv) * d] or null;
+//   cos, sin: [T, d / 2]. Query and key heads get bias then rotate-half RoPE
+//   (x1 c - x2 s, x2 c + x1 s), in f32 with one rounding at the end; value heads get
+//   the bias only. One thread per 16-byte vector of a head's first half.
+// ---------------------------------------------------------------------------
+template <typename T>
+__device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias,
+                         const T* __restrict__ cos, const T* __restrict__ sin,
+                         T* __restrict__ out, i64 tokens, int heads, int rot_heads, int d) {
+    constexpr int V = 16 / sizeof(T);
+    const int half = d / 2, hv = half / V;
+    const i64 n = tokens * heads * hv;
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        const int j = (int)(i % hv);
+        const i64 th = i / hv;
+        const int h = (int)(th % heads);
+        const i64 t = th / heads;
+        const i64 o1 = th * d + (i64)j * V, o2 = o1 + half;
+        uint4 a = *reinterpret_cast<const uint4*>(qkv + o1);
+        uint4 b = *reinterpret_cast<const uint4*>(qkv + o2);
+        T* ae = reinterpret_cast<T*>(&a);
+        T* be = reinterpret_cast<T*>(&b);
+        float x1[V], x2[V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            x1[e] = to_f(ae[e]);
+            x2[e] = to_f(be[e]);
+        }
+        if (bias) {
+            const int c1 = h * d + j * V;
+            const uint4 ba = *reinterpret_cast<const uint4*>(bias + c1);
+            const uint4 bb = *reinterpret_cast<const uint4*>(bias + c1 + half);
+            const T* bae = reinterpret_cast<const T*>(&ba);
+            const T* bbe = reinterpret_cast<const T*>(&bb);
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                x1[e] += to_f(bae[e]);
+                x2[e] += to_f(bbe[e]);
+            }
+        }
+        if (h < rot_heads) {
+            const i64 cs = t * half + (i64)j * V;
+            const uint4 cv = *reinterpret_cast<const uint4*>(cos + cs);
+            const uint4 sv = *reinterpret_cast<const uint4*>(sin + cs);
+            const T* ce = reinterpret_cast<const T*>(&cv);
+            const T* se = reinterpret_cast<const T*>(&sv);
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                const float c = to_f(ce[e]), s = to_f(se[e]);
+                const float y1 = x1[e] * c - x2[e] * s;
+                const float y2 = x2[e] * c + x1[e] * s;
+                x1[e] = y1;
+                x2[e] = y2;
+            }
+        }
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+            ae[e] = from_f<T>(x1[e]);
+            be[e] = from_f<T>(x2[e]);
+        }
+        *reinterpret_cast<uint4*>(out + o1) = a;
+        *reinterpret_cast<uint4*>(out + o2) = b;
+    }
+}
+
+#define NORM_ROPE(SUFFIX, T)                                                                   \
+    extern "C" __global__ void add_rmsnorm_##SUFFIX(const T* x, const T* delta, const T* w,   \
+                                                    T* sum_out, T* out, int cols, float eps,  \
+                                                    int vpt) {                                \
+        switch (vpt) {                                                                        \
+            case 1: add_rmsnorm_vec<T, 1>(x, delta, w, sum_out, out, cols, eps); break;       \
+            case 2: add_rmsnorm_vec<T, 2>(x, delta, w, sum_out, out, cols, eps); break;       \
+            case 4: add_rmsnorm_vec<T, 4>(x, delta, w, sum_out, out, cols, eps); break;       \
+            default: add_rmsnorm_any<T>(x, delta, w, sum_out, out, cols, eps); break;         \
+        }                                                                                     \
+    }                                                                                         \
+    extern "C" __global__ void qkv_rope_##SUFFIX(const T* qkv, const T* bias, const T* cos,   \
+                                                 const T* sin, T* out, i64 tokens, int heads, \
+                                                 int rot_heads, int d) {                      \
+        qkv_rope<T>(qkv, bias, cos, sin, out, tokens, heads, rot_heads, d);                   \
+    }
+NORM_ROPE(f32, float)
+NORM_ROPE(bf16, __nv_bfloat16)
+NORM_ROPE(f16, __half)

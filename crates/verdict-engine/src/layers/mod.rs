@@ -7,10 +7,12 @@ mod cpu;
 mod cuda_attention;
 #[cfg(feature = "cuda")]
 mod cuda_ops;
+mod qkv;
 mod rotary;
 mod simd;
 
 pub use attention::{packed_attention, AttentionMask};
+pub use qkv::QkvProjection;
 pub use rotary::RotaryEmbedding;
 
 use candle_core::{DType, Module, Tensor};
@@ -126,6 +128,20 @@ impl Linear {
         self.forward_inner(x, None)
     }
 
+    /// `x W^T` without the bias, for callers that fuse the bias into a later pass.
+    #[cfg(feature = "cuda")]
+    pub(crate) fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.weight {
+            LinearWeight::InOut(wt) => x.matmul(wt)?,
+            LinearWeight::OutIn(w) => x.matmul(&w.t()?)?,
+        })
+    }
+
+    #[cfg(feature = "cuda")]
+    pub(crate) fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
     /// `act(x W^T + b)`; on the CPU the activation is fused into the output pass.
     pub fn forward_act(&self, x: &Tensor, act: HiddenAct) -> Result<Tensor> {
         self.forward_inner(x, Some(act))
@@ -215,7 +231,29 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            if let Some((_, y)) = cuda_ops::add_rms_norm(x, None, &self.weight, self.eps)? {
+                return Ok(y);
+            }
+        }
         Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+    }
+
+    /// The residual step of a pre-norm block: `(x + delta, norm(x + delta))`, in one
+    /// pass on CUDA.
+    pub fn forward_residual(&self, x: &Tensor, delta: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() {
+            if let Some((Some(sum), y)) =
+                cuda_ops::add_rms_norm(x, Some(delta), &self.weight, self.eps)?
+            {
+                return Ok((sum, y));
+            }
+        }
+        let sum = (x + delta)?;
+        let y = self.forward(&sum)?;
+        Ok((sum, y))
     }
 }
 
