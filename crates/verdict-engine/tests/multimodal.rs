@@ -225,6 +225,28 @@ fn undecodable_media_is_rejected() {
     ));
 }
 
+#[test]
+fn playlists_cannot_make_ffmpeg_read_other_files_or_urls() {
+    let dir = tempfile::tempdir().unwrap();
+    let clip = root().join("fixtures/media/clip.mp4");
+    let clip = clip.canonicalize().unwrap();
+    let hls = format!(
+        "#EXTM3U\n#EXT-X-TARGETDURATION:10\n#EXTINF:10,\nfile://{}\n#EXT-X-ENDLIST\n",
+        clip.display()
+    );
+    let concat = format!("ffconcat version 1.0\nfile '{}'\n", clip.display());
+    let p = processor();
+    for bytes in [
+        hls,
+        concat,
+        "#EXTM3U\nhttp://127.0.0.1:9/x.ts\n".to_string(),
+    ] {
+        let e = p.video(bytes.as_bytes()).unwrap_err();
+        assert!(matches!(e, EngineError::Validation { .. }), "{e}");
+    }
+    drop(dir);
+}
+
 fn png_bytes(w: u32, h: u32) -> Vec<u8> {
     let img = image::RgbImage::from_fn(w, h, |x, y| {
         image::Rgb([(x % 256) as u8, (y % 256) as u8, 9])

@@ -79,6 +79,17 @@ fn verdict_home() -> Option<PathBuf> {
         .map(|h| PathBuf::from(h).join(".cache").join("verdict"))
 }
 
+/// Input options for every ffmpeg run on request data: the input may only be
+/// the local temporary file (no network or other protocols) and must be a
+/// plain media container, so playlists and concat scripts (HLS, concat,
+/// ffconcat...) cannot make ffmpeg read other files or URLs.
+const INPUT_GUARD: [&str; 4] = [
+    "-protocol_whitelist",
+    "file",
+    "-format_whitelist",
+    "mov,mp4,matroska,webm,avi,mpegts,mpeg,flv,ogg,asf,gif,ivf,h264,hevc,m4v,mjpeg,yuv4mpegpipe",
+];
+
 /// What PyAV's `VideoMetadata` holds before sampling.
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) struct VideoInfo {
@@ -173,8 +184,10 @@ fn run_ffmpeg(
 /// Frame count, frame rate and size of the first video stream of `file`.
 pub(crate) fn probe(ffmpeg: &Path, file: &Path, timeout: Duration) -> Result<VideoInfo> {
     let mut packets = String::new();
-    let args: Vec<&std::ffi::OsStr> = ["-hide_banner", "-nostdin", "-i"]
+    let args: Vec<&std::ffi::OsStr> = ["-hide_banner", "-nostdin"]
         .iter()
+        .chain(INPUT_GUARD.iter())
+        .chain(["-i"].iter())
         .map(std::ffi::OsStr::new)
         .chain(std::iter::once(file.as_os_str()))
         .chain(
@@ -337,17 +350,12 @@ pub(crate) fn decode_frames(
         format!("select={}", balanced_sum(&terms))
     });
     let frames_arg = wanted.len().to_string();
-    let mut args: Vec<&std::ffi::OsStr> = [
-        "-hide_banner",
-        "-nostdin",
-        "-v",
-        "error",
-        "-noautorotate",
-        "-i",
-    ]
-    .iter()
-    .map(std::ffi::OsStr::new)
-    .collect();
+    let mut args: Vec<&std::ffi::OsStr> = ["-hide_banner", "-nostdin", "-v", "error"]
+        .iter()
+        .chain(INPUT_GUARD.iter())
+        .chain(["-noautorotate", "-i"].iter())
+        .map(std::ffi::OsStr::new)
+        .collect();
     args.push(file.as_os_str());
     args.extend(["-map", "0:v:0", "-an", "-sn", "-dn"].map(std::ffi::OsStr::new));
     if let Some(select) = &select {
