@@ -12,6 +12,17 @@
 //! transformers' element order (merge-window-major; an image is repeated
 //! `temporal_patch_size` times; a video is padded with its last frame).
 //! Media URLs are fetched by `fetch.rs` under a [`MediaPolicy`].
+//!
+//! Parity: bit-exact `pixel_values` against transformers 5.24 / torchvision 0.29
+//! on the committed fixtures (PNG, JPEG, WebP, BMP, alpha PNG, two H.264 videos)
+//! and on scripts/crosscheck_media.py's random cases. Known differences, all
+//! outside what those cover: only PNG, JPEG, WebP, GIF and BMP are decoded
+//! (Pillow reads more); 16-bit PNGs are reduced to 8 bits by the `image` crate,
+//! not Pillow; `do_convert_rgb = false` is ignored (inputs are always RGB);
+//! video frame counts are container packet counts (PyAV's count for MP4/MOV;
+//! PyAV reports 0 for WebM/MKV, where transformers cannot sample at all); with
+//! `cap_pixels_per_frame` the frame budget uses the sampled count, which differs
+//! from transformers' decoded count only when a container over-states its frames.
 
 mod config;
 mod fetch;
