@@ -8,8 +8,8 @@ use super::{Backbone, PackedBatch};
 use crate::checkpoint::{HfConfig, WeightPath, Weights};
 use crate::error::{EngineError, Result};
 use crate::layers::{
-    gated_mlp, in_row_chunks, packed_attention, AttentionMask, HiddenAct, Linear, RmsNorm,
-    RotaryEmbedding,
+    gated_mlp, in_row_chunks, packed_attention, AttentionMask, HiddenAct, Linear, QkvProjection,
+    RmsNorm, RotaryEmbedding,
 };
 
 const BASES: &[&str] = &["model.", "transformer.", ""];
@@ -77,9 +77,7 @@ fn default_act() -> String {
 
 struct Layer {
     input_norm: RmsNorm,
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: QkvProjection,
     o_proj: Linear,
     q_norm: Option<RmsNorm>,
     k_norm: Option<RmsNorm>,
@@ -96,8 +94,6 @@ pub struct DecoderModel {
     norm: RmsNorm,
     rotary: RotaryEmbedding,
     act: HiddenAct,
-    heads: usize,
-    kv_heads: usize,
     head_dim: usize,
     cfg: DecoderConfig,
     device: Device,
@@ -180,8 +176,6 @@ impl DecoderModel {
             rotary: RotaryEmbedding::from_config(config, head_dim)?,
             act: HiddenAct::from_name(&cfg.hidden_act)?,
             layers,
-            heads,
-            kv_heads,
             head_dim,
             device: weights.device().clone(),
             dtype: weights.dtype(),
@@ -221,42 +215,38 @@ impl DecoderModel {
         sin: &Tensor,
         cu_seqlens: &[usize],
     ) -> Result<Tensor> {
-        let t = x.dim(0)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // Each residual add is fused with the norm that reads its sum (one pass on CUDA):
+        // the MLP's output is added at the next layer's input norm, or the final norm.
+        let mut pending: Option<Tensor> = None;
         for layer in &self.layers {
-            let normed = layer.input_norm.forward(&x)?;
-            let mut q = layer
-                .q_proj
-                .forward(&normed)?
-                .reshape((t, self.heads, self.head_dim))?;
-            let mut k =
-                layer
-                    .k_proj
-                    .forward(&normed)?
-                    .reshape((t, self.kv_heads, self.head_dim))?;
-            let v = layer
-                .v_proj
-                .forward(&normed)?
-                .reshape((t, self.kv_heads, self.head_dim))?;
-            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                q = qn.forward(&q)?;
-                k = kn.forward(&k)?;
-            }
-            let q = RotaryEmbedding::apply(&q, cos, sin)?;
-            let k = RotaryEmbedding::apply(&k, cos, sin)?;
+            let normed = match pending.take() {
+                Some(mlp) => {
+                    let (sum, normed) = layer.input_norm.forward_residual(&x, &mlp)?;
+                    x = sum;
+                    normed
+                }
+                None => layer.input_norm.forward(&x)?,
+            };
+            let qk_norm = layer.q_norm.as_ref().zip(layer.k_norm.as_ref());
+            let (q, k, v) = layer.qkv.forward(&normed, qk_norm, cos, sin)?;
             let mask = AttentionMask::Causal {
                 window: layer.window,
             };
             let ctx = packed_attention(&q, &k, &v, cu_seqlens, mask, scale)?;
-            x = (layer.o_proj.forward(&ctx)? + &x)?;
-            let normed = layer.post_norm.forward(&x)?;
-            let mlp = in_row_chunks(&normed, |rows| {
+            let (sum, normed) = layer
+                .post_norm
+                .forward_residual(&x, &layer.o_proj.forward(&ctx)?)?;
+            x = sum;
+            pending = Some(in_row_chunks(&normed, |rows| {
                 let gated = gated_mlp(&layer.gate_proj, &layer.up_proj, rows, self.act)?;
                 layer.down_proj.forward(&gated)
-            })?;
-            x = (mlp + &x)?;
+            })?);
         }
-        self.norm.forward(&x)
+        match pending {
+            Some(mlp) => Ok(self.norm.forward_residual(&x, &mlp)?.1),
+            None => self.norm.forward(&x),
+        }
     }
 }
 
@@ -277,9 +267,7 @@ fn load_layer(
     let norm = |name: &str| RmsNorm::load(&att.pp(name), head_dim, cfg.rms_norm_eps);
     Ok(Layer {
         input_norm: RmsNorm::load(&l.pp("input_layernorm"), h, cfg.rms_norm_eps)?,
-        q_proj: Linear::load(&att.pp("q_proj"), h, heads * head_dim, qkv_bias)?,
-        k_proj: Linear::load(&att.pp("k_proj"), h, kv_heads * head_dim, qkv_bias)?,
-        v_proj: Linear::load(&att.pp("v_proj"), h, kv_heads * head_dim, qkv_bias)?,
+        qkv: QkvProjection::load(&att, h, heads, kv_heads, head_dim, qkv_bias)?,
         o_proj: Linear::load(
             &att.pp("o_proj"),
             heads * head_dim,
