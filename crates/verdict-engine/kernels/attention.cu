@@ -149,8 +149,14 @@ template <> struct Mma<__half> {
     }
 };
 
-__device__ __forceinline__ uint32_t pack_raw(uint16_t lo, uint16_t hi) {
-    return (uint32_t)lo | ((uint32_t)hi << 16);
+// Four 8x8 b16 tiles from shared memory, transposed: lanes 8i..8i+7 give the row
+// addresses of tile i (16-byte aligned); out[i] is this lane's fragment of tile i.
+template <typename T>
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* out, const T* row) {
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(out[0]), "=r"(out[1]), "=r"(out[2]), "=r"(out[3])
+                 : "r"(addr));
 }
 
 template <typename T, int D>
@@ -162,7 +168,6 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
     constexpr int BM = 64, BN = 64, LD = D + 8, VEC = 8, NT = 128;
     __shared__ __align__(16) T sK[BN * LD];
     __shared__ __align__(16) T sV[BN * LD];
-    const uint16_t* sV16 = reinterpret_cast<const uint16_t*>(sV);
 
     const int s = tiles[2 * blockIdx.x];
     const int q0 = tiles[2 * blockIdx.x + 1];
@@ -281,7 +286,8 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
             o[db][3] *= corr[1];
         }
 
-        // O += P V
+        // O += P V. The V fragments come from ldmatrix.trans, four 8x8 tiles per
+        // instruction: keys 0-7 and 8-15 of this 16-key step, for two 8-column blocks.
 #pragma unroll
         for (int j = 0; j < BN / 16; ++j) {
             uint32_t a[4];
@@ -289,13 +295,14 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
             a[1] = Mma<T>::pack(sc[2 * j][2], sc[2 * j][3]);
             a[2] = Mma<T>::pack(sc[2 * j + 1][0], sc[2 * j + 1][1]);
             a[3] = Mma<T>::pack(sc[2 * j + 1][2], sc[2 * j + 1][3]);
-            const int key = j * 16 + cq;
+            const int mi = lane >> 3;
+            const T* vrow = sV + (j * 16 + (mi & 1) * 8 + (lane & 7)) * LD + (mi >> 1) * 8;
 #pragma unroll
-            for (int db = 0; db < D / 8; ++db) {
-                const int col = db * 8 + g;
-                const uint32_t b0 = pack_raw(sV16[key * LD + col], sV16[(key + 1) * LD + col]);
-                const uint32_t b1 = pack_raw(sV16[(key + 8) * LD + col], sV16[(key + 9) * LD + col]);
-                Mma<T>::run(o[db], a, b0, b1);
+            for (int db = 0; db < D / 8; db += 2) {
+                uint32_t b[4];
+                ldmatrix_x4_trans(b, vrow + db * 8);
+                Mma<T>::run(o[db], a, b[0], b[1]);
+                Mma<T>::run(o[db + 1], a, b[2], b[3]);
             }
         }
         __syncthreads();
