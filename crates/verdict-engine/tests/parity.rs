@@ -39,13 +39,6 @@ fn case_prompt(llm: &Llm, case: &Case) -> Prompt {
     }
 }
 
-fn vector(data: &PooledData) -> Vec<f32> {
-    match data {
-        PooledData::Vector(v) => v.clone(),
-        PooledData::Matrix(_) => panic!("expected a vector"),
-    }
-}
-
 fn check_fixture(name: &str) {
     let dir = fixture_dir(name);
     check_model(name, &dir, &load_reference(&dir));
@@ -75,69 +68,12 @@ fn check_model(name: &str, dir: &std::path::Path, reference: &Reference) {
         .iter()
         .map(|c| case_prompt(&llm, c))
         .collect();
+    check_classify_cases(&llm, &reference.cases, &prompts, name, ATOL);
     let tok = TokenizeOptions::default();
     let raw = PoolingParams {
         use_activation: Some(false),
         ..Default::default()
     };
-
-    // Everything packed into one batch: probabilities and raw logits.
-    let batched = llm
-        .encode(
-            &prompts,
-            ParamsArg::Default,
-            Some(PoolingTask::Classify),
-            &tok,
-        )
-        .unwrap_or_else(|e| panic!("{name}: batched encode failed: {e}"));
-    let batched_raw = llm
-        .encode(
-            &prompts,
-            ParamsArg::All(&raw),
-            Some(PoolingTask::Classify),
-            &tok,
-        )
-        .unwrap_or_else(|e| panic!("{name}: batched raw encode failed: {e}"));
-    for (i, case) in reference.cases.iter().enumerate() {
-        let what = format!("{name}/{}", case.name);
-        assert_eq!(
-            batched[i].prompt_token_ids, case.input_ids,
-            "{what}: token ids"
-        );
-        assert_close(
-            &format!("{what} logits (batched)"),
-            &vector(&batched_raw[i].outputs),
-            &case.logits,
-            ATOL,
-        );
-        assert_close(
-            &format!("{what} probs (batched)"),
-            &vector(&batched[i].outputs),
-            &case.probs,
-            ATOL,
-        );
-        // The same prompt alone must give the same numbers as inside the batch.
-        let single = llm
-            .encode(
-                std::slice::from_ref(&prompts[i]),
-                ParamsArg::All(&raw),
-                Some(PoolingTask::Classify),
-                &tok,
-            )
-            .unwrap_or_else(|e| panic!("{what}: single encode failed: {e}"));
-        assert_close(
-            &format!("{what} logits (alone)"),
-            &vector(&single[0].outputs),
-            &case.logits,
-            ATOL,
-        );
-        assert_close(
-            &format!("{what} alone vs batched"),
-            &vector(&single[0].outputs),
-            &vector(&batched_raw[i].outputs),
-            1e-5,
-        );
-    }
     // classify() gives the same probabilities.
     let classified = llm
         .classify(&prompts, ParamsArg::Default, &tok)

@@ -12,8 +12,7 @@ use base64::Engine as _;
 use common::*;
 use serde_json::{json, Value};
 use verdict_engine::{
-    ChatMessage, EngineArgs, Llm, MediaLimits, ParamsArg, PoolingParams, PoolingTask, Prompt,
-    TokenizeOptions,
+    ChatMessage, EngineArgs, Llm, MediaLimits, ParamsArg, PoolingTask, Prompt, TokenizeOptions,
 };
 
 const ATOL: f32 = 1e-4;
@@ -133,61 +132,7 @@ fn prompts_for(reference: &Reference, media: &Path, http: &str) -> Vec<Prompt> {
 }
 
 fn check(llm: &Llm, reference: &Reference, prompts: &[Prompt], label: &str) {
-    let tok = TokenizeOptions::default();
-    let raw = PoolingParams {
-        use_activation: Some(false),
-        ..Default::default()
-    };
-    let batched = llm
-        .encode(
-            prompts,
-            ParamsArg::Default,
-            Some(PoolingTask::Classify),
-            &tok,
-        )
-        .unwrap_or_else(|e| panic!("{label}: batched encode failed: {e}"));
-    let batched_raw = llm
-        .encode(
-            prompts,
-            ParamsArg::All(&raw),
-            Some(PoolingTask::Classify),
-            &tok,
-        )
-        .unwrap_or_else(|e| panic!("{label}: batched raw encode failed: {e}"));
-    for (i, case) in reference.cases.iter().enumerate() {
-        let what = format!("{label}/{}", case.name);
-        assert_eq!(
-            batched[i].prompt_token_ids, case.input_ids,
-            "{what}: token ids"
-        );
-        let vector = |o: &verdict_engine::PoolingRequestOutput| o.outputs.flatten();
-        assert_close(
-            &format!("{what} logits (batched)"),
-            &vector(&batched_raw[i]),
-            &case.logits,
-            ATOL,
-        );
-        assert_close(
-            &format!("{what} probs (batched)"),
-            &vector(&batched[i]),
-            &case.probs,
-            ATOL,
-        );
-        let single = llm
-            .encode(
-                std::slice::from_ref(&prompts[i]),
-                ParamsArg::All(&raw),
-                Some(PoolingTask::Classify),
-                &tok,
-            )
-            .unwrap_or_else(|e| panic!("{what}: single encode failed: {e}"));
-        assert_close(
-            &format!("{what} logits (alone)"),
-            &vector(&single[0]),
-            &case.logits,
-            ATOL,
-        );
-    }
+    check_classify_cases(llm, &reference.cases, prompts, label, ATOL);
 }
 
 #[test]

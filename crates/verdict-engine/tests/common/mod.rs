@@ -5,7 +5,10 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 use serde_json::Value;
-use verdict_engine::{ChatMessage, ChatOptions, Convert, EngineArgs};
+use verdict_engine::{
+    ChatMessage, ChatOptions, Convert, EngineArgs, Llm, ParamsArg, PoolingParams, PoolingTask,
+    Prompt, TokenizeOptions,
+};
 
 #[derive(Debug, Deserialize)]
 pub struct Reference {
@@ -118,5 +121,56 @@ pub fn assert_close_2d(what: &str, got: &[Vec<f32>], want: &[Vec<f32>], atol: f3
     );
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
         assert_close(&format!("{what} row {i}"), g, w, atol);
+    }
+}
+
+/// Every case's prompt through `llm`: token ids, probabilities and raw logits
+/// with all prompts packed into one batch, and each prompt alone, which must
+/// agree with the batch to 1e-5.
+pub fn check_classify_cases(llm: &Llm, cases: &[Case], prompts: &[Prompt], label: &str, atol: f32) {
+    let tok = TokenizeOptions::default();
+    let raw = PoolingParams {
+        use_activation: Some(false),
+        ..Default::default()
+    };
+    let encode = |prompts: &[Prompt], params: ParamsArg| {
+        llm.encode(prompts, params, Some(PoolingTask::Classify), &tok)
+            .unwrap_or_else(|e| panic!("{label}: encode failed: {e}"))
+    };
+    let batched = encode(prompts, ParamsArg::Default);
+    let batched_raw = encode(prompts, ParamsArg::All(&raw));
+    for (i, case) in cases.iter().enumerate() {
+        let what = format!("{label}/{}", case.name);
+        assert_eq!(
+            batched[i].prompt_token_ids, case.input_ids,
+            "{what}: token ids"
+        );
+        let batch_logits = batched_raw[i].outputs.flatten();
+        assert_close(
+            &format!("{what} logits (batched)"),
+            &batch_logits,
+            &case.logits,
+            atol,
+        );
+        assert_close(
+            &format!("{what} probs (batched)"),
+            &batched[i].outputs.flatten(),
+            &case.probs,
+            atol,
+        );
+        let alone = encode(std::slice::from_ref(&prompts[i]), ParamsArg::All(&raw));
+        let alone = alone[0].outputs.flatten();
+        assert_close(
+            &format!("{what} logits (alone)"),
+            &alone,
+            &case.logits,
+            atol,
+        );
+        assert_close(
+            &format!("{what} alone vs batched"),
+            &alone,
+            &batch_logits,
+            1e-5,
+        );
     }
 }

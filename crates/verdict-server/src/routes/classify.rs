@@ -1,6 +1,5 @@
 //! `POST /classify` (spec §6.2–§6.4).
 
-use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Serialize;
@@ -12,7 +11,7 @@ use crate::protocol::{
     json_floats, json_response, run_prompts, tokenize_prompts, total_tokens, CommonFields,
     PromptRequest, RequestOutcome, Usage,
 };
-use crate::state::{response_id, unix_now, AppState, JsonBody, SharedState};
+use crate::state::{response_id, unix_now, AppState};
 
 #[derive(Serialize)]
 struct ClassificationItem {
@@ -32,13 +31,7 @@ struct ClassificationResponse<'a> {
     usage: Usage,
 }
 
-pub async fn classify_route(
-    State(state): State<SharedState>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody,
-) -> Result<Response, ApiError> {
-    classify(&state, &headers, body).await
-}
+json_route!(classify_route => classify);
 
 pub async fn classify(
     state: &AppState,

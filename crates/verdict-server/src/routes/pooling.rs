@@ -1,7 +1,6 @@
 //! `POST /pooling` (spec §6.5): the raw pooled output, as JSON floats, base64
 //! or a binary body.
 
-use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine as _;
@@ -15,7 +14,7 @@ use crate::protocol::{
     json_floats, json_response, run_prompts, tokenize_prompts, total_tokens, CommonFields,
     PromptRequest, RequestOutcome, Usage,
 };
-use crate::state::{response_id, unix_now, AppState, JsonBody, SharedState};
+use crate::state::{response_id, unix_now, AppState};
 
 const TASKS: &[&str] = &[
     "classify",
@@ -54,13 +53,7 @@ struct PoolingResponse<'a> {
     usage: Usage,
 }
 
-pub async fn pooling_route(
-    State(state): State<SharedState>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody,
-) -> Result<Response, ApiError> {
-    pooling(&state, &headers, body).await
-}
+json_route!(pooling_route => pooling);
 
 pub async fn pooling(
     state: &AppState,

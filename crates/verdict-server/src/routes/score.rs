@@ -1,6 +1,5 @@
 //! `POST /score` and `POST /rerank` for cross-encoders (num_labels == 1, spec §6.6).
 
-use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 use serde::Serialize;
@@ -15,7 +14,7 @@ use crate::protocol::{
     check_score_template_kwargs, json_float, json_response, run_prompts, CommonFields,
     RequestOutcome, Usage,
 };
-use crate::state::{response_id, unix_now, AppState, JsonBody, SharedState};
+use crate::state::{response_id, unix_now, AppState};
 
 /// The `/score` body variants, tried in vLLM's order.
 const SCORE_FIELD_PAIRS: &[(&str, &str)] = &[
@@ -177,13 +176,7 @@ struct ScoreResponse<'a> {
     usage: Usage,
 }
 
-pub async fn score_route(
-    State(state): State<SharedState>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody,
-) -> Result<Response, ApiError> {
-    score(&state, &headers, body).await
-}
+json_route!(score_route => score);
 
 /// Which `/score` body variant this is, if any.
 pub fn score_fields(body: &Body) -> Option<(&'static str, &'static str)> {
@@ -266,13 +259,7 @@ struct RerankResponse<'a> {
     results: Vec<RerankResult>,
 }
 
-pub async fn rerank_route(
-    State(state): State<SharedState>,
-    headers: HeaderMap,
-    JsonBody(body): JsonBody,
-) -> Result<Response, ApiError> {
-    rerank(&state, &headers, body).await
-}
+json_route!(rerank_route => rerank);
 
 pub async fn rerank(
     state: &AppState,
