@@ -12,18 +12,17 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
-use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, DeviceRepr, LaunchConfig, PushKernelArg,
-};
-use candle_core::cuda_backend::DeviceId;
-use candle_core::cuda_backend::{CudaStorageSlice, WrapErr};
-use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
+use candle_core::{CudaDevice, DType, Layout, Shape, Tensor};
 
+use super::cuda_ops::{launch_cfg, CudaOp, KernelOp, Launch, Ptx};
 use crate::error::Result;
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/attention.ptx"));
-const MODULE: &str = "verdict_attention";
+const ATTENTION: Ptx = Ptx::new(
+    "verdict_attention",
+    include_str!(concat!(env!("OUT_DIR"), "/attention.ptx")),
+);
 /// Query rows per block of the flash kernel.
 const BLOCK_M: usize = 64;
 /// The row kernel keeps d / 32 values per lane in registers.
@@ -103,7 +102,7 @@ pub(super) fn packed_attention(
             t.contiguous()?
         })
     };
-    let op = PackedAttention {
+    let op = CudaOp(PackedAttention {
         cu: cu_seqlens.iter().map(|&c| c as i32).collect(),
         heads,
         kv_heads,
@@ -112,7 +111,7 @@ pub(super) fn packed_attention(
         window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
         scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
         allow_flash: mode() == Mode::Auto,
-    };
+    });
     Ok(Some(fix(q)?.apply_op3_no_bwd(&fix(k)?, &fix(v)?, &op)?))
 }
 
@@ -174,117 +173,57 @@ impl PackedAttention {
             Ok((meta, tiles))
         })
     }
+}
 
-    #[allow(clippy::too_many_arguments)]
-    fn launch<T: DeviceRepr>(
-        &self,
-        dev: &CudaDevice,
-        suffix: &str,
-        q: &CudaSlice<T>,
-        ql: &Layout,
-        k: &CudaSlice<T>,
-        kl: &Layout,
-        v: &CudaSlice<T>,
-        vl: &Layout,
-    ) -> candle_core::Result<CudaSlice<T>> {
+impl KernelOp for PackedAttention {
+    const NAME: &'static str = "verdict-packed-attention";
+    const OPERANDS: &'static [&'static str] = &["q", "k", "v"];
+
+    fn launch<T: DeviceRepr + CudaDType>(&self, call: Launch<'_, T>) -> candle_core::Result<()> {
+        let (q, k, v) = (&call.operands[0], &call.operands[1], &call.operands[2]);
+        let (ql, kl, vl) = (q.layout, k.layout, v.layout);
         let total = ql.dims()[0];
         let (heads, kv_heads, d) = (self.heads, self.kv_heads, self.d);
         let (q_ts, k_ts, v_ts) = (token_stride(ql), token_stride(kl), token_stride(vl));
-        let qv = q.slice(ql.start_offset()..);
-        let kv = k.slice(kl.start_offset()..);
-        let vv = v.slice(vl.start_offset()..);
-        // SAFETY: every element is written by the kernel below.
-        let mut out = unsafe { dev.alloc::<T>(total * heads * d)? };
-        if total == 0 {
-            return Ok(out);
-        }
         let nseq = self.cu.len() - 1;
         let causal = self.causal as i32;
         let aligned = [q_ts, k_ts, v_ts].iter().all(|s| s % 8 == 0)
             && [ql, kl, vl].iter().all(|l| l.start_offset() % 8 == 0);
-        let flash = self.allow_flash && suffix != "f32" && (d == 64 || d == 128) && aligned;
-        let (meta, tiles) = self.metadata(dev)?;
+        let flash = self.allow_flash && call.dtype != "f32" && (d == 64 || d == 128) && aligned;
+        let (meta, tiles) = self.metadata(call.dev)?;
         let cu = meta.slice(0..self.cu.len());
         if flash {
             let tl = meta.slice(self.cu.len()..);
-            let func = dev.get_or_load_custom_func(&format!("flash_{suffix}_d{d}"), MODULE, PTX)?;
-            let cfg = LaunchConfig {
-                grid_dim: (tiles as u32, heads as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let func = ATTENTION.kernel(call.dev, &format!("flash_{}_d{d}", call.dtype))?;
+            let cfg = launch_cfg((tiles, heads), 128);
             let mut b = func.builder();
-            b.arg(&qv).arg(&kv).arg(&vv).arg(&mut out).arg(&cu).arg(&tl);
+            b.arg(&q.view).arg(&k.view).arg(&v.view).arg(call.out);
+            b.arg(&cu).arg(&tl);
             let (h, kvh) = (heads as i32, kv_heads as i32);
             b.arg(&h).arg(&kvh).arg(&q_ts).arg(&k_ts).arg(&v_ts);
             b.arg(&causal).arg(&self.window).arg(&self.scale_log2);
             // SAFETY: the argument list matches the kernel's signature.
             unsafe { b.launch(cfg) }.w()?;
         } else {
-            let func = dev.get_or_load_custom_func(&format!("attn_rows_{suffix}"), MODULE, PTX)?;
-            let warps = total * heads;
-            let cfg = LaunchConfig {
-                grid_dim: (warps.div_ceil(4) as u32, 1, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: 0,
-            };
+            let func = ATTENTION.kernel(call.dev, &format!("attn_rows_{}", call.dtype))?;
+            // One warp per (token, head), four warps per block.
+            let cfg = launch_cfg(((total * heads).div_ceil(4), 1), 128);
             let (n, t) = (nseq as i32, total as i32);
             let (h, kvh, dd) = (heads as i32, kv_heads as i32, d as i32);
             let mut b = func.builder();
-            b.arg(&qv).arg(&kv).arg(&vv).arg(&mut out).arg(&cu);
+            b.arg(&q.view).arg(&k.view).arg(&v.view).arg(call.out);
+            b.arg(&cu);
             b.arg(&n).arg(&t).arg(&h).arg(&kvh).arg(&dd);
             b.arg(&q_ts).arg(&k_ts).arg(&v_ts);
             b.arg(&causal).arg(&self.window).arg(&self.scale_log2);
             // SAFETY: the argument list matches the kernel's signature.
             unsafe { b.launch(cfg) }.w()?;
         }
-        Ok(out)
-    }
-}
-
-impl CustomOp3 for PackedAttention {
-    fn name(&self) -> &'static str {
-        "verdict-packed-attention"
+        Ok(())
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("verdict-packed-attention runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        qs: &CudaStorage,
-        ql: &Layout,
-        ks: &CudaStorage,
-        kl: &Layout,
-        vs: &CudaStorage,
-        vl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = qs.device().clone();
-        let total = ql.dims()[0];
-        let slice = match (&qs.slice, &ks.slice, &vs.slice) {
-            (CudaStorageSlice::BF16(q), CudaStorageSlice::BF16(k), CudaStorageSlice::BF16(v)) => {
-                CudaStorageSlice::BF16(self.launch(&dev, "bf16", q, ql, k, kl, v, vl)?)
-            }
-            (CudaStorageSlice::F16(q), CudaStorageSlice::F16(k), CudaStorageSlice::F16(v)) => {
-                CudaStorageSlice::F16(self.launch(&dev, "f16", q, ql, k, kl, v, vl)?)
-            }
-            (CudaStorageSlice::F32(q), CudaStorageSlice::F32(k), CudaStorageSlice::F32(v)) => {
-                CudaStorageSlice::F32(self.launch(&dev, "f32", q, ql, k, kl, v, vl)?)
-            }
-            _ => candle_core::bail!(
-                "verdict-packed-attention: q, k and v must share one of bf16, f16, f32"
-            ),
-        };
-        let out = CudaStorage { slice, device: dev };
-        Ok((out, Shape::from((total, self.heads * self.d))))
+    /// `[total tokens, heads * d]`.
+    fn out_shape(&self, q: &Layout, _operands: usize) -> Shape {
+        Shape::from((q.dims()[0], self.heads * self.d))
     }
 }

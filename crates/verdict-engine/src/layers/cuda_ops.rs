@@ -5,10 +5,16 @@
 //!
 //! For comparisons, `VERDICT_CUDA_NORM=0` sends the norms back to candle's ops and
 //! `VERDICT_CUDA_ROPE=0` the rotary embedding (see also `VERDICT_CUDA_QKV` in qkv.rs).
+//!
+//! Also the plumbing our CUDA ops share (here and in cuda_attention.rs): [`Ptx`] loads
+//! their kernels, [`KernelOp`] + [`CudaOp`] turn one into a candle custom op.
+
+use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
+    PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
 use candle_core::{
@@ -18,8 +24,10 @@ use candle_core::{
 use super::HiddenAct;
 use crate::error::Result;
 
-const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
-const MODULE: &str = "verdict_fused";
+const FUSED: Ptx = Ptx::new(
+    "verdict_fused",
+    include_str!(concat!(env!("OUT_DIR"), "/fused.ptx")),
+);
 
 /// Settings for serving on one CUDA device, applied once before the weights load.
 ///
@@ -62,6 +70,178 @@ pub(crate) fn configure_device(dev: &CudaDevice) -> Result<()> {
     Ok(())
 }
 
+/// One of our PTX modules (`kernels/*.cu`, compiled by build.rs).
+pub(super) struct Ptx {
+    module: &'static str,
+    source: &'static str,
+}
+
+impl Ptx {
+    pub(super) const fn new(module: &'static str, source: &'static str) -> Self {
+        Self { module, source }
+    }
+
+    /// The kernel `name` (candle loads the module once per device).
+    pub(super) fn kernel(&self, dev: &CudaDevice, name: &str) -> candle_core::Result<Kernel> {
+        let func = dev.get_or_load_custom_func(name, self.module, self.source)?;
+        Ok(Kernel {
+            func: func.into_cuda_function(),
+            stream: dev.cuda_stream(),
+        })
+    }
+}
+
+/// A loaded kernel and the stream it runs on (candle's own handle has no public name).
+pub(super) struct Kernel {
+    func: CudaFunction,
+    stream: Arc<CudaStream>,
+}
+
+impl Kernel {
+    pub(super) fn builder(&self) -> LaunchArgs<'_> {
+        self.stream.launch_builder(&self.func)
+    }
+}
+
+/// A grid of `blocks` (x, y) blocks of `threads` threads, no dynamic shared memory.
+pub(super) fn launch_cfg(blocks: (usize, usize), threads: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (blocks.0 as u32, blocks.1 as u32, 1),
+        block_dim: (threads as u32, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// A CUDA-only op over one to three operands of one dtype (bf16, f16 or f32); wrapped
+/// in [`CudaOp`] it is a candle custom op.
+pub(super) trait KernelOp {
+    const NAME: &'static str;
+    /// The operands' names, in order, for the dtype error.
+    const OPERANDS: &'static [&'static str];
+
+    /// Launches the kernel, which must write every element of `call.out`.
+    fn launch<T: DeviceRepr + CudaDType>(&self, call: Launch<'_, T>) -> candle_core::Result<()>;
+
+    /// The result's shape, given the first operand's layout and the operand count.
+    fn out_shape(&self, first: &Layout, _operands: usize) -> Shape {
+        first.shape().clone()
+    }
+}
+
+/// An operand's device memory from its layout's start, and the layout.
+pub(super) struct Operand<'a, T> {
+    pub(super) view: CudaView<'a, T>,
+    pub(super) layout: &'a Layout,
+}
+
+/// One launch of a [`KernelOp`]: `dtype` ("bf16", "f16", "f32") ends the kernel
+/// names; `out` (not empty) is uninitialised.
+pub(super) struct Launch<'a, T> {
+    pub(super) dev: &'a CudaDevice,
+    pub(super) dtype: &'static str,
+    pub(super) operands: &'a [Operand<'a, T>],
+    pub(super) out: &'a mut CudaSlice<T>,
+}
+
+/// Candle's custom-op traits for a [`KernelOp`], with no CPU path.
+pub(super) struct CudaOp<K>(pub(super) K);
+
+impl<K: KernelOp> CudaOp<K> {
+    fn forward(
+        &self,
+        operands: &[(&CudaStorage, &Layout)],
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (first, layout) = operands[0];
+        if operands.iter().any(|(s, _)| s.dtype() != first.dtype()) {
+            return Err(dtype_error::<K>(operands.len()));
+        }
+        let dev = first.device().clone();
+        let shape = self.0.out_shape(layout, operands.len());
+        let n = shape.elem_count();
+        let slice = match &first.slice {
+            CudaStorageSlice::BF16(_) => {
+                CudaStorageSlice::BF16(self.launch_as(&dev, "bf16", operands, n)?)
+            }
+            CudaStorageSlice::F16(_) => {
+                CudaStorageSlice::F16(self.launch_as(&dev, "f16", operands, n)?)
+            }
+            CudaStorageSlice::F32(_) => {
+                CudaStorageSlice::F32(self.launch_as(&dev, "f32", operands, n)?)
+            }
+            _ => return Err(dtype_error::<K>(operands.len())),
+        };
+        Ok((CudaStorage { slice, device: dev }, shape))
+    }
+
+    fn launch_as<T: DeviceRepr + CudaDType>(
+        &self,
+        dev: &CudaDevice,
+        dtype: &'static str,
+        operands: &[(&CudaStorage, &Layout)],
+        n: usize,
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let operands = operands
+            .iter()
+            .map(|&(s, layout)| {
+                let view = s.as_cuda_slice::<T>()?.slice(layout.start_offset()..);
+                Ok(Operand { view, layout })
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        // SAFETY: `KernelOp::launch` writes every element.
+        let mut out = unsafe { dev.alloc::<T>(n)? };
+        if n > 0 {
+            self.0.launch(Launch {
+                dev,
+                dtype,
+                operands: &operands,
+                out: &mut out,
+            })?;
+        }
+        Ok(out)
+    }
+}
+
+/// "NAME: x must be ..." for one operand, "NAME: x and y must share ..." for more.
+fn dtype_error<K: KernelOp>(operands: usize) -> candle_core::Error {
+    let names = &K::OPERANDS[..operands.min(K::OPERANDS.len())];
+    let which = match names.split_last() {
+        Some((last, [])) => format!("{last} must be"),
+        Some((last, init)) => format!("{} and {last} must share", init.join(", ")),
+        None => "operands must share".to_string(),
+    };
+    candle_core::Error::Msg(format!("{}: {which} bf16, f16 or f32", K::NAME)).bt()
+}
+
+/// `CustomOp1` to `CustomOp3` differ only in their number of operands.
+macro_rules! impl_custom_op {
+    ($op:ident $(, $s:ident: $l:ident)+) => {
+        impl<K: KernelOp> $op for CudaOp<K> {
+            fn name(&self) -> &'static str {
+                K::NAME
+            }
+
+            fn cpu_fwd(
+                &self,
+                $($s: &CpuStorage, $l: &Layout),+
+            ) -> candle_core::Result<(CpuStorage, Shape)> {
+                let _ = ($($s, $l),+);
+                candle_core::bail!("{} runs on CUDA only", K::NAME)
+            }
+
+            fn cuda_fwd(
+                &self,
+                $($s: &CudaStorage, $l: &Layout),+
+            ) -> candle_core::Result<(CudaStorage, Shape)> {
+                self.forward(&[$(($s, $l)),+])
+            }
+        }
+    };
+}
+
+impl_custom_op!(CustomOp1, s1: l1);
+impl_custom_op!(CustomOp2, s1: l1, s2: l2);
+impl_custom_op!(CustomOp3, s1: l1, s2: l2, s3: l3);
+
 fn act_code(act: Option<HiddenAct>) -> i32 {
     match act {
         None => 0,
@@ -74,251 +254,16 @@ fn act_code(act: Option<HiddenAct>) -> i32 {
 
 /// Contiguous, starting on a 16-byte boundary (the kernels' vector loads need it).
 fn aligned(t: &Tensor) -> Result<Tensor> {
-    let ok = t.is_contiguous()
-        && (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16);
-    Ok(if ok { t.clone() } else { t.force_contiguous()? })
+    Ok(if aligned_in_place(t) {
+        t.clone()
+    } else {
+        t.force_contiguous()?
+    })
 }
 
-/// `act(x + bias)` over the last dimension; `None` when the dtypes do not match.
-pub(super) fn bias_act(
-    x: &Tensor,
-    bias: Option<&Tensor>,
-    act: Option<HiddenAct>,
-) -> Result<Option<Tensor>> {
-    if bias.is_some_and(|b| b.dtype() != x.dtype() || b.rank() != 1) {
-        return Ok(None);
-    }
-    let op = BiasAct { act: act_code(act) };
-    let x = aligned(x)?;
-    Ok(Some(match bias {
-        Some(b) => x.apply_op2_no_bwd(&aligned(b)?, &op)?,
-        None => x.apply_op1_no_bwd(&op)?,
-    }))
-}
-
-/// `act(gate) * up`, both the same shape.
-pub(super) fn act_mul(gate: &Tensor, up: &Tensor, act: HiddenAct) -> Result<Tensor> {
-    let op = ActMul {
-        act: act_code(Some(act)),
-    };
-    Ok(aligned(gate)?.apply_op2_no_bwd(&aligned(up)?, &op)?)
-}
-
-fn elementwise_cfg(vectors: usize) -> LaunchConfig {
-    let blocks = vectors.div_ceil(256).clamp(1, 132 * 16);
-    LaunchConfig {
-        grid_dim: (blocks as u32, 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
-struct BiasAct {
-    act: i32,
-}
-
-impl BiasAct {
-    fn launch<T: DeviceRepr>(
-        &self,
-        dev: &CudaDevice,
-        suffix: &str,
-        x: &CudaSlice<T>,
-        xl: &Layout,
-        bias: Option<(&CudaSlice<T>, &Layout)>,
-    ) -> candle_core::Result<CudaSlice<T>> {
-        let n = xl.shape().elem_count();
-        let cols = xl.dims().last().copied().unwrap_or(1).max(1);
-        let rows = (n / cols) as i64;
-        let xv = x.slice(xl.start_offset()..);
-        // SAFETY: every element is written by the kernel.
-        let mut out = unsafe { dev.alloc::<T>(n)? };
-        if n == 0 {
-            return Ok(out);
-        }
-        let func = dev.get_or_load_custom_func(&format!("bias_act_{suffix}"), MODULE, PTX)?;
-        let vec = 16 / std::mem::size_of::<T>();
-        let cfg = elementwise_cfg(n.div_ceil(vec));
-        let cols = cols as i32;
-        let mut b = func.builder();
-        b.arg(&xv);
-        let bv = bias.map(|(s, l)| s.slice(l.start_offset()..));
-        let null = 0u64;
-        match &bv {
-            Some(v) => b.arg(v),
-            None => b.arg(&null),
-        };
-        b.arg(&mut out).arg(&rows).arg(&cols).arg(&self.act);
-        // SAFETY: the argument list matches the kernel's signature.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(out)
-    }
-}
-
-impl CustomOp1 for BiasAct {
-    fn name(&self) -> &'static str {
-        "verdict-bias-act"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("verdict-bias-act runs on CUDA only")
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = s.device().clone();
-        let slice = match &s.slice {
-            CudaStorageSlice::BF16(x) => {
-                CudaStorageSlice::BF16(self.launch(&dev, "bf16", x, l, None)?)
-            }
-            CudaStorageSlice::F16(x) => {
-                CudaStorageSlice::F16(self.launch(&dev, "f16", x, l, None)?)
-            }
-            CudaStorageSlice::F32(x) => {
-                CudaStorageSlice::F32(self.launch(&dev, "f32", x, l, None)?)
-            }
-            _ => candle_core::bail!("verdict-bias-act: x must be bf16, f16 or f32"),
-        };
-        Ok((CudaStorage { slice, device: dev }, l.shape().clone()))
-    }
-}
-
-impl CustomOp2 for BiasAct {
-    fn name(&self) -> &'static str {
-        "verdict-bias-act"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("verdict-bias-act runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s: &CudaStorage,
-        l: &Layout,
-        bs: &CudaStorage,
-        bl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = s.device().clone();
-        let slice = match (&s.slice, &bs.slice) {
-            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(b)) => {
-                CudaStorageSlice::BF16(self.launch(&dev, "bf16", x, l, Some((b, bl)))?)
-            }
-            (CudaStorageSlice::F16(x), CudaStorageSlice::F16(b)) => {
-                CudaStorageSlice::F16(self.launch(&dev, "f16", x, l, Some((b, bl)))?)
-            }
-            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(b)) => {
-                CudaStorageSlice::F32(self.launch(&dev, "f32", x, l, Some((b, bl)))?)
-            }
-            _ => candle_core::bail!("verdict-bias-act: x and bias must share bf16, f16 or f32"),
-        };
-        Ok((CudaStorage { slice, device: dev }, l.shape().clone()))
-    }
-}
-
-struct ActMul {
-    act: i32,
-}
-
-impl ActMul {
-    fn launch<T: DeviceRepr>(
-        &self,
-        dev: &CudaDevice,
-        suffix: &str,
-        g: &CudaSlice<T>,
-        gl: &Layout,
-        u: &CudaSlice<T>,
-        ul: &Layout,
-    ) -> candle_core::Result<CudaSlice<T>> {
-        let n = gl.shape().elem_count();
-        let gv = g.slice(gl.start_offset()..);
-        let uv = u.slice(ul.start_offset()..);
-        // SAFETY: every element is written by the kernel.
-        let mut out = unsafe { dev.alloc::<T>(n)? };
-        if n == 0 {
-            return Ok(out);
-        }
-        let func = dev.get_or_load_custom_func(&format!("act_mul_{suffix}"), MODULE, PTX)?;
-        let vec = 16 / std::mem::size_of::<T>();
-        let cfg = elementwise_cfg(n.div_ceil(vec));
-        let n = n as i64;
-        let mut b = func.builder();
-        b.arg(&gv).arg(&uv).arg(&mut out).arg(&n).arg(&self.act);
-        // SAFETY: the argument list matches the kernel's signature.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(out)
-    }
-}
-
-impl CustomOp2 for ActMul {
-    fn name(&self) -> &'static str {
-        "verdict-act-mul"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("verdict-act-mul runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        gs: &CudaStorage,
-        gl: &Layout,
-        us: &CudaStorage,
-        ul: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        if gl.shape() != ul.shape() {
-            candle_core::bail!(
-                "verdict-act-mul: gate {:?} and up {:?}",
-                gl.shape(),
-                ul.shape()
-            );
-        }
-        let dev = gs.device().clone();
-        let slice = match (&gs.slice, &us.slice) {
-            (CudaStorageSlice::BF16(g), CudaStorageSlice::BF16(u)) => {
-                CudaStorageSlice::BF16(self.launch(&dev, "bf16", g, gl, u, ul)?)
-            }
-            (CudaStorageSlice::F16(g), CudaStorageSlice::F16(u)) => {
-                CudaStorageSlice::F16(self.launch(&dev, "f16", g, gl, u, ul)?)
-            }
-            (CudaStorageSlice::F32(g), CudaStorageSlice::F32(u)) => {
-                CudaStorageSlice::F32(self.launch(&dev, "f32", g, gl, u, ul)?)
-            }
-            _ => candle_core::bail!("verdict-act-mul: gate and up must share bf16, f16 or f32"),
-        };
-        Ok((CudaStorage { slice, device: dev }, gl.shape().clone()))
-    }
-}
-
-/// Raw device slice of a CUDA tensor's storage, by dtype, for launches.
-macro_rules! with_slices {
-    ($storage:expr, $suffix:ident, $slice:ident, $body:expr) => {
-        match &$storage.slice {
-            CudaStorageSlice::BF16($slice) => {
-                let $suffix = "bf16";
-                CudaStorageSlice::BF16($body)
-            }
-            CudaStorageSlice::F16($slice) => {
-                let $suffix = "f16";
-                CudaStorageSlice::F16($body)
-            }
-            CudaStorageSlice::F32($slice) => {
-                let $suffix = "f32";
-                CudaStorageSlice::F32($body)
-            }
-            _ => candle_core::bail!("verdict fused op: bf16, f16 or f32 only"),
-        }
-    };
+/// A held weight must already be contiguous at a 16-byte boundary.
+fn aligned_in_place(t: &Tensor) -> bool {
+    t.is_contiguous() && (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16)
 }
 
 /// The CUDA storage of a tensor held by an op (weights, biases): its slice of type `T`
@@ -349,6 +294,99 @@ pub(super) fn fused_enabled(name: &'static str) -> bool {
         .or_insert_with(|| !std::env::var(name).is_ok_and(|v| v == "0"))
 }
 
+/// Up to 16 blocks per SM of an H100 (132 SMs); the kernels loop over the rest.
+fn elementwise_cfg(vectors: usize) -> LaunchConfig {
+    launch_cfg((vectors.div_ceil(256).clamp(1, 132 * 16), 1), 256)
+}
+
+/// `act(x + bias)` over the last dimension; `None` when the dtypes do not match.
+pub(super) fn bias_act(
+    x: &Tensor,
+    bias: Option<&Tensor>,
+    act: Option<HiddenAct>,
+) -> Result<Option<Tensor>> {
+    if bias.is_some_and(|b| b.dtype() != x.dtype() || b.rank() != 1) {
+        return Ok(None);
+    }
+    let op = CudaOp(BiasAct { act: act_code(act) });
+    let x = aligned(x)?;
+    Ok(Some(match bias {
+        Some(b) => x.apply_op2_no_bwd(&aligned(b)?, &op)?,
+        None => x.apply_op1_no_bwd(&op)?,
+    }))
+}
+
+/// `act(gate) * up`, both the same shape.
+pub(super) fn act_mul(gate: &Tensor, up: &Tensor, act: HiddenAct) -> Result<Tensor> {
+    let op = CudaOp(ActMul {
+        act: act_code(Some(act)),
+    });
+    Ok(aligned(gate)?.apply_op2_no_bwd(&aligned(up)?, &op)?)
+}
+
+struct BiasAct {
+    act: i32,
+}
+
+impl KernelOp for BiasAct {
+    const NAME: &'static str = "verdict-bias-act";
+    const OPERANDS: &'static [&'static str] = &["x", "bias"];
+
+    fn launch<T: DeviceRepr + CudaDType>(&self, call: Launch<'_, T>) -> candle_core::Result<()> {
+        let x = &call.operands[0];
+        let bias = call.operands.get(1);
+        let n = x.layout.shape().elem_count();
+        let cols = x.layout.dims().last().copied().unwrap_or(1).max(1);
+        let rows = (n / cols) as i64;
+        let func = FUSED.kernel(call.dev, &format!("bias_act_{}", call.dtype))?;
+        let vec = 16 / std::mem::size_of::<T>();
+        let cfg = elementwise_cfg(n.div_ceil(vec));
+        let cols = cols as i32;
+        let mut b = func.builder();
+        b.arg(&x.view);
+        let null = 0u64;
+        match bias {
+            Some(bias) => b.arg(&bias.view),
+            None => b.arg(&null),
+        };
+        b.arg(call.out).arg(&rows).arg(&cols).arg(&self.act);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
+struct ActMul {
+    act: i32,
+}
+
+impl KernelOp for ActMul {
+    const NAME: &'static str = "verdict-act-mul";
+    const OPERANDS: &'static [&'static str] = &["gate", "up"];
+
+    fn launch<T: DeviceRepr + CudaDType>(&self, call: Launch<'_, T>) -> candle_core::Result<()> {
+        let (gate, up) = (&call.operands[0], &call.operands[1]);
+        if gate.layout.shape() != up.layout.shape() {
+            candle_core::bail!(
+                "verdict-act-mul: gate {:?} and up {:?}",
+                gate.layout.shape(),
+                up.layout.shape()
+            );
+        }
+        let n = gate.layout.shape().elem_count();
+        let func = FUSED.kernel(call.dev, &format!("act_mul_{}", call.dtype))?;
+        let vec = 16 / std::mem::size_of::<T>();
+        let cfg = elementwise_cfg(n.div_ceil(vec));
+        let n = n as i64;
+        let mut b = func.builder();
+        b.arg(&gate.view).arg(&up.view).arg(call.out);
+        b.arg(&n).arg(&self.act);
+        // SAFETY: the argument list matches the kernel's signature.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    }
+}
+
 /// `(x + delta, rms_norm(x + delta) * weight)` in one pass over the rows (`delta` None:
 /// just the norm, and the first value is None). None when the kernel does not apply.
 pub(super) fn add_rms_norm(
@@ -368,11 +406,11 @@ pub(super) fn add_rms_norm(
     {
         return Ok(None);
     }
-    let op = AddRmsNorm {
+    let op = CudaOp(AddRmsNorm {
         eps,
         cols,
         weight: weight.clone(),
-    };
+    });
     let x = aligned(x)?;
     Ok(Some(match delta {
         Some(d) => {
@@ -384,35 +422,23 @@ pub(super) fn add_rms_norm(
     }))
 }
 
-/// A held weight must already be contiguous at a 16-byte boundary.
-fn aligned_in_place(t: &Tensor) -> bool {
-    t.is_contiguous() && (t.layout().start_offset() * t.dtype().size_in_bytes()).is_multiple_of(16)
-}
-
 struct AddRmsNorm {
     eps: f32,
     cols: usize,
     weight: Tensor,
 }
 
-impl AddRmsNorm {
-    /// Writes `[sum; normed]` (delta given) or `normed` into a new buffer.
-    fn launch<T: DeviceRepr + CudaDType>(
-        &self,
-        dev: &CudaDevice,
-        suffix: &str,
-        x: &CudaSlice<T>,
-        xl: &Layout,
-        delta: Option<(&CudaSlice<T>, &Layout)>,
-    ) -> candle_core::Result<CudaSlice<T>> {
-        let n = xl.shape().elem_count();
+impl KernelOp for AddRmsNorm {
+    const NAME: &'static str = "verdict-add-rms-norm";
+    const OPERANDS: &'static [&'static str] = &["x", "delta"];
+
+    /// Writes `[sum; normed]` (delta given) or `normed`.
+    fn launch<T: DeviceRepr + CudaDType>(&self, call: Launch<'_, T>) -> candle_core::Result<()> {
+        let x = &call.operands[0];
+        let delta = call.operands.get(1);
+        let n = x.layout.shape().elem_count();
         let rows = n / self.cols;
         let outputs = if delta.is_some() { 2 } else { 1 };
-        // SAFETY: the kernel writes every element of each output.
-        let out = unsafe { dev.alloc::<T>(outputs * n)? };
-        if n == 0 {
-            return Ok(out);
-        }
         let v = 16 / std::mem::size_of::<T>();
         let nvec = self.cols / v;
         let vpt = if !self.cols.is_multiple_of(v) {
@@ -428,92 +454,33 @@ impl AddRmsNorm {
         } else {
             nvec.div_ceil(vpt).next_multiple_of(32)
         };
-        let cfg = LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (threads as u32, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        let func = dev.get_or_load_custom_func(&format!("add_rmsnorm_{suffix}"), MODULE, PTX)?;
-        let xv = x.slice(xl.start_offset()..);
+        let cfg = launch_cfg((rows, 1), threads);
+        let func = FUSED.kernel(call.dev, &format!("add_rmsnorm_{}", call.dtype))?;
         let (cols, vpt) = (self.cols as i32, vpt as i32);
         held_slice::<T>(&self.weight, |w| {
             let mut b = func.builder();
             let null = 0u64;
-            b.arg(&xv);
-            let dv = delta.map(|(s, l)| s.slice(l.start_offset()..));
-            let sum = out.slice(0..n);
-            let normed = out.slice((outputs - 1) * n..);
-            match &dv {
-                Some(d) => b.arg(d).arg(w).arg(&sum),
+            b.arg(&x.view);
+            let sum = call.out.slice(0..n);
+            let normed = call.out.slice((outputs - 1) * n..);
+            match delta {
+                Some(d) => b.arg(&d.view).arg(w).arg(&sum),
                 None => b.arg(&null).arg(w).arg(&null),
             };
             b.arg(&normed).arg(&cols).arg(&self.eps).arg(&vpt);
             // SAFETY: the argument list matches the kernel's signature.
             unsafe { b.launch(cfg) }.w()?;
             Ok(())
-        })?;
-        Ok(out)
-    }
-}
-
-impl CustomOp1 for AddRmsNorm {
-    fn name(&self) -> &'static str {
-        "verdict-rms-norm"
+        })
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("verdict-rms-norm runs on CUDA only")
-    }
-
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = s.device().clone();
-        let slice = with_slices!(s, sfx, x, self.launch(&dev, sfx, x, l, None)?);
-        Ok((CudaStorage { slice, device: dev }, l.shape().clone()))
-    }
-}
-
-impl CustomOp2 for AddRmsNorm {
-    fn name(&self) -> &'static str {
-        "verdict-add-rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("verdict-add-rms-norm runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        s: &CudaStorage,
-        l: &Layout,
-        ds: &CudaStorage,
-        dl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = s.device().clone();
-        let slice = match (&s.slice, &ds.slice) {
-            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(d)) => {
-                CudaStorageSlice::BF16(self.launch(&dev, "bf16", x, l, Some((d, dl)))?)
-            }
-            (CudaStorageSlice::F16(x), CudaStorageSlice::F16(d)) => {
-                CudaStorageSlice::F16(self.launch(&dev, "f16", x, l, Some((d, dl)))?)
-            }
-            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(d)) => {
-                CudaStorageSlice::F32(self.launch(&dev, "f32", x, l, Some((d, dl)))?)
-            }
-            _ => {
-                candle_core::bail!("verdict-add-rms-norm: x and delta must share bf16, f16 or f32")
-            }
-        };
-        let rows = l.shape().elem_count() / self.cols;
-        Ok((
-            CudaStorage { slice, device: dev },
-            Shape::from((2, rows, self.cols)),
-        ))
+    /// `[2, rows, cols]` (sum and normed) with a delta, else the shape of `x`.
+    fn out_shape(&self, x: &Layout, operands: usize) -> Shape {
+        if operands == 1 {
+            return x.shape().clone();
+        }
+        let rows = x.shape().elem_count() / self.cols;
+        Shape::from((2, rows, self.cols))
     }
 }
 
@@ -536,7 +503,7 @@ pub(super) fn qkv_rope(
     if !fused_enabled("VERDICT_CUDA_ROPE")
         || width != all * d
         || !(d / 2).is_multiple_of(v)
-        || d % 2 != 0
+        || !d.is_multiple_of(2)
         || cos.dims() != [t, d / 2]
         || sin.dims() != [t, d / 2]
         || !same(cos)
@@ -545,12 +512,12 @@ pub(super) fn qkv_rope(
     {
         return Ok(None);
     }
-    let op = QkvRope {
+    let op = CudaOp(QkvRope {
         bias: bias.cloned(),
         heads: all,
         rot_heads: heads + kv_heads,
         d,
-    };
+    });
     let out = aligned(qkv)?.apply_op3_no_bwd(&aligned(cos)?, &aligned(sin)?, &op)?;
     Ok(Some(out))
 }
@@ -562,100 +529,41 @@ struct QkvRope {
     d: usize,
 }
 
-impl QkvRope {
-    #[allow(clippy::too_many_arguments)]
-    fn launch<T: DeviceRepr + CudaDType>(
-        &self,
-        dev: &CudaDevice,
-        suffix: &str,
-        x: &CudaSlice<T>,
-        xl: &Layout,
-        c: &CudaSlice<T>,
-        cl: &Layout,
-        s: &CudaSlice<T>,
-        sl: &Layout,
-    ) -> candle_core::Result<CudaSlice<T>> {
-        let n = xl.shape().elem_count();
+impl KernelOp for QkvRope {
+    const NAME: &'static str = "verdict-qkv-rope";
+    const OPERANDS: &'static [&'static str] = &["qkv", "cos", "sin"];
+
+    fn launch<T: DeviceRepr + CudaDType>(&self, call: Launch<'_, T>) -> candle_core::Result<()> {
+        let (x, cos, sin) = (&call.operands[0], &call.operands[1], &call.operands[2]);
+        let n = x.layout.shape().elem_count();
         let tokens = (n / (self.heads * self.d)) as i64;
-        // SAFETY: the kernel writes every element.
-        let mut out = unsafe { dev.alloc::<T>(n)? };
-        if n == 0 {
-            return Ok(out);
-        }
-        let func = dev.get_or_load_custom_func(&format!("qkv_rope_{suffix}"), MODULE, PTX)?;
+        let func = FUSED.kernel(call.dev, &format!("qkv_rope_{}", call.dtype))?;
         let v = 16 / std::mem::size_of::<T>();
         let cfg = elementwise_cfg(n / 2 / v);
-        let (xv, cv, sv) = (
-            x.slice(xl.start_offset()..),
-            c.slice(cl.start_offset()..),
-            s.slice(sl.start_offset()..),
-        );
         let (heads, rot, d) = (self.heads as i32, self.rot_heads as i32, self.d as i32);
         let mut run = |bias: Option<&CudaView<'_, T>>| {
             let null = 0u64;
             let mut b = func.builder();
-            b.arg(&xv);
+            b.arg(&x.view);
             match bias {
                 Some(bv) => b.arg(bv),
                 None => b.arg(&null),
             };
-            b.arg(&cv).arg(&sv).arg(&mut out);
+            b.arg(&cos.view).arg(&sin.view).arg(&mut *call.out);
             b.arg(&tokens).arg(&heads).arg(&rot).arg(&d);
             // SAFETY: the argument list matches the kernel's signature.
             unsafe { b.launch(cfg) }.w()?;
             Ok(())
         };
         match &self.bias {
-            Some(bias) => held_slice::<T>(bias, |bv| run(Some(bv)))?,
-            None => run(None)?,
+            Some(bias) => held_slice::<T>(bias, |bv| run(Some(bv))),
+            None => run(None),
         }
-        Ok(out)
-    }
-}
-
-impl CustomOp3 for QkvRope {
-    fn name(&self) -> &'static str {
-        "verdict-qkv-rope"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("verdict-qkv-rope runs on CUDA only")
-    }
-
-    fn cuda_fwd(
-        &self,
-        xs: &CudaStorage,
-        xl: &Layout,
-        cs: &CudaStorage,
-        cl: &Layout,
-        ss: &CudaStorage,
-        sl: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        let dev = xs.device().clone();
-        let slice = match (&xs.slice, &cs.slice, &ss.slice) {
-            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(c), CudaStorageSlice::BF16(s)) => {
-                CudaStorageSlice::BF16(self.launch(&dev, "bf16", x, xl, c, cl, s, sl)?)
-            }
-            (CudaStorageSlice::F16(x), CudaStorageSlice::F16(c), CudaStorageSlice::F16(s)) => {
-                CudaStorageSlice::F16(self.launch(&dev, "f16", x, xl, c, cl, s, sl)?)
-            }
-            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(c), CudaStorageSlice::F32(s)) => {
-                CudaStorageSlice::F32(self.launch(&dev, "f32", x, xl, c, cl, s, sl)?)
-            }
-            _ => candle_core::bail!("verdict-qkv-rope: bf16, f16 or f32, all the same"),
-        };
-        let tokens = xl.shape().elem_count() / (self.heads * self.d);
-        Ok((
-            CudaStorage { slice, device: dev },
-            Shape::from((tokens, self.heads, self.d)),
-        ))
+    /// `[tokens, heads, d]`.
+    fn out_shape(&self, x: &Layout, _operands: usize) -> Shape {
+        let tokens = x.shape().elem_count() / (self.heads * self.d);
+        Shape::from((tokens, self.heads, self.d))
     }
 }
