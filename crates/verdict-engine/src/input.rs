@@ -63,6 +63,9 @@ pub struct TokenizeOptions {
     pub truncation_side: Option<TruncationSide>,
     /// Defaults to true for text and false for chat prompts (the template adds them).
     pub add_special_tokens: Option<bool>,
+    /// Multimodal models: overrides of the image/video processor's settings
+    /// for this request (vLLM's `mm_processor_kwargs`).
+    pub mm_processor_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
 }
 
 /// Tokenizes and validates prompts for one model.
@@ -217,13 +220,17 @@ impl InputProcessor {
                 )));
             }
         }
+        let processor = match &opts.mm_processor_kwargs {
+            Some(kwargs) => std::borrow::Cow::Owned(mm.processor.with_request_kwargs(kwargs)?),
+            None => std::borrow::Cow::Borrowed(mm.processor.as_ref()),
+        };
         let mut visuals = Vec::with_capacity(media.len());
         for m in &media {
             let bytes = fetch_media(&m.url, &mm.policy)?;
             let visual = if m.is_video {
-                mm.processor.video(&bytes)?
+                processor.video(&bytes)?
             } else {
-                mm.processor.image(&bytes)?
+                processor.image(&bytes)?
             };
             visuals.push(Arc::new(visual));
         }

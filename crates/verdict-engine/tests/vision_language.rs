@@ -389,3 +389,39 @@ fn qwen2_5_vl_loads_checkpoints_in_the_pre_v5_layout() {
         .collect();
     check(&llm, &reference, &prompts, "legacy");
 }
+
+/// Per-request `mm_processor_kwargs` reach the processors as transformers'
+/// `images_kwargs` / `videos_kwargs` do: with these, transformers gives the
+/// image a [1, 2, 4] grid and samples the video at 1 fps ([2, 4, 4]), 36 tokens.
+#[test]
+fn mm_processor_kwargs_override_sizes_and_fps() {
+    let dir = fixture_dir(FIXTURE);
+    let reference = subset(load_reference(&dir), &["image_and_video"]);
+    let llm = Llm::new(vl_args(&dir, &reference)).expect("load");
+    let prompts = prompts_for(&reference, &dir.join("media"), "http://unused.invalid");
+    let kwargs = json!({
+        "images_kwargs": {"size": {"shortest_edge": 784, "longest_edge": 3136}},
+        "videos_kwargs": {"fps": 1.0}
+    });
+    let opts = TokenizeOptions {
+        mm_processor_kwargs: kwargs.as_object().cloned(),
+        ..Default::default()
+    };
+    let out = llm
+        .classify(&prompts, ParamsArg::Default, &opts)
+        .expect("classify with kwargs");
+    assert_eq!(out[0].prompt_token_ids.len(), 36);
+    let bad = TokenizeOptions {
+        mm_processor_kwargs: json!({"min_pixels": 100000, "max_pixels": 10})
+            .as_object()
+            .cloned(),
+        ..Default::default()
+    };
+    let err = llm
+        .classify(&prompts, ParamsArg::Default, &bad)
+        .expect_err("min above max");
+    assert!(
+        err.is_client_error() && err.to_string().contains("min_pixels"),
+        "{err}"
+    );
+}

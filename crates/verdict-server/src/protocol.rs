@@ -23,6 +23,7 @@ pub struct CommonFields {
     pub truncation_side: Option<TruncationSide>,
     pub priority: i64,
     pub use_activation: Option<bool>,
+    pub mm_processor_kwargs: Option<Map<String, Value>>,
 }
 
 impl CommonFields {
@@ -31,7 +32,7 @@ impl CommonFields {
         body.check_str("user")?;
         body.check_str("request_id")?;
         body.check_str("cache_salt")?;
-        body.check_object("mm_processor_kwargs")?;
+        let mm_processor_kwargs = body.opt_object("mm_processor_kwargs")?;
         let truncate_prompt_tokens = body.opt_i64("truncate_prompt_tokens")?;
         if let Some(n) = truncate_prompt_tokens.filter(|n| *n < -1) {
             return Err(SchemaIssue::new(
@@ -53,6 +54,7 @@ impl CommonFields {
             truncation_side,
             priority,
             use_activation,
+            mm_processor_kwargs,
         })
     }
 
@@ -61,6 +63,7 @@ impl CommonFields {
             truncate_prompt_tokens: self.truncate_prompt_tokens,
             truncation_side: self.truncation_side,
             add_special_tokens: Some(add_special_tokens),
+            mm_processor_kwargs: self.mm_processor_kwargs.clone(),
         }
     }
 }

@@ -115,6 +115,104 @@ impl VisionProcessor {
         self
     }
 
+    /// This processor with a request's `mm_processor_kwargs` applied, as vLLM
+    /// passes them to the Hugging Face processor: `min_pixels`, `max_pixels`,
+    /// `size` (`shortest_edge`/`longest_edge`) for images and videos, and
+    /// `fps`, `num_frames`, `do_sample_frames`, `min_frames`, `max_frames` for
+    /// videos, at the top level or under `images_kwargs` / `videos_kwargs`.
+    pub fn with_request_kwargs(
+        &self,
+        kwargs: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<Self> {
+        use serde_json::Value;
+        let bad = |key: &str, want: &str| {
+            EngineError::validation_param(
+                format!("mm_processor_kwargs.{key} must be {want}"),
+                "mm_processor_kwargs",
+            )
+        };
+        let count = |key: &str, v: &Value| -> Result<usize> {
+            v.as_u64()
+                .map(|n| n as usize)
+                .ok_or_else(|| bad(key, "a non-negative integer"))
+        };
+        let mut out = self.clone();
+        let mut apply = |scope: Option<Modality>,
+                         map: &serde_json::Map<String, Value>|
+         -> Result<()> {
+            let image = scope != Some(Modality::Video);
+            let video = scope != Some(Modality::Image);
+            for (key, v) in map {
+                match key.as_str() {
+                    "min_pixels" | "max_pixels" | "size" => {
+                        let (min, max) = match key.as_str() {
+                            "min_pixels" => (Some(count(key, v)?), None),
+                            "max_pixels" => (None, Some(count(key, v)?)),
+                            _ => (
+                                v.get("shortest_edge")
+                                    .map(|x| count("size.shortest_edge", x))
+                                    .transpose()?,
+                                v.get("longest_edge")
+                                    .map(|x| count("size.longest_edge", x))
+                                    .transpose()?,
+                            ),
+                        };
+                        for (on, cfg) in [(image, &mut out.image), (video, &mut out.video.common)] {
+                            if on {
+                                cfg.min_pixels = min.unwrap_or(cfg.min_pixels);
+                                cfg.max_pixels = max.unwrap_or(cfg.max_pixels);
+                            }
+                        }
+                    }
+                    "fps" if video => {
+                        let fps = v
+                            .as_f64()
+                            .filter(|f| *f > 0.0)
+                            .ok_or_else(|| bad(key, "a positive number"))?;
+                        out.video.fps = Some(fps);
+                        out.video.num_frames = None;
+                    }
+                    "num_frames" if video => {
+                        out.video.num_frames = Some(count(key, v)?);
+                        out.video.fps = None;
+                    }
+                    "do_sample_frames" if video => {
+                        out.video.do_sample_frames =
+                            v.as_bool().ok_or_else(|| bad(key, "a boolean"))?;
+                    }
+                    "min_frames" if video => out.video.min_frames = count(key, v)?,
+                    "max_frames" if video => out.video.max_frames = count(key, v)?,
+                    "images_kwargs" | "videos_kwargs" if scope.is_none() => {}
+                    other => tracing::warn!(
+                        key = other,
+                        "ignoring an unsupported mm_processor_kwargs entry"
+                    ),
+                }
+            }
+            Ok(())
+        };
+        apply(None, kwargs)?;
+        for (key, scope) in [
+            ("images_kwargs", Modality::Image),
+            ("videos_kwargs", Modality::Video),
+        ] {
+            match kwargs.get(key) {
+                Some(Value::Object(map)) => apply(Some(scope), map)?,
+                Some(_) => return Err(bad(key, "an object")),
+                None => {}
+            }
+        }
+        if out.image.min_pixels > out.image.max_pixels
+            || out.video.common.min_pixels > out.video.common.max_pixels
+        {
+            return Err(EngineError::validation_param(
+                "mm_processor_kwargs: min_pixels must not exceed max_pixels",
+                "mm_processor_kwargs",
+            ));
+        }
+        Ok(out)
+    }
+
     pub fn image_config(&self) -> &CommonConfig {
         &self.image
     }
