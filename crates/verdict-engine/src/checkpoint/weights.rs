@@ -138,8 +138,8 @@ impl Weights {
         }
     }
 
-    /// Loads a tensor by exact name, cast to `dtype`, checking its shape when given.
-    pub fn load_exact(&self, name: &str, shape: Option<&[usize]>, dtype: DType) -> Result<Tensor> {
+    /// The file and header entry of a tensor, its shape checked when given.
+    fn entry(&self, name: &str, shape: Option<&[usize]>) -> Result<(&WeightFile, &TensorInfo)> {
         let idx = *self
             .names
             .get(name)
@@ -156,6 +156,12 @@ impl Weights {
                 )));
             }
         }
+        Ok((file, info))
+    }
+
+    /// Loads a tensor by exact name, cast to `dtype`, checking its shape when given.
+    pub fn load_exact(&self, name: &str, shape: Option<&[usize]>, dtype: DType) -> Result<Tensor> {
+        let (file, info) = self.entry(name, shape)?;
         let (start, end) = info.data_offsets;
         let stored = bytes_to_tensor(file, start, end, info.dtype, &info.shape).map_err(|e| {
             EngineError::Weight(format!("weight `{name}` in {}: {e}", file.path.display()))
@@ -170,20 +176,7 @@ impl Weights {
     /// (no intermediate copy, no strided gather afterwards).
     pub fn load_transposed_f32(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
         use rayon::prelude::*;
-        let idx = *self
-            .names
-            .get(name)
-            .ok_or_else(|| EngineError::Weight(format!("missing weight `{name}`")))?;
-        let file = &self.files[idx];
-        let info = &file.tensors[name];
-        if info.shape != [rows, cols] {
-            return Err(EngineError::Weight(format!(
-                "weight `{name}` has shape {:?} in {}, but the model config implies {:?}",
-                info.shape,
-                file.path.display(),
-                [rows, cols]
-            )));
-        }
+        let (file, info) = self.entry(name, Some(&[rows, cols]))?;
         let (start, end) = info.data_offsets;
         let bytes = &file.mmap[file.data_start + start..file.data_start + end];
         let read: fn(&[u8], usize) -> f32 = match info.dtype {
