@@ -341,6 +341,37 @@ pub async fn run_prompts(
     run_sequences(&state.engine, &state.metrics, inputs, priority).await
 }
 
+/// vLLM's `{"object": "list", "data": [...], "usage": ...}` envelope of
+/// `/classify`, `/pooling` and `/score` answers.
+#[derive(Debug, Serialize)]
+pub struct ListResponse<'a, T> {
+    pub id: String,
+    pub object: &'static str,
+    pub created: u64,
+    pub model: &'a str,
+    pub data: Vec<T>,
+    pub usage: Usage,
+}
+
+impl<'a, T> ListResponse<'a, T> {
+    pub fn new(
+        id: String,
+        created: u64,
+        model: &'a str,
+        data: Vec<T>,
+        prompt_tokens: usize,
+    ) -> Self {
+        ListResponse {
+            id,
+            object: "list",
+            created,
+            model,
+            data,
+            usage: Usage::new(prompt_tokens),
+        }
+    }
+}
+
 /// vLLM's `usage` block.
 #[derive(Debug, Serialize)]
 pub struct Usage {

@@ -9,7 +9,7 @@ use crate::error::ApiError;
 use crate::fields::Body;
 use crate::protocol::{
     json_floats, json_response, run_prompts, tokenize_prompts, total_tokens, CommonFields,
-    PromptRequest, RequestOutcome, Usage,
+    ListResponse, PromptRequest, RequestOutcome,
 };
 use crate::state::{response_id, unix_now, AppState};
 
@@ -19,16 +19,6 @@ struct ClassificationItem {
     label: Option<String>,
     probs: Vec<f64>,
     num_classes: usize,
-}
-
-#[derive(Serialize)]
-struct ClassificationResponse<'a> {
-    id: String,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    data: Vec<ClassificationItem>,
-    usage: Usage,
 }
 
 json_route!(classify_route => classify);
@@ -64,14 +54,13 @@ pub async fn classify(
             num_classes: probs.len(),
         });
     }
-    let response = ClassificationResponse {
-        id: response_id("classify-", headers),
-        object: "list",
-        created: unix_now(),
-        model: state.served_name(),
+    let response = ListResponse::new(
+        response_id("classify-", headers),
+        unix_now(),
+        state.served_name(),
         data,
-        usage: Usage::new(prompt_tokens),
-    };
+        prompt_tokens,
+    );
     Ok(json_response(
         &response,
         RequestOutcome {

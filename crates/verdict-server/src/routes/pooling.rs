@@ -12,7 +12,7 @@ use crate::error::ApiError;
 use crate::fields::Body;
 use crate::protocol::{
     json_floats, json_response, run_prompts, tokenize_prompts, total_tokens, CommonFields,
-    PromptRequest, RequestOutcome, Usage,
+    ListResponse, PromptRequest, RequestOutcome,
 };
 use crate::state::{response_id, unix_now, AppState};
 
@@ -41,16 +41,6 @@ struct PoolingItem {
     index: usize,
     object: &'static str,
     data: PooledJson,
-}
-
-#[derive(Serialize)]
-struct PoolingResponse<'a> {
-    id: String,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    data: Vec<PoolingItem>,
-    usage: Usage,
 }
 
 json_route!(pooling_route => pooling);
@@ -173,14 +163,7 @@ pub async fn pooling(
             data: pooled,
         });
     }
-    let response = PoolingResponse {
-        id,
-        object: "list",
-        created,
-        model: state.served_name(),
-        data,
-        usage: Usage::new(prompt_tokens),
-    };
+    let response = ListResponse::new(id, created, state.served_name(), data, prompt_tokens);
     Ok(json_response(&response, outcome))
 }
 

@@ -12,7 +12,7 @@ use crate::execution::SequenceOutput;
 use crate::fields::Body;
 use crate::protocol::{
     check_score_template_kwargs, json_float, json_response, run_prompts, CommonFields,
-    RequestOutcome, Usage,
+    ListResponse, RequestOutcome,
 };
 use crate::state::{response_id, unix_now, AppState};
 
@@ -167,16 +167,6 @@ struct ScoreItem {
     score: f64,
 }
 
-#[derive(Serialize)]
-struct ScoreResponse<'a> {
-    id: String,
-    object: &'static str,
-    created: u64,
-    model: &'a str,
-    data: Vec<ScoreItem>,
-    usage: Usage,
-}
-
 json_route!(score_route => score);
 
 /// Which `/score` body variant this is, if any.
@@ -216,14 +206,13 @@ pub async fn score(
             score: json_float(*score)?,
         });
     }
-    let response = ScoreResponse {
-        id: response_id("score-", headers),
-        object: "list",
-        created: unix_now(),
-        model: state.served_name(),
+    let response = ListResponse::new(
+        response_id("score-", headers),
+        unix_now(),
+        state.served_name(),
         data,
-        usage: Usage::new(prompt_tokens),
-    };
+        prompt_tokens,
+    );
     Ok(json_response(
         &response,
         RequestOutcome {
