@@ -474,9 +474,11 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
     }
     let pooling = match task {
         PoolingTask::TokenClassify => PoolingType::All,
-        _ => pooler
-            .seq_pooling_type
-            .unwrap_or_else(|| arch.default_pooling()),
+        _ => pooler.seq_pooling_type.unwrap_or_else(|| {
+            loaded
+                .default_pooling
+                .unwrap_or_else(|| arch.default_pooling())
+        }),
     };
 
     let backbone = &loaded.backbone;
@@ -649,7 +651,7 @@ fn token_classifier_spec(
             return Err(EngineError::Config("`method` is set but classifier_from_token is not".into()))
         }
     };
-    if matches!(arch.family, crate::models::Family::Bert(_)) {
+    if !arch.has_lm_head() {
         return Err(EngineError::Config(
             "classifier_from_token applies to decoder (LLM) checkpoints only".into(),
         ));

@@ -5,6 +5,7 @@ pub mod bert;
 pub mod decoder;
 pub mod gpt2;
 pub mod qwen2_5_vl;
+pub mod registry;
 
 use std::sync::Arc;
 
@@ -13,11 +14,12 @@ use candle_core::{DType, Tensor};
 use crate::checkpoint::{HfConfig, Weights};
 use crate::error::{EngineError, Result};
 use crate::multimodal::VisualInput;
-use crate::pooling::{ClassifierHead, PoolingTask, PoolingType};
-use bert::{BertModel, BertVariant};
-use decoder::{DecoderModel, DecoderVariant};
+use crate::pooling::{ClassifierHead, PoolingType};
+use bert::BertModel;
+use decoder::DecoderModel;
 use gpt2::Gpt2Model;
 use qwen2_5_vl::Qwen25VlModel;
+pub use registry::{load_model, unsupported_architecture, ArchInfo, ArchKind, Family};
 
 /// All sequences of a batch concatenated, with no padding.
 #[derive(Debug, Clone, Default)]
@@ -84,134 +86,6 @@ pub trait Backbone: Send + Sync {
     fn dtype(&self) -> DType;
 }
 
-/// How an architecture name is served.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArchInfo {
-    pub architecture: String,
-    pub family: Family,
-    pub kind: ArchKind,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Bert(BertVariant),
-    Gpt2,
-    Decoder(DecoderVariant),
-    /// Qwen2.5-VL: vision tower + M-RoPE Qwen2 language model.
-    Qwen25Vl,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ArchKind {
-    SequenceClassification,
-    TokenClassification,
-    /// `*ForCausalLM` / `*LMHeadModel`: served only through `--convert classify`.
-    Generative,
-}
-
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "BertForSequenceClassification",
-    "BertForTokenClassification",
-    "RobertaForSequenceClassification",
-    "RobertaForTokenClassification",
-    "XLMRobertaForSequenceClassification",
-    "XLMRobertaForTokenClassification",
-    "ErnieForSequenceClassification",
-    "ErnieForTokenClassification",
-    "GPT2ForSequenceClassification",
-    "GPT2LMHeadModel (--convert classify)",
-    "LlamaForSequenceClassification",
-    "LlamaForCausalLM (--convert classify)",
-    "MistralForSequenceClassification",
-    "MistralForCausalLM (--convert classify)",
-    "Qwen2ForSequenceClassification",
-    "Qwen2ForCausalLM (--convert classify)",
-    "Qwen3ForSequenceClassification",
-    "Qwen3ForCausalLM (--convert classify)",
-    "Qwen2_5_VLForSequenceClassification",
-    "Qwen2_5_VLForConditionalGeneration (--convert classify)",
-];
-
-const SUFFIXES: &[(&str, ArchKind)] = &[
-    (
-        "ForSequenceClassification",
-        ArchKind::SequenceClassification,
-    ),
-    ("ForTokenClassification", ArchKind::TokenClassification),
-    ("ForCausalLM", ArchKind::Generative),
-    ("ForConditionalGeneration", ArchKind::Generative),
-    ("LMHeadModel", ArchKind::Generative),
-];
-
-impl ArchInfo {
-    pub fn from_name(arch: &str) -> Result<Self> {
-        for (suffix, kind) in SUFFIXES {
-            let Some(base) = arch.strip_suffix(suffix) else {
-                continue;
-            };
-            let family = if let Some(v) = BertVariant::from_arch(base) {
-                Some(Family::Bert(v))
-            } else if base == "GPT2" {
-                Some(Family::Gpt2)
-            } else if base == "Qwen2_5_VL" {
-                Some(Family::Qwen25Vl)
-            } else {
-                DecoderVariant::from_arch(base).map(Family::Decoder)
-            };
-            let supported = match (family, kind) {
-                (Some(Family::Bert(_)), ArchKind::Generative) => false,
-                (
-                    Some(Family::Gpt2 | Family::Decoder(_) | Family::Qwen25Vl),
-                    ArchKind::TokenClassification,
-                ) => false,
-                // Only the multimodal family is a "conditional generation" model.
-                (Some(Family::Gpt2 | Family::Decoder(_)), ArchKind::Generative)
-                    if arch.ends_with("ForConditionalGeneration") =>
-                {
-                    false
-                }
-                (Some(_), _) => true,
-                (None, _) => false,
-            };
-            if let (true, Some(family)) = (supported, family) {
-                return Ok(ArchInfo {
-                    architecture: arch.to_string(),
-                    family,
-                    kind: *kind,
-                });
-            }
-        }
-        Err(unsupported_architecture(arch))
-    }
-
-    /// The pooling a classifier of this family uses unless configured otherwise.
-    pub fn default_pooling(&self) -> PoolingType {
-        match self.family {
-            Family::Bert(_) => PoolingType::Cls,
-            Family::Gpt2 | Family::Decoder(_) | Family::Qwen25Vl => PoolingType::Last,
-        }
-    }
-
-    pub fn default_task(&self) -> PoolingTask {
-        match self.kind {
-            ArchKind::TokenClassification => PoolingTask::TokenClassify,
-            _ => PoolingTask::Classify,
-        }
-    }
-
-    /// Decoders attend causally; encoders see the whole sequence.
-    pub fn is_causal(&self) -> bool {
-        !matches!(self.family, Family::Bert(_))
-    }
-}
-
-pub fn unsupported_architecture(arch: &str) -> EngineError {
-    EngineError::Config(format!(
-        "architecture `{arch}` is not supported. Supported architectures: {}",
-        SUPPORTED_ARCHITECTURES.join(", ")
-    ))
-}
-
 /// The `classifier_from_token` conversion of an LM head (vLLM's `method`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenClassifierSpec {
@@ -231,59 +105,91 @@ pub enum TokenMethod {
 pub struct LoadedModel {
     pub backbone: Box<dyn Backbone>,
     pub head: ClassifierHead,
+    /// The sequence pooling this checkpoint's head expects, when its config
+    /// decides it (e.g. ModernBERT's `classifier_pooling`); else the registry's.
+    pub default_pooling: Option<PoolingType>,
 }
 
-/// Builds the backbone and head for a resolved architecture.
-pub fn load_model(
-    arch: &ArchInfo,
-    config: &HfConfig,
-    weights: &Weights,
-    num_labels: usize,
-    from_token: Option<&TokenClassifierSpec>,
-) -> Result<LoadedModel> {
-    let token_cls = arch.kind == ArchKind::TokenClassification;
-    match arch.family {
-        Family::Bert(variant) => {
-            let backbone = BertModel::load(variant, config, weights)?;
-            let head = bert::load_head(variant, token_cls, config, weights, num_labels)?;
-            Ok(LoadedModel {
-                backbone: Box::new(backbone),
-                head,
-            })
-        }
-        Family::Gpt2 => {
-            let backbone = Gpt2Model::load(config, weights)?;
-            // GPT-2 always ties its LM head to the token embeddings.
-            let head = decoder_head(
-                weights,
-                &["transformer.", ""],
-                backbone.hidden_size(),
-                num_labels,
-                from_token,
-                Some(backbone.embeddings()),
-            )?;
-            Ok(LoadedModel {
-                backbone: Box::new(backbone),
-                head,
-            })
-        }
-        Family::Qwen25Vl => {
-            let backbone = Qwen25VlModel::load(config, weights)?;
-            let head = decoder_lm_head(backbone.language_model(), weights, num_labels, from_token)?;
-            Ok(LoadedModel {
-                backbone: Box::new(backbone),
-                head,
-            })
-        }
-        Family::Decoder(variant) => {
-            let backbone = DecoderModel::load(variant, config, weights)?;
-            let head = decoder_lm_head(&backbone, weights, num_labels, from_token)?;
-            Ok(LoadedModel {
-                backbone: Box::new(backbone),
-                head,
-            })
+impl LoadedModel {
+    pub fn new(backbone: impl Backbone + 'static, head: ClassifierHead) -> Self {
+        LoadedModel {
+            backbone: Box::new(backbone),
+            head,
+            default_pooling: None,
         }
     }
+}
+
+/// What a family's loader gets: the resolved architecture, its config and weights.
+pub struct LoadRequest<'a> {
+    pub arch: &'a ArchInfo,
+    pub config: &'a HfConfig,
+    pub weights: &'a Weights,
+    pub num_labels: usize,
+    pub from_token: Option<&'a TokenClassifierSpec>,
+}
+
+impl LoadRequest<'_> {
+    pub fn token_classification(&self) -> bool {
+        self.arch.kind == ArchKind::TokenClassification
+    }
+}
+
+/// A registry row whose loader does not fit its family (a registry bug).
+pub(crate) fn family_mismatch(req: &LoadRequest) -> EngineError {
+    EngineError::Config(format!(
+        "internal: the registry row for {} names the wrong family",
+        req.arch.architecture
+    ))
+}
+
+pub(crate) fn load_bert(req: &LoadRequest) -> Result<LoadedModel> {
+    let Family::Bert(variant) = req.arch.family else {
+        return Err(family_mismatch(req));
+    };
+    let backbone = BertModel::load(variant, req.config, req.weights)?;
+    let head = bert::load_head(
+        variant,
+        req.token_classification(),
+        req.config,
+        req.weights,
+        req.num_labels,
+    )?;
+    Ok(LoadedModel::new(backbone, head))
+}
+
+pub(crate) fn load_gpt2(req: &LoadRequest) -> Result<LoadedModel> {
+    let backbone = Gpt2Model::load(req.config, req.weights)?;
+    // GPT-2 always ties its LM head to the token embeddings.
+    let head = decoder_head(
+        req.weights,
+        &["transformer.", ""],
+        backbone.hidden_size(),
+        req.num_labels,
+        req.from_token,
+        Some(backbone.embeddings()),
+    )?;
+    Ok(LoadedModel::new(backbone, head))
+}
+
+pub(crate) fn load_qwen2_5_vl(req: &LoadRequest) -> Result<LoadedModel> {
+    let backbone = Qwen25VlModel::load(req.config, req.weights)?;
+    let head = decoder_lm_head(
+        backbone.language_model(),
+        req.weights,
+        req.num_labels,
+        req.from_token,
+    )?;
+    Ok(LoadedModel::new(backbone, head))
+}
+
+pub(crate) fn load_decoder(req: &LoadRequest) -> Result<LoadedModel> {
+    let Family::Decoder(variant) = req.arch.family else {
+        return Err(family_mismatch(req));
+    };
+    let backbone = DecoderModel::load(variant, req.config, req.weights)?;
+    let head = decoder_lm_head(&backbone, req.weights, req.num_labels, req.from_token)?;
+    Ok(LoadedModel::new(backbone, head))
 }
 
 /// A Llama-family decoder's head; the LM head is tied to the embeddings when
