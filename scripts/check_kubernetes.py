@@ -212,6 +212,14 @@ def check_variant(path, serve_flags):
         mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
         check("/tmp" in mounts, f"{name}: read-only root file system with a writable /tmp")
 
+    model = flag_value(args, "--model")
+    if model and model.startswith("/"):
+        mounts = [m["mountPath"] for m in container.get("volumeMounts", [])]
+        check(
+            any(model.startswith(m.rstrip("/") + "/") for m in mounts),
+            f"{name}: --model {model} is on a mounted volume",
+        )
+
     if serve_flags is not None:
         for a in args:
             if a.startswith("--"):

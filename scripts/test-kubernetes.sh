@@ -24,14 +24,23 @@ if ! "$venv/bin/python" -c 'import kubernetes_validate, yaml' 2>/dev/null ||
     "$venv/bin/pip" install -q --disable-pip-version-check "$VALIDATOR" >&2
 fi
 
-command -v kubectl >/dev/null || { log "kubectl (for kustomize) is not installed"; exit 1; }
 out=$(mktemp -d)
 trap 'rm -rf -- "$out"' EXIT
 rendered=()
-for variant in base gpu; do
-    kubectl kustomize "deploy/kubernetes/$variant" >"$out/$variant.yaml"
-    rendered+=("$out/$variant.yaml")
-done
+if command -v kubectl >/dev/null; then
+    for variant in base gpu own-model; do
+        kubectl kustomize "deploy/kubernetes/$variant" >"$out/$variant.yaml"
+        rendered+=("$out/$variant.yaml")
+    done
+else
+    # The base is plain manifests; the overlays need kustomize.
+    log "kubectl (for kustomize) is not installed: checking the base only, not the gpu and own-model overlays"
+    for f in deployment service hpa; do
+        cat "deploy/kubernetes/base/$f.yaml"
+        printf -- '---\n'
+    done >"$out/base.yaml"
+    rendered+=("$out/base.yaml")
+fi
 for v in $SCHEMA_VERSIONS; do
     "$venv/bin/kubernetes-validate" --strict --quiet -k "$v" "${rendered[@]}"
 done
