@@ -73,19 +73,14 @@ rm -rf -- "$ctx"
 mkdir -p -- "$ctx/rootfs/bin" "$ctx/rootfs/etc" "$ctx/rootfs/tmp" "$ctx/model" "$ctx/ffmpeg"
 [ "$variant" = cpu ] || mkdir -p -- "$ctx/cuda"
 chmod 1777 "$ctx/rootfs/tmp"
-# cp -p everywhere: the layer cache keys on file metadata too, so unchanged inputs
-# must keep their times for a rebuild to reuse the layer.
-cp -p -- "$bin" "$ctx/verdict"
+# Symbols only make the image bigger (panics still name their source line).
+if command -v strip >/dev/null; then strip -o "$ctx/verdict" "$bin"; else cp -- "$bin" "$ctx/verdict"; fi
 
 # 1. The shared libraries, at the paths ldd resolves them to (the dynamic loader
 #    included). CUDA libraries go to cuda/; the driver library (libcuda.so.1) is
 #    left to the NVIDIA container toolkit.
 ldpath=
-if [ "$variant" = cuda ]; then
-    ldpath=$CUDA_LIB
-    # build-cuda.sh's stub stands in for the driver so that ldd can resolve the rest.
-    [ -d "$CUDA_LIB/stubs" ] && ldpath=$ldpath:$CUDA_LIB/stubs
-fi
+[ "$variant" = cpu ] || ldpath=$CUDA_LIB
 deps=$(LD_LIBRARY_PATH=$ldpath ldd "$ctx/verdict") || die "ldd $bin failed (a dynamically linked glibc binary is expected)"
 while read -r name arrow path _; do
     if [ "$arrow" != "=>" ]; then
@@ -94,23 +89,23 @@ while read -r name arrow path _; do
     case $name in libcuda.so.*) continue ;; esac
     [ -f "$path" ] || die "$bin needs $name, which ldd cannot resolve ($path)"
     if [ "$variant" = cuda ] && [ "${path#"$CUDA_LIB"/}" != "$path" ]; then
-        cp -pL -- "$path" "$ctx/cuda/$name"
+        cp -L -- "$path" "$ctx/cuda/$name"
     else
         mkdir -p -- "$ctx/rootfs$(dirname -- "$path")"
-        cp -pL -- "$path" "$ctx/rootfs$path"
+        cp -L -- "$path" "$ctx/rootfs$path"
     fi
 done <<<"$deps"
 if [ "$variant" = cuda ]; then
     # libnvrtc opens its builtins library itself when it compiles.
     for f in "$CUDA_LIB"/libnvrtc-builtins.so.*; do
-        [ -f "$f" ] && cp -pL -- "$f" "$ctx/cuda/"
+        if [ -f "$f" ]; then cp -L -- "$f" "$ctx/cuda/"; fi
     done
     # The NVIDIA container hook adds the host's driver library and then runs the
     # image's ldconfig so that the loader finds it.
     ldconfig=$(command -v ldconfig || echo /sbin/ldconfig)
     is_static "$ldconfig" || die "$ldconfig is not statically linked"
     mkdir -p -- "$ctx/rootfs/sbin" "$ctx/rootfs/etc/ld.so.conf.d"
-    cp -p -- "$ldconfig" "$ctx/rootfs/sbin/ldconfig"
+    cp -- "$ldconfig" "$ctx/rootfs/sbin/ldconfig"
     printf 'include /etc/ld.so.conf.d/*.conf\n' >"$ctx/rootfs/etc/ld.so.conf"
     printf '/usr/local/cuda/lib\n/usr/lib64\n/usr/lib/x86_64-linux-gnu\n' >"$ctx/rootfs/etc/ld.so.conf.d/verdict.conf"
 fi
@@ -139,7 +134,7 @@ else
 fi
 is_static "$busybox" || die "$busybox is not a static busybox"
 "$busybox" wget --help >/dev/null 2>&1 || die "$busybox has no wget applet"
-cp -p -- "$busybox" "$ctx/rootfs/bin/busybox"
+cp -- "$busybox" "$ctx/rootfs/bin/busybox"
 ln -s busybox "$ctx/rootfs/bin/sh"
 
 # 3. The unprivileged user (uid 10001, numeric in the Containerfile so that Kubernetes'
@@ -150,20 +145,15 @@ printf 'passwd: files\ngroup: files\nhosts: files dns\n' >"$ctx/rootfs/etc/nsswi
 
 # 4. The default model, links resolved (the image has no cache folder to point into).
 model=$(scripts/setup-default-model.sh)
-cp -pL -- "$model"/* "$ctx/model/"
+cp -L -- "$model"/* "$ctx/model/"
 
 # 5. ffmpeg, only when asked: it is 170 MB and only video inputs of vision-language
 #    models use it. The pinned static build, never a dynamically linked one from PATH.
 if [ "$with_ffmpeg" = 1 ]; then
     ffmpeg=$(env -u VERDICT_FFMPEG VERDICT_FFMPEG_FORCE_WHEEL=1 scripts/setup-ffmpeg.sh)
     is_static "$ffmpeg" || die "$ffmpeg is not statically linked"
-    cp -p -- "$ffmpeg" "$ctx/ffmpeg/ffmpeg"
+    cp -- "$ffmpeg" "$ctx/ffmpeg/ffmpeg"
 fi
-# Generated files and every folder get a fixed time, for the layer cache.
-touch -d @0 "$ctx"/rootfs/etc/*
-[ ! -d "$ctx/rootfs/etc/ld.so.conf.d" ] || touch -d @0 "$ctx"/rootfs/etc/ld.so.conf.d/*
-touch -h -d @0 "$ctx/rootfs/bin/sh"
-find "$ctx" -type d -exec touch -d @0 {} +
 
 # Every COPY source of the Containerfile must be in the context (a check that needs
 # no container engine).
