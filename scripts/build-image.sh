@@ -61,7 +61,7 @@ else
 fi
 [ -x "$bin" ] || die "no binary at $bin (${variant}: $([ "$variant" = cpu ] && echo 'cargo build --release --locked' || echo 'scripts/build-cuda.sh'))"
 
-# True when $1 needs no shared library (busybox, ldconfig and ffmpeg must not).
+# True when $1 needs no shared library (busybox and ldconfig must not).
 is_static() {
     local out
     out=$(ldd "$1" 2>&1 || true)
@@ -76,25 +76,28 @@ chmod 1777 "$ctx/rootfs/tmp"
 # Symbols only make the image bigger (panics still name their source line).
 if command -v strip >/dev/null; then strip -o "$ctx/verdict" "$bin"; else cp -- "$bin" "$ctx/verdict"; fi
 
-# 1. The shared libraries, at the paths ldd resolves them to (the dynamic loader
-#    included). CUDA libraries go to cuda/; the driver library (libcuda.so.1) is
-#    left to the NVIDIA container toolkit.
-ldpath=
-[ "$variant" = cpu ] || ldpath=$CUDA_LIB
-deps=$(LD_LIBRARY_PATH=$ldpath ldd "$ctx/verdict") || die "ldd $bin failed (a dynamically linked glibc binary is expected)"
-while read -r name arrow path _; do
-    if [ "$arrow" != "=>" ]; then
-        case $name in /*) path=$name ;; *) continue ;; esac # the loader; the vDSO has no file
-    fi
-    case $name in libcuda.so.*) continue ;; esac
-    [ -f "$path" ] || die "$bin needs $name, which ldd cannot resolve ($path)"
-    if [ "$variant" = cuda ] && [ "${path#"$CUDA_LIB"/}" != "$path" ]; then
-        cp -L -- "$path" "$ctx/cuda/$name"
-    else
-        mkdir -p -- "$ctx/rootfs$(dirname -- "$path")"
-        cp -L -- "$path" "$ctx/rootfs$path"
-    fi
-done <<<"$deps"
+# 1. The shared libraries of $1, at the paths ldd resolves them to (the dynamic loader
+#    included). CUDA libraries go to cuda/; the driver library (libcuda.so.1) is left
+#    to the NVIDIA container toolkit.
+copy_libs() {
+    local file=$1 ldpath= deps name arrow path _
+    [ "$variant" = cpu ] || ldpath=$CUDA_LIB
+    deps=$(LD_LIBRARY_PATH=$ldpath ldd "$file") || die "ldd $file failed (a dynamically linked glibc binary is expected)"
+    while read -r name arrow path _; do
+        if [ "$arrow" != "=>" ]; then
+            case $name in /*) path=$name ;; *) continue ;; esac # the loader; the vDSO has no file
+        fi
+        case $name in libcuda.so.*) continue ;; esac
+        [ -f "$path" ] || die "$file needs $name, which ldd cannot resolve ($path)"
+        if [ "$variant" = cuda ] && [ "${path#"$CUDA_LIB"/}" != "$path" ]; then
+            cp -L -- "$path" "$ctx/cuda/$name"
+        else
+            mkdir -p -- "$ctx/rootfs$(dirname -- "$path")"
+            cp -L -- "$path" "$ctx/rootfs$path"
+        fi
+    done <<<"$deps"
+}
+copy_libs "$ctx/verdict"
 if [ "$variant" = cuda ]; then
     # libnvrtc opens its builtins library itself when it compiles.
     for f in "$CUDA_LIB"/libnvrtc-builtins.so.*; do
@@ -109,7 +112,6 @@ if [ "$variant" = cuda ]; then
     printf 'include /etc/ld.so.conf.d/*.conf\n' >"$ctx/rootfs/etc/ld.so.conf"
     printf '/usr/local/cuda/lib\n/usr/lib64\n/usr/lib/x86_64-linux-gnu\n' >"$ctx/rootfs/etc/ld.so.conf.d/verdict.conf"
 fi
-log "libraries: $(cd "$ctx" && find rootfs cuda -name '*.so*' 2>/dev/null | sed 's,.*/,,' | sort | tr '\n' ' ')"
 
 # 2. busybox: wget for HEALTHCHECK, a shell for `exec -it ... sh`.
 if [ -n "${BUSYBOX:-}" ]; then
@@ -148,12 +150,13 @@ model=$(scripts/setup-default-model.sh)
 cp -L -- "$model"/* "$ctx/model/"
 
 # 5. ffmpeg, only when asked: it is 170 MB and only video inputs of vision-language
-#    models use it. The pinned static build, never a dynamically linked one from PATH.
+#    models use it. The pinned build (it links only glibc), not whatever PATH has.
 if [ "$with_ffmpeg" = 1 ]; then
     ffmpeg=$(env -u VERDICT_FFMPEG VERDICT_FFMPEG_FORCE_WHEEL=1 scripts/setup-ffmpeg.sh)
-    is_static "$ffmpeg" || die "$ffmpeg is not statically linked"
     cp -- "$ffmpeg" "$ctx/ffmpeg/ffmpeg"
+    copy_libs "$ctx/ffmpeg/ffmpeg"
 fi
+log "libraries: $(cd "$ctx" && find rootfs cuda -name '*.so*' 2>/dev/null | sed 's,.*/,,' | sort | tr '\n' ' ')"
 
 # Every COPY source of the Containerfile must be in the context (a check that needs
 # no container engine).
