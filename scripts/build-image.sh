@@ -52,6 +52,7 @@ else
     bin=${VERDICT_BIN:-target-cuda/release/verdict}
     if [ ! -x "$bin" ] && [ -z "${VERDICT_BIN:-}" ] && [ -f target-cuda/verdict.xz ]; then
         log "unpacking target-cuda/verdict.xz"
+        mkdir -p -- "$(dirname -- "$bin")"
         xz -dc target-cuda/verdict.xz >"$bin.part" && chmod 755 "$bin.part" && mv -f "$bin.part" "$bin"
     fi
     VENV=${CUDA_VENV:-$HOME/.cache/verdict/cuda-venv}
