@@ -81,7 +81,7 @@ if command -v strip >/dev/null; then strip -o "$ctx/verdict" "$bin"; else cp -- 
 #    included). CUDA libraries go to cuda/; the driver library (libcuda.so.1) is left
 #    to the NVIDIA container toolkit.
 copy_libs() {
-    local file=$1 ldpath= deps name arrow path _
+    local file=$1 ldpath='' deps name arrow path _
     [ "$variant" = cpu ] || ldpath=$CUDA_LIB
     deps=$(LD_LIBRARY_PATH=$ldpath ldd "$file") || die "ldd $file failed (a dynamically linked glibc binary is expected)"
     while read -r name arrow path _; do
@@ -123,7 +123,7 @@ else
     mkdir -p -- "$debs"
     chmod 777 "$debs" # apt-get download drops privileges to its own user
     version=$(apt-cache policy busybox-static | sed -n 's/^ *Candidate: //p')
-    [ -n "$version" ] && [ "$version" != "(none)" ] || die "apt has no busybox-static (run apt-get update)"
+    if [ -z "$version" ] || [ "$version" = "(none)" ]; then die "apt has no busybox-static (run apt-get update)"; fi
     busybox=$debs/busybox-$version
     if [ ! -x "$busybox" ]; then
         log "fetching busybox-static $version"
@@ -161,11 +161,11 @@ log "libraries: $(cd "$ctx" && find rootfs cuda -name '*.so*' 2>/dev/null | sed 
 
 # Every COPY source of the Containerfile must be in the context (a check that needs
 # no container engine).
-sources=$(sed -n 's/^COPY \([^ ]*\) .*/\1/p' "$containerfile")
-for s in $sources; do
+read -r -a sources <<<"$(sed -n 's/^COPY \([^ ]*\) .*/\1/p' "$containerfile" | tr '\n' ' ')"
+for s in "${sources[@]}"; do
     [ -e "$ctx/$s" ] || die "$containerfile copies $s, which the staged context lacks"
 done
-log "context $ctx: $(du -sh "$ctx" | cut -f1) ($(printf '%s ' $sources))"
+log "context $ctx: $(du -sh "$ctx" | cut -f1) (${sources[*]})"
 if [ "$stage_only" = 1 ]; then
     printf '%s\n' "$ctx"
     exit 0

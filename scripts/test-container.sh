@@ -22,7 +22,8 @@ fail() { log "FAILED: $*"; exit 1; }
 
 command -v podman >/dev/null || { log "skipped: podman is not installed (apt-get install podman runc)"; exit 0; }
 podman=(podman)
-runtime=${PODMAN_RUNTIME:-$(command -v runc >/dev/null && echo runc || true)}
+runtime=${PODMAN_RUNTIME:-}
+if [ -z "$runtime" ] && command -v runc >/dev/null; then runtime=runc; fi
 [ -z "$runtime" ] || podman+=(--runtime "$runtime")
 # The HEALTHCHECK's timer needs systemd, which these machines lack: its command is run
 # by hand below instead.
