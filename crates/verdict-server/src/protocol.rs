@@ -11,7 +11,7 @@ use verdict_engine::{
 };
 
 use crate::error::{ApiError, SchemaIssue};
-use crate::execution::{run_sequences, SequenceOutput};
+use crate::execution::{admit, run_sequences, SequenceOutput};
 use crate::fields::{as_i64, Body};
 use crate::state::AppState;
 
@@ -333,6 +333,7 @@ pub async fn run_prompts(
     use_activation: Option<bool>,
     priority: i64,
 ) -> Result<Vec<SequenceOutput>, ApiError> {
+    admit(&state.engine, state.config.max_queue_wait)?;
     let use_activation = use_activation.unwrap_or(state.info.default_use_activation);
     let inputs = prompts
         .into_iter()
