@@ -199,7 +199,18 @@ def numpy_forward(sd, cfg, ids, types, token):
         return y + w[name + ".bias"] if bias else y
 
     gelu = np.vectorize(lambda v: 0.5 * v * (1.0 + math.erf(v / math.sqrt(2.0))))
-    inv_freq = rope_inv_freq(cfg).double().numpy()
+    # Frequency j (of d/2), written out again: theta^(-2j/d), NTK-scaled when factor > 1.
+    theta = float(cfg.get("rope_theta", 10000.0))
+    scaling = cfg.get("rope_scaling") or {"factor": 1.0}
+    f, b = float(scaling["factor"]), scaling.get("mixed_b")
+    inv_freq = []
+    for j in range(d // 2):
+        if f <= 1.0:
+            inv_freq.append(theta ** (-2 * j / d))
+        elif b is None:
+            inv_freq.append((theta * f) ** (-2 * j / d) * f ** (-2 / d))
+        else:
+            inv_freq.append(theta ** (-2 * j / d) * math.exp(-math.log(f) * ((j + 1) / (d / 2)) ** b))
 
     def rope(x, pos):  # x [d] for one head at one position: pairs (j, j + d/2)
         out = x.copy()

@@ -171,6 +171,7 @@ def fwd_gte(model, ids, tt, token):
     np_tok, np_seq = gte.numpy_forward(model.weights, model.new.cfg, ids, tt, token)
     worst = max(np.abs(tok.detach().double().numpy() - np_tok).max(), np.abs(seq.detach().double().numpy() - np_seq).max())
     assert worst < NUMPY_ATOL, f"torch reference vs numpy: {worst}"
+    model.numpy_gap = max(getattr(model, "numpy_gap", 0.0), worst)
     return tok, seq
 
 
@@ -236,6 +237,8 @@ def make_fixture(name, spec_fn, salt):
         "id2label": id2label,
         "cases": cases,
     }
+    if not distil:
+        print(f"  {name}: torch reference vs float64 numpy, largest logit gap {model.numpy_gap:.1e}")
     if spec["token"]:
         ref["note"] = "token classification: logits/probs are the first token's"
     mf.write_json(out / "reference.json", ref)
