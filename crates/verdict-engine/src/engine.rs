@@ -459,6 +459,9 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
     let weights = Weights::open(&files, dtype, &device)?;
     let loaded = load_model(&arch, &config, &weights, num_labels, from_token.as_ref())?;
     drop(weights);
+    if loaded.backbone.type_vocab_size() == 0 {
+        tokenizer.drop_pair_type_ids();
+    }
 
     let pooler = &args.pooler_config;
     let supported_tasks = match arch.kind {

@@ -252,3 +252,86 @@ fn bfloat16_backbone_within_16_bit_tolerance() {
         }
     }
 }
+
+// DistilBERT and GTE "new" (scripts/make_encoder_fixtures_distil_gte.py).
+
+parity_tests! {
+    distilbert_sinusoidal_positions_recreated => "distilbert-cls",
+    distilbert_cross_encoder => "distilbert-rerank",
+    gte_new_cross_encoder_ntk_rope => "gte-rerank",
+}
+
+#[test]
+fn distilbert_token_classification() {
+    check_token_fixture("distilbert-tokens");
+}
+
+#[test]
+fn gte_new_token_classification_split_qkv_mixed_ntk() {
+    check_token_fixture("gte-tokens");
+}
+
+/// A `*ForTokenClassification` fixture (its only task is token_classify): token
+/// ids, per-token logits and probabilities with all prompts packed, and each
+/// prompt alone, which must agree with the batch to 1e-5.
+fn check_token_fixture(name: &str) {
+    let dir = fixture_dir(name);
+    let reference = load_reference(&dir);
+    let llm = Llm::new(engine_args(&dir, &reference))
+        .unwrap_or_else(|e| panic!("{name}: load failed: {e}"));
+    assert_eq!(llm.info().num_labels, reference.num_labels, "{name}");
+    let prompts: Vec<Prompt> = reference
+        .cases
+        .iter()
+        .map(|c| case_prompt(&llm, c))
+        .collect();
+    let tok = TokenizeOptions::default();
+    let raw = PoolingParams {
+        use_activation: Some(false),
+        ..Default::default()
+    };
+    // (token ids, per-token rows) of each prompt.
+    let encode = |prompts: &[Prompt], params: ParamsArg| -> Vec<(Vec<u32>, Vec<Vec<f32>>)> {
+        llm.encode(prompts, params, Some(PoolingTask::TokenClassify), &tok)
+            .unwrap_or_else(|e| panic!("{name}: encode failed: {e}"))
+            .into_iter()
+            .map(|out| match out.outputs {
+                PooledData::Matrix(rows) => (out.prompt_token_ids, rows),
+                other => panic!("{name}: expected per-token rows, got {other:?}"),
+            })
+            .collect()
+    };
+    let probs = encode(&prompts, ParamsArg::Default);
+    let logits = encode(&prompts, ParamsArg::All(&raw));
+    for (i, case) in reference.cases.iter().enumerate() {
+        let what = format!("{name}/{}", case.name);
+        assert_eq!(probs[i].0, case.input_ids, "{what}: token ids");
+        let want_logits = case.token_logits.as_ref().expect("token_logits");
+        let want_probs = case.token_probs.as_ref().expect("token_probs");
+        assert_close_2d(
+            &format!("{what} logits (batched)"),
+            &logits[i].1,
+            want_logits,
+            ATOL,
+        );
+        assert_close_2d(
+            &format!("{what} probs (batched)"),
+            &probs[i].1,
+            want_probs,
+            ATOL,
+        );
+        let alone = encode(std::slice::from_ref(&prompts[i]), ParamsArg::All(&raw));
+        assert_close_2d(
+            &format!("{what} logits (alone)"),
+            &alone[0].1,
+            want_logits,
+            ATOL,
+        );
+        assert_close_2d(
+            &format!("{what} alone vs batched"),
+            &alone[0].1,
+            &logits[i].1,
+            1e-5,
+        );
+    }
+}

@@ -496,3 +496,133 @@ async fn chat_template_renders_score_pairs() {
     );
     s.stop().await;
 }
+
+// DistilBERT and GTE "new": /classify, /pooling, /score and /rerank on their
+// fixtures (scripts/make_encoder_fixtures_distil_gte.py).
+
+/// A num_labels 1 cross-encoder fixture through every scoring route.
+async fn check_cross_encoder_routes(fixture: &str) {
+    let s = start(
+        shared_engine(fixture, || engine_args(fixture)),
+        local_config(),
+    )
+    .await;
+    let reference = reference(fixture);
+    let model = format!("test/{fixture}");
+    for case in reference.cases_of("text") {
+        let body = s
+            .post("/classify", &json!({"model": model, "input": case.text}))
+            .await;
+        let item = &body.ok()["data"][0];
+        assert_close(&case.name, &floats(&item["probs"]), &case.probs, ATOL);
+        assert_eq!(item["label"], "LABEL_0");
+    }
+    let long = reference.case("long");
+    let body = s
+        .post(
+            "/pooling",
+            &json!({"input": long.text, "task": "classify", "use_activation": false}),
+        )
+        .await;
+    assert_close(
+        "pooling logits",
+        &floats(&body.ok()["data"][0]["data"]),
+        &long.logits,
+        ATOL,
+    );
+
+    // Pairs: N:N scores against transformers, then one query reranked over
+    // every document, each score as /score gives it alone.
+    let pairs = reference.cases_of("pair");
+    let queries: Vec<&str> = pairs.iter().map(|c| c.text.as_deref().unwrap()).collect();
+    let documents: Vec<&str> = pairs
+        .iter()
+        .map(|c| c.text_pair.as_deref().unwrap())
+        .collect();
+    let want: Vec<f64> = pairs.iter().map(|c| c.probs[0]).collect();
+    let body = s
+        .post(
+            "/score",
+            &json!({"model": model, "queries": queries, "documents": documents}),
+        )
+        .await;
+    assert_close("score N:N", &scores(body.ok()), &want, ATOL);
+    let one_to_n = scores(
+        s.post(
+            "/score",
+            &json!({"queries": queries[0], "documents": documents}),
+        )
+        .await
+        .ok(),
+    );
+    assert_close("score 1:N first", &one_to_n[..1], &want[..1], ATOL);
+    let body = s
+        .post(
+            "/rerank",
+            &json!({"model": model, "query": queries[0], "documents": documents}),
+        )
+        .await;
+    let results = body.ok()["results"].as_array().unwrap().clone();
+    assert_eq!(results.len(), documents.len());
+    let got: Vec<f64> = results
+        .iter()
+        .map(|r| r["relevance_score"].as_f64().unwrap())
+        .collect();
+    assert!(got.windows(2).all(|w| w[0] >= w[1]), "{got:?}");
+    for r in &results {
+        let index = r["index"].as_u64().unwrap() as usize;
+        assert_close(
+            "rerank",
+            &[r["relevance_score"].as_f64().unwrap()],
+            &one_to_n[index..=index],
+            BATCH_TOL,
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distilbert_cross_encoder_routes() {
+    // BERT's pair encoding gives token types; DistilBERT has none and drops them.
+    check_cross_encoder_routes("distilbert-rerank").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gte_new_cross_encoder_routes() {
+    check_cross_encoder_routes("gte-rerank").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distilbert_classifier_labels_and_no_scoring() {
+    let fixture = "distilbert-cls";
+    let s = start(
+        shared_engine(fixture, || engine_args(fixture)),
+        local_config(),
+    )
+    .await;
+    let reference = reference(fixture);
+    let texts: Vec<&str> = reference
+        .cases_of("text")
+        .iter()
+        .map(|c| c.text.as_deref().unwrap())
+        .collect();
+    let body = s.post("/classify", &json!({"input": texts})).await;
+    for (item, case) in body.ok()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(reference.cases_of("text"))
+    {
+        assert_close(&case.name, &floats(&item["probs"]), &case.probs, ATOL);
+        assert_eq!(
+            item["label"].as_str(),
+            reference.label_of(&case.probs).as_deref()
+        );
+    }
+    // Three labels: not a cross-encoder, so there is no /score (404, as vLLM).
+    let answer = s
+        .post("/score", &json!({"queries": "a", "documents": "b"}))
+        .await;
+    assert_eq!(answer.status, 404, "{answer:?}");
+    s.stop().await;
+}

@@ -104,9 +104,30 @@ impl RotaryEmbedding {
                         *f = interpolation * (1.0 - extrapolation_factor) + *f * extrapolation_factor;
                     }
                 }
+                // GTE's fixed/mixed NTK scaling (its remote code, as vLLM's `ntk`): fixed
+                // raises the base by `factor` and divides every frequency by
+                // factor^(2/dim); mixed divides frequency i by exp(a (i+1)^b) instead,
+                // a = ln(factor) / (dim/2)^b. The remote code rescales only when the
+                // scaled length exceeds max_position_embeddings, i.e. factor > 1.
+                "ntk" if factor > 1.0 => match num("mixed_b") {
+                    None => {
+                        let scaled_base = base * factor;
+                        let shrink = factor.powf(2.0 / dim as f32);
+                        for (i, f) in inv_freq.iter_mut().enumerate() {
+                            *f = 1.0 / scaled_base.powf((2 * i) as f32 / dim as f32) / shrink;
+                        }
+                    }
+                    Some(b) => {
+                        let a = factor.ln() / (dim as f32 / 2.0).powf(b as f32);
+                        for (i, f) in inv_freq.iter_mut().enumerate() {
+                            *f /= (a * ((i + 1) as f32).powf(b as f32)).exp();
+                        }
+                    }
+                },
+                "ntk" => {}
                 other => {
                     return Err(EngineError::Config(format!(
-                        "unsupported rope_scaling type `{other}` (supported: default, linear, llama3, yarn)"
+                        "unsupported rope_scaling type `{other}` (supported: default, linear, llama3, yarn, ntk)"
                     )))
                 }
             }

@@ -151,7 +151,7 @@ pub(crate) fn load_bert(req: &LoadRequest) -> Result<LoadedModel> {
     let head = bert::load_head(
         variant,
         req.token_classification(),
-        req.config,
+        backbone.hidden_size(),
         req.weights,
         req.num_labels,
     )?;

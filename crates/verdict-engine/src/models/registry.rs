@@ -106,6 +106,16 @@ pub const REGISTRY: &[ArchRow] = &[
     bert("XLMRoberta", BertVariant::Roberta),
     bert("Camembert", BertVariant::Roberta),
     bert("Ernie", BertVariant::Ernie),
+    bert("DistilBert", BertVariant::DistilBert),
+    // GTE "new" (remote code, model_type `new`); vLLM names the class GteNew.
+    bert("New", BertVariant::GteNew),
+    ArchRow {
+        stem: "GteNew",
+        family: Family::Bert(BertVariant::GteNew),
+        classes: &[ArchClass::Sequence],
+        causal: false,
+        load: load_bert,
+    },
     ArchRow {
         stem: "GPT2",
         family: Family::Gpt2,
@@ -243,6 +253,15 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn gte_new_is_served_under_both_class_names() {
+        let remote = ArchInfo::from_name("NewForSequenceClassification").unwrap();
+        let vllm = ArchInfo::from_name("GteNewForSequenceClassification").unwrap();
+        assert_eq!(remote.family, Family::Bert(BertVariant::GteNew));
+        assert_eq!(vllm.family, remote.family);
+        assert_eq!(vllm.kind, ArchKind::SequenceClassification);
     }
 
     #[test]
