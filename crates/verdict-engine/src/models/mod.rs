@@ -19,7 +19,9 @@ use bert::BertModel;
 use decoder::DecoderModel;
 use gpt2::Gpt2Model;
 use qwen2_5_vl::Qwen25VlModel;
-pub use registry::{load_model, unsupported_architecture, ArchInfo, ArchKind, Family};
+pub use registry::{
+    load_model, unsupported_architecture, ArchInfo, ArchKind, Family, RewardKind,
+};
 
 /// All sequences of a batch concatenated, with no padding.
 #[derive(Debug, Clone, Default)]
@@ -127,6 +129,9 @@ pub struct LoadRequest<'a> {
     pub weights: &'a Weights,
     pub num_labels: usize,
     pub from_token: Option<&'a TokenClassifierSpec>,
+    /// With no `score` head in the checkpoint, classify with the whole LM head
+    /// (one column per vocabulary token; STEP pooling picks the columns).
+    pub lm_head_logits: bool,
 }
 
 impl LoadRequest<'_> {
@@ -161,25 +166,13 @@ pub(crate) fn load_bert(req: &LoadRequest) -> Result<LoadedModel> {
 pub(crate) fn load_gpt2(req: &LoadRequest) -> Result<LoadedModel> {
     let backbone = Gpt2Model::load(req.config, req.weights)?;
     // GPT-2 always ties its LM head to the token embeddings.
-    let head = decoder_head(
-        req.weights,
-        &["transformer.", ""],
-        backbone.hidden_size(),
-        req.num_labels,
-        req.from_token,
-        Some(backbone.embeddings()),
-    )?;
+    let head = decoder_head(req, backbone.hidden_size(), Some(backbone.embeddings()))?;
     Ok(LoadedModel::new(backbone, head))
 }
 
 pub(crate) fn load_qwen2_5_vl(req: &LoadRequest) -> Result<LoadedModel> {
     let backbone = Qwen25VlModel::load(req.config, req.weights)?;
-    let head = decoder_lm_head(
-        backbone.language_model(),
-        req.weights,
-        req.num_labels,
-        req.from_token,
-    )?;
+    let head = decoder_lm_head(backbone.language_model(), req)?;
     Ok(LoadedModel::new(backbone, head))
 }
 
@@ -188,43 +181,50 @@ pub(crate) fn load_decoder(req: &LoadRequest) -> Result<LoadedModel> {
         return Err(family_mismatch(req));
     };
     let backbone = DecoderModel::load(variant, req.config, req.weights)?;
-    let head = decoder_lm_head(&backbone, req.weights, req.num_labels, req.from_token)?;
+    let head = match req.arch.kind {
+        ArchKind::Reward(_) => reward_head(req.weights, backbone.hidden_size(), req.num_labels)?,
+        _ => decoder_lm_head(&backbone, req)?,
+    };
     Ok(LoadedModel::new(backbone, head))
+}
+
+/// The reward models' `score`: Linear(h, h) -> ReLU -> Linear(h, labels), as
+/// `score.0` and `score.2` of a torch Sequential.
+fn reward_head(weights: &Weights, hidden: usize, num_labels: usize) -> Result<ClassifierHead> {
+    let score = weights.root(&[""]).pp("score");
+    let layer = |index: &str, out_dim: usize| {
+        let wp = score.pp(index);
+        let bias = wp.contains("bias");
+        crate::layers::Linear::load_as(&wp, hidden, out_dim, bias, DType::F32)
+    };
+    Ok(ClassifierHead::dense_relu(
+        layer("0", hidden)?,
+        layer("2", num_labels)?,
+    ))
 }
 
 /// A Llama-family decoder's head; the LM head is tied to the embeddings when
 /// the config says so or the checkpoint has none.
-fn decoder_lm_head(
-    lm: &DecoderModel,
-    weights: &Weights,
-    num_labels: usize,
-    from_token: Option<&TokenClassifierSpec>,
-) -> Result<ClassifierHead> {
-    let tied =
-        (lm.ties_embeddings() || !weights.contains("lm_head.weight")).then(|| lm.embeddings());
-    decoder_head(
-        weights,
-        &["model.language_model.", "model.", ""],
-        lm.hidden_size(),
-        num_labels,
-        from_token,
-        tied,
-    )
+fn decoder_lm_head(lm: &DecoderModel, req: &LoadRequest) -> Result<ClassifierHead> {
+    let tied = (lm.ties_embeddings() || !req.weights.contains("lm_head.weight"))
+        .then(|| lm.embeddings());
+    decoder_head(req, lm.hidden_size(), tied)
 }
 
 /// The `score` head of a decoder classifier, taken from the checkpoint or
-/// built from LM-head rows (`classifier_from_token`).
+/// built from LM-head rows (`classifier_from_token`, or the whole LM head).
 fn decoder_head(
-    weights: &Weights,
-    bases: &[&str],
+    req: &LoadRequest,
     hidden: usize,
-    num_labels: usize,
-    from_token: Option<&TokenClassifierSpec>,
     tied_embeddings: Option<&Tensor>,
 ) -> Result<ClassifierHead> {
+    let (weights, num_labels) = (req.weights, req.num_labels);
     let top = weights.root(&["", "language_model.", "model."]);
-    let Some(spec) = from_token else {
-        let score = top.pp("score");
+    let score = top.pp("score");
+    let from_token = req.from_token;
+    let lm_head_only =
+        from_token.is_none() && req.lm_head_logits && score.shape_of("weight").is_none();
+    if from_token.is_none() && !lm_head_only {
         if let Some(shape) = score.shape_of("weight") {
             if shape.len() == 2 && shape[1] == hidden && shape[0] != num_labels {
                 return Err(EngineError::Weight(format!(
@@ -246,7 +246,7 @@ fn decoder_head(
             DType::F32,
         )?;
         return Ok(ClassifierHead::linear(linear));
-    };
+    }
     let lm_head = match weights.root(&[""]).pp("lm_head").shape_of("weight") {
         Some(shape) => weights
             .root(&[""])
@@ -255,11 +255,17 @@ fn decoder_head(
         None => match tied_embeddings {
             Some(e) => e.to_dtype(DType::F32)?,
             None => {
-                return Err(EngineError::Weight(format!(
-                    "missing weight `lm_head.weight` (needed by classifier_from_token; looked under {bases:?})"
-                )))
+                return Err(EngineError::Weight(
+                    "missing weight `lm_head.weight` (needed to classify with LM-head rows)".into(),
+                ))
             }
         },
+    };
+    let Some(spec) = from_token else {
+        return Ok(ClassifierHead::linear(crate::layers::Linear::new(
+            lm_head.contiguous()?,
+            None,
+        )));
     };
     let vocab = lm_head.dim(0)?;
     let ids: Vec<u32> = spec.token_ids.clone();

@@ -30,6 +30,28 @@ pub enum ArchKind {
     /// `*ForCausalLM` / `*LMHeadModel` / `*ForConditionalGeneration`:
     /// served only through `--convert classify`.
     Generative,
+    /// A per-token reward head (`*ForRewardModel`, `*ForProcessRewardModel`).
+    Reward(RewardKind),
+}
+
+/// Which reward model a `Reward` class is; vLLM gives each its own defaults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RewardKind {
+    /// One reward per token (the sequence reward is the last); ALL pooling,
+    /// raw values unless `use_activation` is asked for.
+    Outcome,
+    /// Good/bad probabilities at step-tag tokens; STEP pooling, softmax.
+    Process,
+}
+
+impl RewardKind {
+    /// The label count vLLM forces for the head.
+    pub fn num_labels(self) -> usize {
+        match self {
+            RewardKind::Outcome => 1,
+            RewardKind::Process => 2,
+        }
+    }
 }
 
 /// The class names a row serves, as suffixes of its stem.
@@ -39,6 +61,7 @@ pub enum ArchClass {
     Token,
     /// A generative class with this suffix (`ForCausalLM`, `LMHeadModel`, ...).
     Generative(&'static str),
+    Reward(RewardKind),
 }
 
 impl ArchClass {
@@ -47,6 +70,8 @@ impl ArchClass {
             ArchClass::Sequence => "ForSequenceClassification",
             ArchClass::Token => "ForTokenClassification",
             ArchClass::Generative(suffix) => suffix,
+            ArchClass::Reward(RewardKind::Outcome) => "ForRewardModel",
+            ArchClass::Reward(RewardKind::Process) => "ForProcessRewardModel",
         }
     }
 
@@ -55,6 +80,7 @@ impl ArchClass {
             ArchClass::Sequence => ArchKind::SequenceClassification,
             ArchClass::Token => ArchKind::TokenClassification,
             ArchClass::Generative(_) => ArchKind::Generative,
+            ArchClass::Reward(kind) => ArchKind::Reward(kind),
         }
     }
 }
@@ -75,6 +101,13 @@ pub struct ArchRow {
 
 const ENCODER: &[ArchClass] = &[ArchClass::Sequence, ArchClass::Token];
 const CAUSAL_LM: &[ArchClass] = &[ArchClass::Sequence, ArchClass::Generative("ForCausalLM")];
+/// Qwen2 also has the Qwen2.5-Math reward heads.
+const QWEN2: &[ArchClass] = &[
+    ArchClass::Sequence,
+    ArchClass::Generative("ForCausalLM"),
+    ArchClass::Reward(RewardKind::Outcome),
+    ArchClass::Reward(RewardKind::Process),
+];
 
 const fn encoder(stem: &'static str, family: Family, load: LoadFn) -> ArchRow {
     ArchRow {
@@ -87,10 +120,18 @@ const fn encoder(stem: &'static str, family: Family, load: LoadFn) -> ArchRow {
 }
 
 const fn decoder(stem: &'static str, variant: DecoderVariant) -> ArchRow {
+    decoder_with(stem, variant, CAUSAL_LM)
+}
+
+const fn decoder_with(
+    stem: &'static str,
+    variant: DecoderVariant,
+    classes: &'static [ArchClass],
+) -> ArchRow {
     ArchRow {
         stem,
         family: Family::Decoder(variant),
-        classes: CAUSAL_LM,
+        classes,
         causal: true,
         load: load_decoder,
     }
@@ -125,7 +166,7 @@ pub const REGISTRY: &[ArchRow] = &[
     },
     decoder("Llama", DecoderVariant::Llama),
     decoder("Mistral", DecoderVariant::Mistral),
-    decoder("Qwen2", DecoderVariant::Qwen2),
+    decoder_with("Qwen2", DecoderVariant::Qwen2, QWEN2),
     decoder("Qwen3", DecoderVariant::Qwen3),
     ArchRow {
         stem: "Qwen2_5_VL",
@@ -186,6 +227,12 @@ impl ArchInfo {
     /// The pooling a classifier of this family uses unless its head or the
     /// pooler config says otherwise.
     pub fn default_pooling(&self) -> PoolingType {
+        if let ArchKind::Reward(kind) = self.kind {
+            return match kind {
+                RewardKind::Outcome => PoolingType::All,
+                RewardKind::Process => PoolingType::Step,
+            };
+        }
         if self.row.causal {
             PoolingType::Last
         } else {
@@ -195,8 +242,18 @@ impl ArchInfo {
 
     pub fn default_task(&self) -> PoolingTask {
         match self.kind {
-            ArchKind::TokenClassification => PoolingTask::TokenClassify,
+            ArchKind::TokenClassification | ArchKind::Reward(_) => PoolingTask::TokenClassify,
             _ => PoolingTask::Classify,
+        }
+    }
+
+    /// The pooling tasks the architecture serves (one is active per engine).
+    pub fn supported_tasks(&self) -> Vec<PoolingTask> {
+        match self.kind {
+            ArchKind::TokenClassification | ArchKind::Reward(_) => {
+                vec![PoolingTask::TokenClassify]
+            }
+            _ => vec![PoolingTask::Classify, PoolingTask::TokenClassify],
         }
     }
 
@@ -228,6 +285,7 @@ pub fn load_model(
     weights: &Weights,
     num_labels: usize,
     from_token: Option<&TokenClassifierSpec>,
+    lm_head_logits: bool,
 ) -> Result<LoadedModel> {
     (arch.row.load)(&LoadRequest {
         arch,
@@ -235,6 +293,7 @@ pub fn load_model(
         weights,
         num_labels,
         from_token,
+        lm_head_logits,
     })
 }
 
@@ -269,6 +328,8 @@ mod tests {
         for name in [
             "BertForCausalLM",
             "Qwen2ForTokenClassification",
+            "Qwen3ForRewardModel",
+            "LlamaForProcessRewardModel",
             "Qwen2ForConditionalGeneration",
             "GPT2ForCausalLM",
             "FooForSequenceClassification",

@@ -5,61 +5,49 @@ use crate::layers::Linear;
 
 /// A classification head, run in fp32 on pooled (or per-token) hidden states.
 pub struct ClassifierHead {
-    /// BERT's pooler, RoBERTa's `classifier.dense` or DistilBERT's
-    /// `pre_classifier`, with its activation.
-    dense: Option<DenseStage>,
+    /// A hidden layer before the output projection, when the head has one.
+    hidden: Option<HiddenLayer>,
     out: Linear,
 }
 
-/// The activation after a head's dense layer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DenseAct {
-    Tanh,
-    Relu,
-}
-
-struct DenseStage {
+struct HiddenLayer {
     dense: Linear,
-    act: DenseAct,
+    act: HeadAct,
     /// True for BERT's pooler: per-token classification skips it, as the
     /// token-classification models have no pooler.
     is_pooler: bool,
 }
 
-impl DenseStage {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.dense.forward(x)?;
-        Ok(match self.act {
-            DenseAct::Tanh => y.tanh()?,
-            DenseAct::Relu => y.relu()?,
-        })
-    }
+#[derive(Clone, Copy)]
+enum HeadAct {
+    Tanh,
+    Relu,
 }
 
 impl ClassifierHead {
     /// A single linear layer (`score`, `classifier`).
     pub fn linear(out: Linear) -> Self {
-        ClassifierHead { dense: None, out }
+        ClassifierHead { hidden: None, out }
     }
 
     /// `out(tanh(dense(x)))`.
     pub fn dense_tanh(dense: Linear, out: Linear, is_pooler: bool) -> Self {
         ClassifierHead {
-            dense: Some(DenseStage {
+            hidden: Some(HiddenLayer {
                 dense,
-                act: DenseAct::Tanh,
+                act: HeadAct::Tanh,
                 is_pooler,
             }),
             out,
         }
     }
 
-    /// `out(relu(dense(x)))`: DistilBERT's `pre_classifier` → ReLU → `classifier`.
+    /// `out(relu(dense(x)))`: DistilBERT's `pre_classifier` head and the reward models' `score` Sequential.
     pub fn dense_relu(dense: Linear, out: Linear) -> Self {
         ClassifierHead {
-            dense: Some(DenseStage {
+            hidden: Some(HiddenLayer {
                 dense,
-                act: DenseAct::Relu,
+                act: HeadAct::Relu,
                 is_pooler: false,
             }),
             out,
@@ -72,17 +60,27 @@ impl ClassifierHead {
 
     /// Logits for pooled sequences: fp32 `[B, H]` -> `[B, labels]`.
     pub fn forward_sequences(&self, pooled: &Tensor) -> Result<Tensor> {
-        match &self.dense {
-            Some(d) => self.out.forward(&d.forward(pooled)?),
+        match &self.hidden {
+            Some(h) => self.out.forward(&h.forward(pooled)?),
             None => self.out.forward(pooled),
         }
     }
 
     /// Logits for every token: fp32 `[T, H]` -> `[T, labels]`.
     pub fn forward_tokens(&self, hidden: &Tensor) -> Result<Tensor> {
-        match &self.dense {
-            Some(d) if !d.is_pooler => self.out.forward(&d.forward(hidden)?),
+        match &self.hidden {
+            Some(h) if !h.is_pooler => self.out.forward(&h.forward(hidden)?),
             _ => self.out.forward(hidden),
         }
+    }
+}
+
+impl HiddenLayer {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.dense.forward(x)?;
+        Ok(match self.act {
+            HeadAct::Tanh => y.tanh()?,
+            HeadAct::Relu => y.relu()?,
+        })
     }
 }

@@ -153,12 +153,6 @@ impl TextTokenizer {
         })
     }
 
-    /// Encodes pairs without token type ids, for models that have none (DistilBERT,
-    /// whose transformers tokenizer does not return them either).
-    pub fn drop_pair_type_ids(&mut self) {
-        self.pair_has_type_ids = false;
-    }
-
     pub fn set_do_lower_case(&mut self, on: bool) {
         self.do_lower_case = on;
     }
