@@ -86,14 +86,14 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
         let deadline = req.extensions().get::<BodyDeadline>().copied();
         let read = Bytes::from_request(req, state);
         let read = match deadline {
-            Some(BodyDeadline(until)) => tokio::time::timeout_at(until, read)
-                .await
-                .map_err(|_| {
+            Some(BodyDeadline(until)) => {
+                tokio::time::timeout_at(until, read).await.map_err(|_| {
                     ApiError::http(
                         StatusCode::REQUEST_TIMEOUT,
                         "The request body did not arrive in time (--body-read-timeout).",
                     )
-                })?,
+                })?
+            }
             None => read.await,
         };
         let bytes = read.map_err(|rejection| {

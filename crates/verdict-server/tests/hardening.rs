@@ -4,12 +4,12 @@
 
 mod common;
 
+use std::io::ErrorKind;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use verdict_engine::Engine;
 use verdict_server::ServerConfig;
@@ -57,19 +57,47 @@ impl RawResponse {
 
 /// One HTTP/1.1 client connection, spoken by hand.
 struct Raw {
-    reader: BufReader<TcpStream>,
+    stream: TcpStream,
+    /// Bytes read but not yet parsed.
+    buf: Vec<u8>,
 }
 
 impl Raw {
     async fn connect(s: &TestServer) -> Raw {
         let stream = TcpStream::connect(s.server.addr).await.expect("connecting");
         Raw {
-            reader: BufReader::new(stream),
+            stream,
+            buf: Vec::new(),
         }
     }
 
     async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
-        self.reader.get_mut().write_all(bytes).await
+        let mut sent = 0;
+        while sent < bytes.len() {
+            self.stream.writable().await?;
+            match self.stream.try_write(&bytes[sent..]) {
+                Ok(n) => sent += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what has arrived into the buffer; 0 at end of stream.
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        let mut chunk = [0u8; 8192];
+        loop {
+            self.stream.readable().await?;
+            match self.stream.try_read(&mut chunk) {
+                Ok(n) => {
+                    self.buf.extend_from_slice(&chunk[..n]);
+                    return Ok(n);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Reads one response (Content-Length framed), within 10 s.
@@ -81,34 +109,37 @@ impl Raw {
     }
 
     async fn read_response(&mut self) -> std::io::Result<RawResponse> {
-        let mut line = String::new();
-        self.reader.read_line(&mut line).await?;
-        let status = line
-            .split_whitespace()
-            .nth(1)
+        let head_end = loop {
+            if let Some(i) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if self.fill().await? == 0 {
+                return Err(std::io::Error::other("closed before a whole response head"));
+            }
+        };
+        let head = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
             .and_then(|s| s.parse().ok())
-            .ok_or_else(|| std::io::Error::other(format!("bad status line {line:?}")))?;
-        let mut headers = Vec::new();
-        loop {
-            let mut line = String::new();
-            if self.reader.read_line(&mut line).await? == 0 {
-                return Err(std::io::Error::other("closed inside the headers"));
-            }
-            let line = line.trim_end();
-            if line.is_empty() {
-                break;
-            }
-            if let Some((k, v)) = line.split_once(':') {
-                headers.push((k.trim().to_string(), v.trim().to_string()));
-            }
-        }
+            .ok_or_else(|| std::io::Error::other(format!("bad response head {head:?}")))?;
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+            .collect();
         let length = headers
             .iter()
             .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
             .and_then(|(_, v)| v.parse::<usize>().ok())
             .unwrap_or(0);
-        let mut body = vec![0; length];
-        self.reader.read_exact(&mut body).await?;
+        while self.buf.len() < head_end + length {
+            if self.fill().await? == 0 {
+                return Err(std::io::Error::other("closed inside the body"));
+            }
+        }
+        let body = self.buf[head_end..head_end + length].to_vec();
+        self.buf.drain(..head_end + length);
         Ok(RawResponse {
             status,
             headers,
@@ -118,13 +149,12 @@ impl Raw {
 
     /// True when the server closes the connection within `within`.
     async fn closed_within(&mut self, within: Duration) -> bool {
-        let mut buf = [0u8; 512];
         let deadline = tokio::time::Instant::now() + within;
         loop {
-            match tokio::time::timeout_at(deadline, self.reader.read(&mut buf)).await {
+            match tokio::time::timeout_at(deadline, self.fill()).await {
                 Err(_) => return false,
                 Ok(Ok(0)) | Ok(Err(_)) => return true,
-                Ok(Ok(_)) => continue, // e.g. a 408 before the close
+                Ok(Ok(_)) => self.buf.clear(), // e.g. a 408 before the close
             }
         }
     }
@@ -467,7 +497,10 @@ async fn overload_is_refused_with_retry_after_and_the_rest_is_served() {
         }
     }
     eprintln!("overload: {served} served, {refused} refused");
-    assert!(served > 0 && refused > 0, "{served} served, {refused} refused");
+    assert!(
+        served > 0 && refused > 0,
+        "{served} served, {refused} refused"
+    );
     assert_eq!(s.get("/health").await.status, 200);
     if let Ok(s) = Arc::try_unwrap(s) {
         s.stop().await;

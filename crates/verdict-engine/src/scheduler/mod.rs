@@ -432,6 +432,9 @@ mod tests {
         // Full batches move it by a weighted average.
         stats.record_batch(4000, Duration::from_millis(100), true);
         let rate = stats.throughput_tokens_per_second().unwrap();
-        assert!((rate - (0.7 * 80_000.0 + 0.3 * 40_000.0)).abs() < 1e-6, "{rate}");
+        assert!(
+            (rate - (0.7 * 80_000.0 + 0.3 * 40_000.0)).abs() < 1e-6,
+            "{rate}"
+        );
     }
 }
