@@ -334,6 +334,7 @@ fn check_token_fixture(name: &str) {
             1e-5,
         );
     }
+}
 
 // ---------------------------------------------------------------------------
 // Reward models, STEP pooling, decoder cross-encoders and reranker recipes
