@@ -482,6 +482,11 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
     };
 
     let backbone = &loaded.backbone;
+    // A model without token types ignores the ones a pair template assigns
+    // (ModernBERT's tokenizer sets them; transformers does not pass them on).
+    if backbone.type_vocab_size() == 0 {
+        tokenizer.set_pair_type_ids(false);
+    }
     let position_limit = backbone.max_positions();
     let derived_len = match (position_limit, arch.is_causal()) {
         (Some(p), false) => tokenizer.model_max_length().map_or(p, |t| t.min(p)),

@@ -252,3 +252,122 @@ fn bfloat16_backbone_within_16_bit_tolerance() {
         }
     }
 }
+
+// ModernBERT: global and local (sliding-window) layers, both rotary bases, CLS and
+// mean pooling, a cross-encoder, a token classifier, and an 8k-token prompt.
+
+parity_tests! {
+    modernbert_cls_pooling_all_biases => "modernbert-cls",
+    modernbert_mean_pooling_cross_encoder => "modernbert-rerank",
+}
+
+/// The pooling each ModernBERT checkpoint asks for (`classifier_pooling`), and
+/// its context length (`max_position_embeddings`, 8192).
+#[test]
+fn modernbert_pooling_and_length_from_config() {
+    for (name, pooling) in [
+        ("modernbert-cls", verdict_engine::PoolingType::Cls),
+        ("modernbert-rerank", verdict_engine::PoolingType::Mean),
+    ] {
+        let dir = fixture_dir(name);
+        let llm = Llm::new(engine_args(&dir, &load_reference(&dir))).expect("load");
+        assert_eq!(llm.info().pooling, pooling, "{name}");
+        assert_eq!(llm.info().max_model_len, 8192, "{name}");
+    }
+}
+
+/// ModernBertForTokenClassification: the prediction head and classifier on every
+/// token, all prompts packed and each alone.
+#[test]
+fn modernbert_token_classification() {
+    let dir = fixture_dir("modernbert-ner");
+    let reference = load_reference(&dir);
+    let llm = Llm::new(engine_args(&dir, &reference)).expect("load modernbert-ner");
+    assert_eq!(llm.info().task, PoolingTask::TokenClassify);
+    let prompts: Vec<Prompt> = reference
+        .cases
+        .iter()
+        .map(|c| case_prompt(&llm, c))
+        .collect();
+    let tok = TokenizeOptions::default();
+    let raw = PoolingParams {
+        use_activation: Some(false),
+        ..Default::default()
+    };
+    let run = |prompts: &[Prompt], params: ParamsArg| {
+        llm.encode(prompts, params, Some(PoolingTask::TokenClassify), &tok)
+            .expect("token_classify")
+    };
+    let probs = run(&prompts, ParamsArg::Default);
+    let logits = run(&prompts, ParamsArg::All(&raw));
+    for (i, case) in reference.cases.iter().enumerate() {
+        let what = format!("modernbert-ner/{}", case.name);
+        assert_eq!(
+            logits[i].prompt_token_ids, case.input_ids,
+            "{what}: token ids"
+        );
+        let alone = run(std::slice::from_ref(&prompts[i]), ParamsArg::All(&raw));
+        let (PooledData::Matrix(p), PooledData::Matrix(l), PooledData::Matrix(a)) =
+            (&probs[i].outputs, &logits[i].outputs, &alone[0].outputs)
+        else {
+            panic!("{what}: expected per-token matrices");
+        };
+        let want = case.token_logits.as_ref().expect("token_logits");
+        assert_close_2d(&format!("{what} logits (batched)"), l, want, ATOL);
+        assert_close_2d(&format!("{what} logits (alone)"), a, want, ATOL);
+        assert_close_2d(&format!("{what} alone vs batched"), a, l, 1e-5);
+        let want = case.token_probs.as_ref().expect("token_probs");
+        assert_close_2d(&format!("{what} probs"), p, want, ATOL);
+    }
+}
+
+/// A prompt of max_model_len (8192) tokens runs on the CPU next to a short one:
+/// attention holds a block of query rows at a time, never T×T scores, and the
+/// long prompt's result does not depend on its batch.
+#[test]
+fn modernbert_8k_prompt() {
+    let dir = fixture_dir("modernbert-cls");
+    let llm = Llm::new(engine_args(&dir, &load_reference(&dir))).expect("load");
+    let long: Vec<u32> = (0..8192u32).map(|i| 1000 + (i * 7919) % 40000).collect();
+    let prompts = [
+        Prompt::Tokens {
+            ids: long,
+            token_type_ids: None,
+        },
+        Prompt::from("short"),
+    ];
+    let raw = PoolingParams {
+        use_activation: Some(false),
+        ..Default::default()
+    };
+    let tok = TokenizeOptions::default();
+    let started = std::time::Instant::now();
+    let both = llm
+        .encode(
+            &prompts,
+            ParamsArg::All(&raw),
+            Some(PoolingTask::Classify),
+            &tok,
+        )
+        .expect("8k batch");
+    let alone = llm
+        .encode(
+            &prompts[..1],
+            ParamsArg::All(&raw),
+            Some(PoolingTask::Classify),
+            &tok,
+        )
+        .expect("8k alone");
+    assert_eq!(both[0].prompt_token_ids.len(), 8192);
+    assert_close(
+        "8k alone vs batched",
+        &alone[0].outputs.flatten(),
+        &both[0].outputs.flatten(),
+        1e-5,
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "two 8k forward passes of a tiny model took {:?}",
+        started.elapsed()
+    );
+}

@@ -20,6 +20,11 @@ enum Projection {
     Packed(Linear),
 }
 
+/// Three projections on the CPU (or when asked to on a GPU), one packed otherwise.
+fn keeps_split(wp: &WeightPath) -> bool {
+    wp.weights().device().is_cpu() || std::env::var("VERDICT_CUDA_QKV").is_ok_and(|v| v == "split")
+}
+
 #[derive(Debug, Clone)]
 pub struct QkvProjection {
     proj: Projection,
@@ -39,9 +44,7 @@ impl QkvProjection {
         bias: bool,
     ) -> Result<Self> {
         let (qd, kd) = (heads * head_dim, kv_heads * head_dim);
-        let split = att.weights().device().is_cpu()
-            || std::env::var("VERDICT_CUDA_QKV").is_ok_and(|v| v == "split");
-        let proj = if split {
+        let proj = if keeps_split(att) {
             Projection::Split {
                 q: Linear::load(&att.pp("q_proj"), hidden, qd, bias)?,
                 k: Linear::load(&att.pp("k_proj"), hidden, kd, bias)?,
@@ -70,6 +73,43 @@ impl QkvProjection {
             proj,
             heads,
             kv_heads,
+            head_dim,
+        })
+    }
+
+    /// Loads one fused `[3 * heads * d, hidden]` projection (q, k, v rows in that
+    /// order, e.g. ModernBERT's `Wqkv`), split into three on the CPU like `load`.
+    pub fn load_fused(
+        wp: &WeightPath,
+        hidden: usize,
+        heads: usize,
+        head_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let qd = heads * head_dim;
+        let weight = wp.get("weight", &[3 * qd, hidden])?;
+        let bias = if bias {
+            Some(wp.get("bias", &[3 * qd])?)
+        } else {
+            None
+        };
+        let proj = if keeps_split(wp) {
+            let part = |i: usize| -> Result<Linear> {
+                let b = bias.as_ref().map(|b| b.narrow(0, i * qd, qd)).transpose()?;
+                Ok(Linear::new(weight.narrow(0, i * qd, qd)?, b))
+            };
+            Projection::Split {
+                q: part(0)?,
+                k: part(1)?,
+                v: part(2)?,
+            }
+        } else {
+            Projection::Packed(Linear::new(weight, bias))
+        };
+        Ok(QkvProjection {
+            proj,
+            heads,
+            kv_heads: heads,
             head_dim,
         })
     }

@@ -153,6 +153,11 @@ impl TextTokenizer {
         })
     }
 
+    /// Whether pair encodings carry the template's token type ids.
+    pub fn set_pair_type_ids(&mut self, on: bool) {
+        self.pair_has_type_ids = on && self.pair_has_type_ids;
+    }
+
     pub fn set_do_lower_case(&mut self, on: bool) {
         self.do_lower_case = on;
     }
