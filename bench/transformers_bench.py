@@ -45,6 +45,11 @@ def mixed_workload(n, seed, min_len=16, max_len=512):
 SHAPES = {
     "minilm-l6": ("bert", dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536)),
     "bert-base": ("bert", dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072)),
+    "modernbert-base": ("modernbert", dict(num_hidden_layers=22, hidden_size=768, num_attention_heads=12,
+                                           intermediate_size=1152, vocab_size=50368, local_attention=128,
+                                           global_attn_every_n_layers=3, global_rope_theta=160000.0,
+                                           local_rope_theta=10000.0, max_position_embeddings=8192,
+                                           classifier_pooling="mean")),
     "qwen2.5-0.5b": ("qwen2", dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
                                    intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True)),
     "qwen2.5-1.5b": ("qwen2", dict(num_hidden_layers=28, hidden_size=1536, num_attention_heads=12, num_key_value_heads=2,
@@ -60,6 +65,10 @@ def build_model(shape, dtype, device, attn):
         cfg = transformers.BertConfig(num_labels=2, **kw)
         cls = transformers.BertForSequenceClassification
         pad = 0
+    elif family == "modernbert":
+        cfg = transformers.ModernBertConfig(num_labels=2, pad_token_id=50283, **kw)
+        cls = transformers.ModernBertForSequenceClassification
+        pad = 50283
     else:
         cfg = transformers.Qwen2Config(num_labels=2, pad_token_id=151643, rope_theta=1e6,
                                        max_position_embeddings=32768, **kw)

@@ -755,3 +755,84 @@ mod reward {
         }
     }
 }
+
+// ModernBERT: global and local (sliding-window) layers, both rotary bases, CLS and
+// mean pooling, a cross-encoder, a token classifier, and an 8k-token prompt.
+
+parity_tests! {
+    modernbert_cls_pooling_all_biases => "modernbert-cls",
+    modernbert_mean_pooling_cross_encoder => "modernbert-rerank",
+}
+
+/// The pooling each ModernBERT checkpoint asks for (`classifier_pooling`), and
+/// its context length (`max_position_embeddings`, 8192).
+#[test]
+fn modernbert_pooling_and_length_from_config() {
+    for (name, pooling) in [
+        ("modernbert-cls", verdict_engine::PoolingType::Cls),
+        ("modernbert-rerank", verdict_engine::PoolingType::Mean),
+    ] {
+        let dir = fixture_dir(name);
+        let llm = Llm::new(engine_args(&dir, &load_reference(&dir))).expect("load");
+        assert_eq!(llm.info().pooling, pooling, "{name}");
+        assert_eq!(llm.info().max_model_len, 8192, "{name}");
+    }
+}
+
+/// ModernBertForTokenClassification: the prediction head and classifier on every
+/// token, all prompts packed and each alone.
+#[test]
+fn modernbert_token_classification() {
+    check_token_fixture("modernbert-ner");
+}
+
+/// A prompt of max_model_len (8192) tokens runs on the CPU next to a short one:
+/// attention holds a block of query rows at a time, never T×T scores, and the
+/// long prompt's result does not depend on its batch.
+#[test]
+fn modernbert_8k_prompt() {
+    let dir = fixture_dir("modernbert-cls");
+    let llm = Llm::new(engine_args(&dir, &load_reference(&dir))).expect("load");
+    let long: Vec<u32> = (0..8192u32).map(|i| 1000 + (i * 7919) % 40000).collect();
+    let prompts = [
+        Prompt::Tokens {
+            ids: long,
+            token_type_ids: None,
+        },
+        Prompt::from("short"),
+    ];
+    let raw = PoolingParams {
+        use_activation: Some(false),
+        ..Default::default()
+    };
+    let tok = TokenizeOptions::default();
+    let started = std::time::Instant::now();
+    let both = llm
+        .encode(
+            &prompts,
+            ParamsArg::All(&raw),
+            Some(PoolingTask::Classify),
+            &tok,
+        )
+        .expect("8k batch");
+    let alone = llm
+        .encode(
+            &prompts[..1],
+            ParamsArg::All(&raw),
+            Some(PoolingTask::Classify),
+            &tok,
+        )
+        .expect("8k alone");
+    assert_eq!(both[0].prompt_token_ids.len(), 8192);
+    assert_close(
+        "8k alone vs batched",
+        &alone[0].outputs.flatten(),
+        &both[0].outputs.flatten(),
+        1e-5,
+    );
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "two 8k forward passes of a tiny model took {:?}",
+        started.elapsed()
+    );
+}

@@ -19,7 +19,7 @@ use verdict_server::ServerConfig;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Model shape: minilm-l6, bert-base, qwen2.5-0.5b, qwen2.5-1.5b or qwen2.5-7b.
+    /// Model shape: minilm-l6, bert-base, modernbert-base, qwen2.5-0.5b, qwen2.5-1.5b or qwen2.5-7b.
     #[arg(long, default_value = "minilm-l6")]
     pub shape: String,
 
@@ -107,10 +107,24 @@ fn shape(name: &str) -> Result<Shape> {
     let (name, config) = match name {
         "minilm-l6" => ("minilm-l6", bert(6, 384, 12, 1536)),
         "bert-base" => ("bert-base", bert(12, 768, 12, 3072)),
+        "modernbert-base" => (
+            "modernbert-base",
+            json!({
+                "architectures": ["ModernBertForSequenceClassification"], "model_type": "modernbert",
+                "vocab_size": 50368, "hidden_size": 768, "num_hidden_layers": 22,
+                "num_attention_heads": 12, "intermediate_size": 1152, "hidden_activation": "gelu",
+                "max_position_embeddings": 8192, "local_attention": 128,
+                "global_attn_every_n_layers": 3, "global_rope_theta": 160000.0,
+                "local_rope_theta": 10000.0, "norm_eps": 1e-5, "norm_bias": false,
+                "attention_bias": false, "mlp_bias": false, "classifier_bias": false,
+                "classifier_activation": "gelu", "classifier_pooling": "mean",
+                "pad_token_id": 50283, "id2label": {"0": "LABEL_0", "1": "LABEL_1"}
+            }),
+        ),
         "qwen2.5-0.5b" => ("qwen2.5-0.5b", qwen(24, 896, 14, 2, 4864, 151936, true)),
         "qwen2.5-1.5b" => ("qwen2.5-1.5b", qwen(28, 1536, 12, 2, 8960, 151936, true)),
         "qwen2.5-7b" => ("qwen2.5-7b", qwen(28, 3584, 28, 4, 18944, 152064, false)),
-        other => bail!("unknown shape `{other}` (minilm-l6, bert-base, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b)"),
+        other => bail!("unknown shape `{other}` (minilm-l6, bert-base, modernbert-base, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b)"),
     };
     Ok(Shape { name, config })
 }
@@ -157,6 +171,28 @@ fn tensor_shapes(cfg: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
         }
         add("bert.pooler.dense.weight".into(), vec![h, h]);
         add("bert.pooler.dense.bias".into(), vec![h]);
+        add("classifier.weight".into(), vec![2, h]);
+        add("classifier.bias".into(), vec![2]);
+    } else if cfg["model_type"] == "modernbert" {
+        add(
+            "model.embeddings.tok_embeddings.weight".into(),
+            vec![u("vocab_size"), h],
+        );
+        add("model.embeddings.norm.weight".into(), vec![h]);
+        for i in 0..u("num_hidden_layers") {
+            let p = format!("model.layers.{i}");
+            if i > 0 {
+                add(format!("{p}.attn_norm.weight"), vec![h]);
+            }
+            add(format!("{p}.attn.Wqkv.weight"), vec![3 * h, h]);
+            add(format!("{p}.attn.Wo.weight"), vec![h, h]);
+            add(format!("{p}.mlp_norm.weight"), vec![h]);
+            add(format!("{p}.mlp.Wi.weight"), vec![2 * ffn, h]);
+            add(format!("{p}.mlp.Wo.weight"), vec![h, ffn]);
+        }
+        add("model.final_norm.weight".into(), vec![h]);
+        add("head.dense.weight".into(), vec![h, h]);
+        add("head.norm.weight".into(), vec![h]);
         add("classifier.weight".into(), vec![2, h]);
         add("classifier.bias".into(), vec![2]);
     } else {

@@ -206,6 +206,27 @@ impl LayerNorm {
         })
     }
 
+    /// Loads in a given dtype; without `bias` (`norm_bias: false`) the bias is zero.
+    pub fn load_as(
+        wp: &WeightPath,
+        dim: usize,
+        eps: f64,
+        bias: bool,
+        dtype: DType,
+    ) -> Result<Self> {
+        let weight = wp.get_as("weight", &[dim], dtype)?;
+        let bias = if bias {
+            wp.get_as("bias", &[dim], dtype)?
+        } else {
+            weight.zeros_like()?
+        };
+        Ok(LayerNorm {
+            weight,
+            bias,
+            eps: eps as f32,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::layer_norm(
             x,

@@ -17,6 +17,19 @@ pub struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
+    /// Plain RoPE over the whole head with base `base` (for models that read
+    /// their bases from their own config keys, like ModernBERT's global and local ones).
+    pub fn with_base(base: f32, head_dim: usize) -> Self {
+        RotaryEmbedding {
+            inv_freq: (0..head_dim)
+                .step_by(2)
+                .map(|i| 1.0f32 / base.powf(i as f32 / head_dim as f32))
+                .collect(),
+            attention_scaling: 1.0,
+            device_tables: Arc::default(),
+        }
+    }
+
     /// Builds the frequencies from `rope_theta`, `partial_rotary_factor` and
     /// `rope_scaling`, or from `rope_parameters` (how transformers v5 writes them).
     pub fn from_config(cfg: &HfConfig, head_dim: usize) -> Result<Self> {
@@ -36,10 +49,7 @@ impl RotaryEmbedding {
                 "partial_rotary_factor < 1 is not supported".into(),
             ));
         }
-        let mut inv_freq: Vec<f32> = (0..dim)
-            .step_by(2)
-            .map(|i| 1.0f32 / base.powf(i as f32 / dim as f32))
-            .collect();
+        let mut inv_freq = Self::with_base(base, dim).inv_freq;
         let mut attention_scaling = 1.0f32;
         let scaling = cfg
             .get("rope_scaling")

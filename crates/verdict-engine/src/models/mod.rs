@@ -4,6 +4,7 @@
 pub mod bert;
 pub mod decoder;
 pub mod gpt2;
+pub mod modernbert;
 pub mod qwen2_5_vl;
 pub mod registry;
 
@@ -18,6 +19,7 @@ use crate::pooling::{ClassifierHead, PoolingType};
 use bert::BertModel;
 use decoder::DecoderModel;
 use gpt2::Gpt2Model;
+use modernbert::ModernBertModel;
 use qwen2_5_vl::Qwen25VlModel;
 pub use registry::{
     load_model, unsupported_architecture, ArchInfo, ArchKind, Family, RewardKind,
@@ -161,6 +163,15 @@ pub(crate) fn load_bert(req: &LoadRequest) -> Result<LoadedModel> {
         req.num_labels,
     )?;
     Ok(LoadedModel::new(backbone, head))
+}
+
+pub(crate) fn load_modernbert(req: &LoadRequest) -> Result<LoadedModel> {
+    let backbone = ModernBertModel::load(req.config, req.weights)?;
+    let pooling = backbone.pooling()?;
+    let head = modernbert::load_head(req.config, req.weights, req.num_labels)?;
+    let mut loaded = LoadedModel::new(backbone, head);
+    loaded.default_pooling = Some(pooling);
+    Ok(loaded)
 }
 
 pub(crate) fn load_gpt2(req: &LoadRequest) -> Result<LoadedModel> {

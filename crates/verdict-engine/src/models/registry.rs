@@ -6,7 +6,7 @@
 use super::bert::BertVariant;
 use super::decoder::DecoderVariant;
 use super::{
-    load_bert, load_decoder, load_gpt2, load_qwen2_5_vl, LoadRequest, LoadedModel,
+    load_bert, load_decoder, load_gpt2, load_modernbert, load_qwen2_5_vl, LoadRequest, LoadedModel,
     TokenClassifierSpec,
 };
 use crate::checkpoint::{HfConfig, Weights};
@@ -17,6 +17,7 @@ use crate::pooling::{PoolingTask, PoolingType};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Bert(BertVariant),
+    ModernBert,
     Gpt2,
     Decoder(DecoderVariant),
     /// Qwen2.5-VL: vision tower + M-RoPE Qwen2 language model.
@@ -157,6 +158,7 @@ pub const REGISTRY: &[ArchRow] = &[
         causal: false,
         load: load_bert,
     },
+    encoder("ModernBert", Family::ModernBert, load_modernbert),
     ArchRow {
         stem: "GPT2",
         family: Family::Gpt2,

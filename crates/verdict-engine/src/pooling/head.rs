@@ -1,7 +1,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::layers::Linear;
+use crate::layers::{HiddenAct, LayerNorm, Linear};
 
 /// A classification head, run in fp32 on pooled (or per-token) hidden states.
 pub struct ClassifierHead {
@@ -10,9 +10,11 @@ pub struct ClassifierHead {
     out: Linear,
 }
 
+/// `norm(act(dense(x)))`, the norm only in ModernBERT's prediction head.
 struct HiddenLayer {
     dense: Linear,
     act: HeadAct,
+    norm: Option<LayerNorm>,
     /// True for BERT's pooler: per-token classification skips it, as the
     /// token-classification models have no pooler.
     is_pooler: bool,
@@ -22,6 +24,8 @@ struct HiddenLayer {
 enum HeadAct {
     Tanh,
     Relu,
+    /// A config-named activation (ModernBERT's `classifier_activation`).
+    Hidden(HiddenAct),
 }
 
 impl ClassifierHead {
@@ -30,28 +34,36 @@ impl ClassifierHead {
         ClassifierHead { hidden: None, out }
     }
 
-    /// `out(tanh(dense(x)))`.
-    pub fn dense_tanh(dense: Linear, out: Linear, is_pooler: bool) -> Self {
+    fn with_hidden(dense: Linear, act: HeadAct, norm: Option<LayerNorm>, out: Linear) -> Self {
         ClassifierHead {
             hidden: Some(HiddenLayer {
                 dense,
-                act: HeadAct::Tanh,
-                is_pooler,
+                act,
+                norm,
+                is_pooler: false,
             }),
             out,
         }
     }
 
-    /// `out(relu(dense(x)))`: DistilBERT's `pre_classifier` head and the reward models' `score` Sequential.
-    pub fn dense_relu(dense: Linear, out: Linear) -> Self {
-        ClassifierHead {
-            hidden: Some(HiddenLayer {
-                dense,
-                act: HeadAct::Relu,
-                is_pooler: false,
-            }),
-            out,
+    /// `out(tanh(dense(x)))`.
+    pub fn dense_tanh(dense: Linear, out: Linear, is_pooler: bool) -> Self {
+        let mut head = Self::with_hidden(dense, HeadAct::Tanh, None, out);
+        if let Some(h) = &mut head.hidden {
+            h.is_pooler = is_pooler;
         }
+        head
+    }
+
+    /// `out(relu(dense(x)))`: DistilBERT's `pre_classifier` head and the reward
+    /// models' `score` Sequential.
+    pub fn dense_relu(dense: Linear, out: Linear) -> Self {
+        Self::with_hidden(dense, HeadAct::Relu, None, out)
+    }
+
+    /// `out(norm(act(dense(x))))` (ModernBERT), on pooled rows and on every token alike.
+    pub fn prediction(dense: Linear, act: HiddenAct, norm: LayerNorm, out: Linear) -> Self {
+        Self::with_hidden(dense, HeadAct::Hidden(act), Some(norm), out)
     }
 
     pub fn num_labels(&self) -> usize {
@@ -77,10 +89,14 @@ impl ClassifierHead {
 
 impl HiddenLayer {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.dense.forward(x)?;
-        Ok(match self.act {
-            HeadAct::Tanh => y.tanh()?,
-            HeadAct::Relu => y.relu()?,
-        })
+        let y = match self.act {
+            HeadAct::Tanh => self.dense.forward(x)?.tanh()?,
+            HeadAct::Relu => self.dense.forward(x)?.relu()?,
+            HeadAct::Hidden(act) => self.dense.forward_act(x, act)?,
+        };
+        match &self.norm {
+            Some(norm) => norm.forward(&y),
+            None => Ok(y),
+        }
     }
 }
