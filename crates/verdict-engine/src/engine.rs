@@ -17,8 +17,8 @@ use crate::models::{
 };
 use crate::multimodal::{MediaPolicy, VisionProcessor, VisualInput};
 use crate::pooling::{
-    pool_sequences, Activation, Calibration, ClassifierHead, PoolerConfig, PoolingTask, PoolingType,
-    StepParams,
+    pool_sequences, Activation, Calibration, ClassifierHead, PoolerConfig, PoolingTask,
+    PoolingType, StepParams,
 };
 use crate::tokenize::{TextTokenizer, TokenizedPrompt};
 

@@ -459,7 +459,9 @@ pub(crate) fn check_returned_token_ids(step: &StepParams, columns: usize) -> Res
         .find(|&&c| c as usize >= columns)
     {
         Some(bad) => Err(EngineError::validation_param(
-            format!("returned_token_ids entry {bad} is out of range (the head has {columns} outputs)"),
+            format!(
+                "returned_token_ids entry {bad} is out of range (the head has {columns} outputs)"
+            ),
             "returned_token_ids",
         )),
         None => Ok(()),

@@ -348,8 +348,7 @@ mod reward {
     use serde_json::Value;
     use verdict_engine::{
         ChatOptions, Convert, DeviceArg, EngineArgs, Llm, PairLimits, ParamsArg, PooledData,
-        PoolerConfig, PoolingParams, PoolingTask, PoolingType, Prompt, StepParams,
-        TokenizeOptions,
+        PoolerConfig, PoolingParams, PoolingTask, PoolingType, Prompt, StepParams, TokenizeOptions,
     };
 
     use super::common::{assert_close, assert_close_2d, fixture_dir, repo_root};
@@ -411,7 +410,10 @@ mod reward {
     fn load(name: &str) -> (PathBuf, RewardReference) {
         let dir = fixture_dir(name);
         let text = std::fs::read_to_string(dir.join("reference.json")).expect("reference.json");
-        (dir, serde_json::from_str(&text).expect("parse reference.json"))
+        (
+            dir,
+            serde_json::from_str(&text).expect("parse reference.json"),
+        )
     }
 
     fn args(dir: &Path, reference: &RewardReference) -> EngineArgs {
@@ -468,7 +470,12 @@ mod reward {
             let want = want(case);
             assert_close_2d(&format!("{what} (batched)"), &batched[i], &want, ATOL);
             let alone = matrices(llm, std::slice::from_ref(&prompts[i]), params);
-            assert_close_2d(&format!("{what} alone vs batched"), &alone[0], &batched[i], 1e-5);
+            assert_close_2d(
+                &format!("{what} alone vs batched"),
+                &alone[0],
+                &batched[i],
+                1e-5,
+            );
         }
     }
 
@@ -489,7 +496,13 @@ mod reward {
         assert_eq!((info.num_labels, info.pooling), (1, PoolingType::All));
         assert!(!info.default_use_activation, "rewards are raw by default");
         let logits = |c: &RewardCase| c.token_logits.clone().expect("token_logits");
-        check_rows("qwen2-rm", &llm, &reference, &PoolingParams::default(), logits);
+        check_rows(
+            "qwen2-rm",
+            &llm,
+            &reference,
+            &PoolingParams::default(),
+            logits,
+        );
         check_rows("qwen2-rm raw", &llm, &reference, &raw(), logits);
         let with_sigmoid = PoolingParams {
             use_activation: Some(true),
@@ -548,13 +561,20 @@ mod reward {
         assert_eq!((info.num_labels, info.pooling), (2, PoolingType::Step));
         assert_eq!(info.step_defaults.step_tag_id, reference.step_tag_id);
         assert!(info.default_use_activation);
-        check_rows("qwen2-prm", &llm, &reference, &PoolingParams::default(), |c| {
-            c.step_probs.clone().unwrap()
-        });
+        check_rows(
+            "qwen2-prm",
+            &llm,
+            &reference,
+            &PoolingParams::default(),
+            |c| c.step_probs.clone().unwrap(),
+        );
         check_rows("qwen2-prm raw", &llm, &reference, &raw(), |c| {
             c.step_logits.clone().unwrap()
         });
-        assert!(reference.cases.iter().any(|c| c.step_probs.as_ref().unwrap().is_empty()));
+        assert!(reference
+            .cases
+            .iter()
+            .any(|c| c.step_probs.as_ref().unwrap().is_empty()));
         // A request's own step tag.
         let alt = PoolingParams {
             step: StepParams {
@@ -569,6 +589,13 @@ mod reward {
             .any(|c| !c.alt_step_probs.as_ref().unwrap().is_empty()));
         check_rows("qwen2-prm alt tag", &llm, &reference, &alt, |c| {
             c.alt_step_probs.clone().unwrap()
+        });
+        let alt_raw = PoolingParams {
+            use_activation: Some(false),
+            ..alt.clone()
+        };
+        check_rows("qwen2-prm alt tag raw", &llm, &reference, &alt_raw, |c| {
+            c.alt_step_logits.clone().unwrap()
         });
         // returned_token_ids picks (and orders) the label columns before the softmax.
         let swapped = PoolingParams {
@@ -607,9 +634,13 @@ mod reward {
         let llm = Llm::new(args(&dir, &reference)).expect("load");
         assert_eq!(llm.info().task, PoolingTask::TokenClassify);
         assert_eq!(llm.info().pooling, PoolingType::Step);
-        check_rows("llama-step-lm", &llm, &reference, &PoolingParams::default(), |c| {
-            c.step_probs.clone().unwrap()
-        });
+        check_rows(
+            "llama-step-lm",
+            &llm,
+            &reference,
+            &PoolingParams::default(),
+            |c| c.step_probs.clone().unwrap(),
+        );
         check_rows("llama-step-lm raw", &llm, &reference, &raw(), |c| {
             c.step_logits.clone().unwrap()
         });
@@ -689,7 +720,11 @@ mod reward {
         args.tokenizer = Some(tokenizer.to_string_lossy().into_owned());
         let llm = Llm::new(args).expect("load");
         assert_eq!(llm.info().type_vocab_size, 0);
-        let queries: Vec<String> = reference.cases.iter().map(|c| c.query.clone().unwrap()).collect();
+        let queries: Vec<String> = reference
+            .cases
+            .iter()
+            .map(|c| c.query.clone().unwrap())
+            .collect();
         let docs: Vec<String> = reference
             .cases
             .iter()
@@ -699,12 +734,25 @@ mod reward {
         let batched = llm.score(&queries, &docs, None, &tok).expect("score");
         for (i, case) in reference.cases.iter().enumerate() {
             let what = format!("qwen2-pair-score/{}", case.name);
-            assert_eq!(batched[i].prompt_token_ids, case.input_ids, "{what}: pair ids");
-            assert_close(&what, &[batched[i].score], case.probs.as_ref().unwrap(), ATOL);
+            assert_eq!(
+                batched[i].prompt_token_ids, case.input_ids,
+                "{what}: pair ids"
+            );
+            assert_close(
+                &what,
+                &[batched[i].score],
+                case.probs.as_ref().unwrap(),
+                ATOL,
+            );
             let alone = llm
                 .score(&queries[i..=i], &docs[i..=i], None, &tok)
                 .expect("score alone");
-            assert_close(&format!("{what} alone vs batched"), &[alone[0].score], &[batched[i].score], 1e-5);
+            assert_close(
+                &format!("{what} alone vs batched"),
+                &[alone[0].score],
+                &[batched[i].score],
+                1e-5,
+            );
         }
         std::fs::remove_dir_all(tokenizer).ok();
     }
@@ -743,7 +791,9 @@ mod reward {
             assert_eq!(p.ids, case.input_ids, "{}: rendered ids", case.name);
             prompts.push(Prompt::from(p.ids));
         }
-        let out = llm.classify(&prompts, ParamsArg::Default, &tok).expect("classify");
+        let out = llm
+            .classify(&prompts, ParamsArg::Default, &tok)
+            .expect("classify");
         for (o, case) in out.iter().zip(&reference.cases) {
             assert_close(&case.name, &o.probs, case.probs.as_ref().unwrap(), ATOL);
         }

@@ -39,14 +39,22 @@ fn texts(reference: &Value) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reward_model_per_token_rewards() {
-    let s = start(shared_engine("qwen2-rm", || engine_args("qwen2-rm")), local_config()).await;
+    let s = start(
+        shared_engine("qwen2-rm", || engine_args("qwen2-rm")),
+        local_config(),
+    )
+    .await;
     let reference = reference_json("qwen2-rm");
     let inputs = texts(&reference);
     let body = s.post("/pooling", &json!({"input": inputs})).await;
     let body = body.ok();
     for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
         let got = rows(&body["data"][i]["data"]);
-        assert_rows(case["name"].as_str().unwrap(), &got, &rows(&case["token_logits"]));
+        assert_rows(
+            case["name"].as_str().unwrap(),
+            &got,
+            &rows(&case["token_logits"]),
+        );
         // The sequence reward is the last row.
         let last = got.last().unwrap()[0];
         assert!((last - case["sequence_reward"].as_f64().unwrap()).abs() <= ATOL);
@@ -80,7 +88,11 @@ async fn reward_model_per_token_rewards() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn process_reward_model_step_rows() {
-    let s = start(shared_engine("qwen2-prm", || engine_args("qwen2-prm")), local_config()).await;
+    let s = start(
+        shared_engine("qwen2-prm", || engine_args("qwen2-prm")),
+        local_config(),
+    )
+    .await;
     let reference = reference_json("qwen2-prm");
     let inputs = texts(&reference);
     let body = s.post("/pooling", &json!({"input": inputs})).await;
@@ -88,7 +100,11 @@ async fn process_reward_model_step_rows() {
     let cases = reference["cases"].as_array().unwrap();
     for (i, case) in cases.iter().enumerate() {
         let name = case["name"].as_str().unwrap();
-        assert_rows(name, &rows(&body["data"][i]["data"]), &rows(&case["step_probs"]));
+        assert_rows(
+            name,
+            &rows(&body["data"][i]["data"]),
+            &rows(&case["step_probs"]),
+        );
     }
     // Per-request step tag and raw logits.
     let alt = reference["alt_step_tag_id"].as_u64().unwrap();
@@ -109,9 +125,12 @@ async fn process_reward_model_step_rows() {
     )
     .await
     .expect_error(400, "Bad Request", "returned_token_ids");
-    s.post("/pooling", &json!({"input": "x", "returned_token_ids": [7]}))
-        .await
-        .expect_error(400, "BadRequestError", "returned_token_ids");
+    s.post(
+        "/pooling",
+        &json!({"input": "x", "returned_token_ids": [7]}),
+    )
+    .await
+    .expect_error(400, "BadRequestError", "returned_token_ids");
     s.stop().await;
 }
 
@@ -131,11 +150,18 @@ async fn step_pooling_from_the_pooler_config() {
     let body = body.ok();
     let alt = reference["alt_returned_token_ids"].clone();
     let alt_body = s
-        .post("/pooling", &json!({"input": inputs, "returned_token_ids": alt}))
+        .post(
+            "/pooling",
+            &json!({"input": inputs, "returned_token_ids": alt}),
+        )
         .await;
     let alt_body = alt_body.ok();
     for (i, case) in reference["cases"].as_array().unwrap().iter().enumerate() {
-        assert_rows("step", &rows(&body["data"][i]["data"]), &rows(&case["step_probs"]));
+        assert_rows(
+            "step",
+            &rows(&body["data"][i]["data"]),
+            &rows(&case["step_probs"]),
+        );
         assert_rows(
             "alt columns",
             &rows(&alt_body["data"][i]["data"]),
@@ -182,9 +208,18 @@ async fn decoder_cross_encoder_scores_pairs_without_token_types() {
     let reference = reference_json("qwen2-pair-score");
     let cases = reference["cases"].as_array().unwrap();
     let queries: Vec<&str> = cases.iter().map(|c| c["query"].as_str().unwrap()).collect();
-    let docs: Vec<&str> = cases.iter().map(|c| c["document"].as_str().unwrap()).collect();
-    let want: Vec<f64> = cases.iter().map(|c| c["probs"][0].as_f64().unwrap()).collect();
-    let tokens: usize = cases.iter().map(|c| c["input_ids"].as_array().unwrap().len()).sum();
+    let docs: Vec<&str> = cases
+        .iter()
+        .map(|c| c["document"].as_str().unwrap())
+        .collect();
+    let want: Vec<f64> = cases
+        .iter()
+        .map(|c| c["probs"][0].as_f64().unwrap())
+        .collect();
+    let tokens: usize = cases
+        .iter()
+        .map(|c| c["input_ids"].as_array().unwrap().len())
+        .sum();
 
     let body = s
         .post("/score", &json!({"queries": queries, "documents": docs}))
@@ -207,7 +242,10 @@ async fn decoder_cross_encoder_scores_pairs_without_token_types() {
             )
             .await;
         let results = body.ok()["results"].as_array().unwrap().clone();
-        let doc = results.iter().find(|r| r["index"] == 0).expect("document 0");
+        let doc = results
+            .iter()
+            .find(|r| r["index"] == 0)
+            .expect("document 0");
         assert_close(
             "rerank",
             &[doc["relevance_score"].as_f64().unwrap()],
@@ -235,7 +273,9 @@ async fn original_qwen3_reranker_recipe() {
             body["instruction"] = json!(instruction);
         }
         let answer = s.post("/rerank", &body).await;
-        let got = answer.ok()["results"][0]["relevance_score"].as_f64().unwrap();
+        let got = answer.ok()["results"][0]["relevance_score"]
+            .as_f64()
+            .unwrap();
         let want = case["probs"][0].as_f64().unwrap();
         assert_close(case["name"].as_str().unwrap(), &[got], &[want], ATOL);
         assert_eq!(

@@ -21,9 +21,7 @@ use decoder::DecoderModel;
 use gpt2::Gpt2Model;
 use modernbert::ModernBertModel;
 use qwen2_5_vl::Qwen25VlModel;
-pub use registry::{
-    load_model, unsupported_architecture, ArchInfo, ArchKind, Family, RewardKind,
-};
+pub use registry::{load_model, unsupported_architecture, ArchInfo, ArchKind, Family, RewardKind};
 
 /// All sequences of a batch concatenated, with no padding.
 #[derive(Debug, Clone, Default)]
@@ -217,8 +215,8 @@ fn reward_head(weights: &Weights, hidden: usize, num_labels: usize) -> Result<Cl
 /// A Llama-family decoder's head; the LM head is tied to the embeddings when
 /// the config says so or the checkpoint has none.
 fn decoder_lm_head(lm: &DecoderModel, req: &LoadRequest) -> Result<ClassifierHead> {
-    let tied = (lm.ties_embeddings() || !req.weights.contains("lm_head.weight"))
-        .then(|| lm.embeddings());
+    let tied =
+        (lm.ties_embeddings() || !req.weights.contains("lm_head.weight")).then(|| lm.embeddings());
     decoder_head(req, lm.hidden_size(), tied)
 }
 
@@ -259,10 +257,12 @@ fn decoder_head(
         return Ok(ClassifierHead::linear(linear));
     }
     let lm_head = match weights.root(&[""]).pp("lm_head").shape_of("weight") {
-        Some(shape) => weights
-            .root(&[""])
-            .pp("lm_head")
-            .get_as("weight", &[shape[0], hidden], DType::F32)?,
+        Some(shape) => {
+            weights
+                .root(&[""])
+                .pp("lm_head")
+                .get_as("weight", &[shape[0], hidden], DType::F32)?
+        }
         None => match tied_embeddings {
             Some(e) => e.to_dtype(DType::F32)?,
             None => {

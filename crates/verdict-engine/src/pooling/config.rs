@@ -201,7 +201,10 @@ impl PoolerConfig {
                 "seq_pooling_type must be CLS, LAST or MEAN".into(),
             ));
         }
-        if matches!(tok, Some(PoolingType::Cls | PoolingType::Last | PoolingType::Mean)) {
+        if matches!(
+            tok,
+            Some(PoolingType::Cls | PoolingType::Last | PoolingType::Mean)
+        ) {
             return Err(EngineError::Config(
                 "tok_pooling_type must be ALL or STEP".into(),
             ));
