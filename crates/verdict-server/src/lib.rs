@@ -48,8 +48,9 @@ pub struct ServerConfig {
     pub enable_request_id_headers: bool,
     /// Tokenizer threads; 0 means one per core.
     pub tokenizer_workers: usize,
-    /// Open client connections at most; past it the connection idle longest is
-    /// closed, or (all busy) the newcomer gets a 503.
+    /// Open client connections at most; past it the connection that has gone
+    /// longest without finishing a request (and has none in flight) is closed,
+    /// or, when all are busy, the newcomer gets a 503.
     pub max_connections: usize,
     /// Time a client has to send a request's headers (and, between requests, to start the next).
     pub header_read_timeout: Duration,
