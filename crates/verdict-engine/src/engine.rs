@@ -459,6 +459,11 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
     let weights = Weights::open(&files, dtype, &device)?;
     let loaded = load_model(&arch, &config, &weights, num_labels, from_token.as_ref())?;
     drop(weights);
+    // A model without a token-type table ignores the types its tokenizer gives a
+    // pair (DeBERTa-v3: type_vocab_size 0), as transformers does.
+    if loaded.backbone.type_vocab_size() == 0 {
+        tokenizer.ignore_pair_type_ids();
+    }
 
     let pooler = &args.pooler_config;
     let supported_tasks = match arch.kind {

@@ -112,11 +112,27 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+/// One (sequence, head) block of attention scores, handed to a [`ScoreBias`].
+pub(crate) struct ScoreBlock<'a> {
+    /// Index of the sequence in the batch.
+    pub seq: usize,
+    /// Its first row in the packed buffers.
+    pub start: usize,
+    pub len: usize,
+    pub head: usize,
+    /// `len × len` scores, row-major, already multiplied by the scale.
+    pub scores: &'a mut [f32],
+}
+
+/// Adds a term to each block of scores before the softmax (DeBERTa's relative positions).
+pub(crate) type ScoreBias<'a> = &'a (dyn Fn(ScoreBlock) + Sync);
+
 /// Packed attention on contiguous f32 CPU tensors: `q` `[T, heads*d]`,
 /// `k`/`v` `[T, kv_heads*d]`. One task per (sequence, head), each two
 /// single-threaded matmuls straight on the packed buffers (no copies, no
-/// padding, causal rows never look past their diagonal). Returns None when
-/// the tensors are not contiguous f32 on the CPU.
+/// padding, causal rows never look past their diagonal), with `bias` added to
+/// the scores before the softmax when given. Returns None when the tensors are
+/// not contiguous f32 on the CPU.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_f32(
     q: &Tensor,
@@ -129,6 +145,7 @@ pub(crate) fn attention_f32(
     causal: bool,
     window: Option<usize>,
     scale: f32,
+    bias: Option<ScoreBias>,
 ) -> Result<Option<Tensor>> {
     use rayon::prelude::*;
     // Checked before anything is allocated: this runs first for GPU tensors too, and a
@@ -153,13 +170,14 @@ pub(crate) fn attention_f32(
     let done = with_cpu_f32(q, |qs| {
         with_cpu_f32(k, |ks| {
             with_cpu_f32(v, |vs| {
-                let tasks: Vec<(usize, usize, usize)> = cu_seqlens
+                let tasks: Vec<(usize, usize, usize, usize)> = cu_seqlens
                     .windows(2)
-                    .flat_map(|w| (0..heads).map(move |h| (w[0], w[1] - w[0], h)))
-                    .filter(|&(_, len, _)| len > 0)
+                    .enumerate()
+                    .flat_map(|(s, w)| (0..heads).map(move |h| (s, w[0], w[1] - w[0], h)))
+                    .filter(|&(_, _, len, _)| len > 0)
                     .collect();
-                let work: usize = tasks.iter().map(|&(_, len, _)| len * len * d).sum();
-                let run_task = |&(start, len, h): &(usize, usize, usize)| {
+                let work: usize = tasks.iter().map(|&(_, _, len, _)| len * len * d).sum();
+                let run_task = |&(seq, start, len, h): &(usize, usize, usize, usize)| {
                     let kh = h / group;
                     let mut scores = vec![0f32; len * len];
                     // SAFETY: all offsets stay inside this sequence's rows of the
@@ -186,6 +204,15 @@ pub(crate) fn attention_f32(
                             false,
                             gemm::Parallelism::None,
                         );
+                    }
+                    if let Some(bias) = bias {
+                        bias(ScoreBlock {
+                            seq,
+                            start,
+                            len,
+                            head: h,
+                            scores: &mut scores,
+                        });
                     }
                     for i in 0..len {
                         let row = &mut scores[i * len..(i + 1) * len];

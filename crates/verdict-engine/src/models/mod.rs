@@ -2,6 +2,7 @@
 //! backbone takes a packed batch and returns hidden states `[T, H]`.
 
 pub mod bert;
+pub mod deberta;
 pub mod decoder;
 pub mod gpt2;
 pub mod qwen2_5_vl;
@@ -16,6 +17,7 @@ use crate::error::{EngineError, Result};
 use crate::multimodal::VisualInput;
 use crate::pooling::{ClassifierHead, PoolingType};
 use bert::BertModel;
+use deberta::DebertaModel;
 use decoder::DecoderModel;
 use gpt2::Gpt2Model;
 use qwen2_5_vl::Qwen25VlModel;
@@ -150,6 +152,20 @@ pub(crate) fn load_bert(req: &LoadRequest) -> Result<LoadedModel> {
     let backbone = BertModel::load(variant, req.config, req.weights)?;
     let head = bert::load_head(
         variant,
+        req.token_classification(),
+        req.config,
+        req.weights,
+        req.num_labels,
+    )?;
+    Ok(LoadedModel::new(backbone, head))
+}
+
+pub(crate) fn load_deberta(req: &LoadRequest) -> Result<LoadedModel> {
+    let Family::Deberta(variant) = req.arch.family else {
+        return Err(family_mismatch(req));
+    };
+    let backbone = DebertaModel::load(variant, req.config, req.weights)?;
+    let head = deberta::load_head(
         req.token_classification(),
         req.config,
         req.weights,

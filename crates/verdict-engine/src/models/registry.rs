@@ -4,9 +4,10 @@
 //! one row here.
 
 use super::bert::BertVariant;
+use super::deberta::DebertaVariant;
 use super::decoder::DecoderVariant;
 use super::{
-    load_bert, load_decoder, load_gpt2, load_qwen2_5_vl, LoadRequest, LoadedModel,
+    load_bert, load_deberta, load_decoder, load_gpt2, load_qwen2_5_vl, LoadRequest, LoadedModel,
     TokenClassifierSpec,
 };
 use crate::checkpoint::{HfConfig, Weights};
@@ -17,6 +18,7 @@ use crate::pooling::{PoolingTask, PoolingType};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
     Bert(BertVariant),
+    Deberta(DebertaVariant),
     Gpt2,
     Decoder(DecoderVariant),
     /// Qwen2.5-VL: vision tower + M-RoPE Qwen2 language model.
@@ -106,6 +108,8 @@ pub const REGISTRY: &[ArchRow] = &[
     bert("XLMRoberta", BertVariant::Roberta),
     bert("Camembert", BertVariant::Roberta),
     bert("Ernie", BertVariant::Ernie),
+    encoder("Deberta", Family::Deberta(DebertaVariant::V1), load_deberta),
+    encoder("DebertaV2", Family::Deberta(DebertaVariant::V2), load_deberta),
     ArchRow {
         stem: "GPT2",
         family: Family::Gpt2,

@@ -153,6 +153,11 @@ impl TextTokenizer {
         })
     }
 
+    /// Pairs are encoded without token types (for models that have none).
+    pub fn ignore_pair_type_ids(&mut self) {
+        self.pair_has_type_ids = false;
+    }
+
     pub fn set_do_lower_case(&mut self, on: bool) {
         self.do_lower_case = on;
     }
