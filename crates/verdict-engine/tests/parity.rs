@@ -293,7 +293,10 @@ fn deberta_v3_token_classification() {
     let logits = encode(&prompts, ParamsArg::All(&raw));
     for (i, case) in reference.cases.iter().enumerate() {
         let what = format!("{name}/{}", case.name);
-        assert_eq!(probs[i].prompt_token_ids, case.input_ids, "{what}: token ids");
+        assert_eq!(
+            probs[i].prompt_token_ids, case.input_ids,
+            "{what}: token ids"
+        );
         let batched = matrix(&logits[i].outputs);
         assert_close_2d(
             &format!("{what} logits (batched)"),
@@ -307,7 +310,8 @@ fn deberta_v3_token_classification() {
             case.token_probs.as_ref().expect("token_probs"),
             ATOL,
         );
-        let alone = matrix(&encode(std::slice::from_ref(&prompts[i]), ParamsArg::All(&raw))[0].outputs);
+        let alone =
+            matrix(&encode(std::slice::from_ref(&prompts[i]), ParamsArg::All(&raw))[0].outputs);
         assert_close_2d(&format!("{what} alone vs batched"), &alone, &batched, 1e-5);
     }
 }

@@ -747,7 +747,10 @@ async fn deberta_v3_classify_and_pooling_match_transformers() {
     let s = start(engine, local_config()).await;
     let reference = reference("deberta-v3-cls");
     // Relative positions only: max_model_len still comes from max_position_embeddings.
-    assert_eq!(s.get("/v1/models").await.ok()["data"][0]["max_model_len"], 512);
+    assert_eq!(
+        s.get("/v1/models").await.ok()["data"][0]["max_model_len"],
+        512
+    );
     let cases = reference.cases_of("text");
     let texts: Vec<&str> = cases.iter().map(|c| c.text.as_deref().unwrap()).collect();
     let body = s.post("/classify", &json!({"input": texts})).await;
@@ -771,9 +774,7 @@ async fn deberta_v3_classify_and_pooling_match_transformers() {
     }
     // Token ids straight in, as transformers saw them.
     let long = reference.case("long");
-    let body = s
-        .post("/classify", &json!({"input": long.input_ids}))
-        .await;
+    let body = s.post("/classify", &json!({"input": long.input_ids})).await;
     check_item(&body.ok()["data"][0], 0, long, &reference);
     s.stop().await;
 }

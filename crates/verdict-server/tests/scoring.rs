@@ -513,7 +513,10 @@ async fn deberta_v3_cross_encoder_scores_and_reranks() {
         .collect();
     let want: Vec<f64> = pairs.iter().map(|c| c.probs[0]).collect();
     let body = s
-        .post("/score", &json!({"queries": queries, "documents": documents}))
+        .post(
+            "/score",
+            &json!({"queries": queries, "documents": documents}),
+        )
         .await;
     assert_close("score N:N", &scores(body.ok()), &want, ATOL);
     let tokens: usize = pairs.iter().map(|c| c.input_ids.len()).sum();

@@ -110,7 +110,11 @@ impl DebertaConfig {
         };
         let types: Vec<String> = match &self.pos_att_type {
             Value::Null => Vec::new(),
-            Value::String(s) => s.to_lowercase().split('|').map(|t| t.trim().to_string()).collect(),
+            Value::String(s) => s
+                .to_lowercase()
+                .split('|')
+                .map(|t| t.trim().to_string())
+                .collect(),
             Value::Array(items) => items
                 .iter()
                 .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
@@ -155,7 +159,12 @@ struct ConvLayer {
 impl ConvLayer {
     /// `norm(layer_out + act(conv(embeddings)))`, the convolution zero-padded at the
     /// ends of each sequence.
-    fn forward(&self, embeddings: &Tensor, layer_out: &Tensor, cu_seqlens: &[usize]) -> Result<Tensor> {
+    fn forward(
+        &self,
+        embeddings: &Tensor,
+        layer_out: &Tensor,
+        cu_seqlens: &[usize],
+    ) -> Result<Tensor> {
         let padding = (self.weight.dim(2)? - 1) / 2;
         let mut outs = Vec::with_capacity(cu_seqlens.len().saturating_sub(1));
         for w in cu_seqlens.windows(2) {
@@ -222,7 +231,9 @@ impl DebertaModel {
         let root = weights.root(BASES);
         let emb = root.pp("embeddings");
         let e = cfg.embedding_size.unwrap_or(h);
-        let word = emb.pp("word_embeddings").get("weight", &[cfg.vocab_size, e])?;
+        let word = emb
+            .pp("word_embeddings")
+            .get("weight", &[cfg.vocab_size, e])?;
         let position = if cfg.position_biased_input {
             Some(
                 emb.pp("position_embeddings")
@@ -260,7 +271,9 @@ impl DebertaModel {
                 .pp("rel_embeddings")
                 .get("weight", &[positions.table_rows(), h])?;
             let norm_rel = cfg.norm_rel_ebd.as_deref().unwrap_or("none").to_lowercase();
-            if variant == DebertaVariant::V2 && norm_rel.split('|').any(|t| t.trim() == "layer_norm") {
+            if variant == DebertaVariant::V2
+                && norm_rel.split('|').any(|t| t.trim() == "layer_norm")
+            {
                 table = LayerNorm::load(&encoder.pp("LayerNorm"), h, cfg.layer_norm_eps)?
                     .forward(&table)?;
             }
@@ -284,7 +297,11 @@ impl DebertaModel {
             let positions = match &rel_table {
                 None => None,
                 Some(table) => {
-                    let project = |on: bool, name: &str, bias: bool, shared: &Linear| -> Result<Option<Tensor>> {
+                    let project = |on: bool,
+                                   name: &str,
+                                   bias: bool,
+                                   shared: &Linear|
+                     -> Result<Option<Tensor>> {
                         if !on {
                             return Ok(None);
                         }
@@ -313,7 +330,12 @@ impl DebertaModel {
                 positions,
                 attn_out: Linear::load(&out.pp("dense"), all_heads, h, true)?,
                 attn_norm: LayerNorm::load(&out.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
-                intermediate: Linear::load(&wp.pp("intermediate.dense"), h, cfg.intermediate_size, true)?,
+                intermediate: Linear::load(
+                    &wp.pp("intermediate.dense"),
+                    h,
+                    cfg.intermediate_size,
+                    true,
+                )?,
                 output: Linear::load(&wp.pp("output.dense"), cfg.intermediate_size, h, true)?,
                 out_norm: LayerNorm::load(&wp.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
             });
@@ -394,7 +416,10 @@ fn load_fused_qkv(
         .get("weight", &[3 * all, hidden])?
         .reshape((heads, 3, head_dim, hidden))?;
     let part = |i: usize| -> Result<Tensor> {
-        Ok(fused.narrow(1, i, 1)?.reshape((all, hidden))?.contiguous()?)
+        Ok(fused
+            .narrow(1, i, 1)?
+            .reshape((all, hidden))?
+            .contiguous()?)
     };
     Ok((
         Linear::new(part(0)?, Some(att.get("q_bias", &[all])?)),

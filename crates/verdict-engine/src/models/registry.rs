@@ -109,7 +109,11 @@ pub const REGISTRY: &[ArchRow] = &[
     bert("Camembert", BertVariant::Roberta),
     bert("Ernie", BertVariant::Ernie),
     encoder("Deberta", Family::Deberta(DebertaVariant::V1), load_deberta),
-    encoder("DebertaV2", Family::Deberta(DebertaVariant::V2), load_deberta),
+    encoder(
+        "DebertaV2",
+        Family::Deberta(DebertaVariant::V2),
+        load_deberta,
+    ),
     ArchRow {
         stem: "GPT2",
         family: Family::Gpt2,
