@@ -343,7 +343,7 @@ impl DebertaModel {
 
         let conv = if variant == DebertaVariant::V2 && cfg.conv_kernel_size > 0 {
             let (kernel, groups) = (cfg.conv_kernel_size, cfg.conv_groups);
-            if kernel % 2 == 0 || groups == 0 || !h.is_multiple_of(groups) {
+            if kernel.is_multiple_of(2) || groups == 0 || !h.is_multiple_of(groups) {
                 return Err(EngineError::Config(format!(
                     "conv_kernel_size {kernel} must be odd and conv_groups {groups} must divide hidden_size {h}"
                 )));
