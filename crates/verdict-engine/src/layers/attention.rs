@@ -45,6 +45,7 @@ pub fn packed_attention(
         causal,
         window,
         scale as f32,
+        None,
     )? {
         return Ok(out);
     }

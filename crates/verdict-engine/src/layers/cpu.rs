@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Storage, Tensor};
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 
 /// Runs `f` on the contiguous f32 data of a CPU tensor; None for anything else.
 pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
@@ -116,6 +116,26 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+/// One block of attention scores (query rows `row0..row0 + rows` of a sequence,
+/// against all its `len` keys), handed to a [`ScoreBias`].
+pub(crate) struct ScoreBlock<'a> {
+    /// Index of the sequence in the batch.
+    pub seq: usize,
+    /// Its first row in the packed buffers.
+    pub start: usize,
+    pub len: usize,
+    pub head: usize,
+    /// The block's first query row, within the sequence.
+    pub row0: usize,
+    pub rows: usize,
+    /// `rows × len` scores, row-major, already multiplied by the scale.
+    pub scores: &'a mut [f32],
+}
+
+/// Adds a term to each block of scores before the softmax (DeBERTa's relative
+/// positions); only for unmasked (bidirectional, windowless) attention.
+pub(crate) type ScoreBias<'a> = &'a (dyn Fn(ScoreBlock) + Sync);
+
 /// Packed attention on contiguous f32 CPU tensors: `q` `[T, heads*d]`,
 /// `k`/`v` `[T, kv_heads*d]`. One task per (sequence, head, block of
 /// `ATTENTION_ROWS` query rows), each two single-threaded matmuls straight on the
@@ -123,6 +143,7 @@ unsafe impl Sync for SharedOut {}
 /// causal rows never look past their diagonal, windows skip the keys outside them,
 /// and a long sequence never holds more than a block of scores per task.
 /// `window` is the causal window when `causal`, else a radius: |i - j| <= window.
+/// `bias` is added to the scores before the softmax when given.
 /// Returns None when the tensors are not contiguous f32 on the CPU.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_f32(
@@ -136,8 +157,14 @@ pub(crate) fn attention_f32(
     causal: bool,
     window: Option<usize>,
     scale: f32,
+    bias: Option<ScoreBias>,
 ) -> Result<Option<Tensor>> {
     use rayon::prelude::*;
+    if bias.is_some() && (causal || window.is_some()) {
+        return Err(EngineError::Config(
+            "internal: an attention score bias needs unmasked attention".into(),
+        ));
+    }
     // Checked before anything is allocated: this runs first for GPU tensors too, and a
     // zeroed host buffer of T × heads × d floats per layer once cost more host time
     // than the GPU spent on the whole layer.
@@ -168,26 +195,28 @@ pub(crate) fn attention_f32(
     let done = with_cpu_f32(q, |qs| {
         with_cpu_f32(k, |ks| {
             with_cpu_f32(v, |vs| {
-                // (sequence start, sequence length, head, first row, end row)
-                let tasks: Vec<(usize, usize, usize, usize, usize)> = cu_seqlens
+                // (sequence, sequence start, sequence length, head, first row, end row)
+                type Task = (usize, usize, usize, usize, usize, usize);
+                let tasks: Vec<Task> = cu_seqlens
                     .windows(2)
-                    .flat_map(|w| {
+                    .enumerate()
+                    .flat_map(|(seq, w)| {
                         let (start, len) = (w[0], w[1] - w[0]);
                         (0..heads).flat_map(move |h| {
-                            (0..len)
-                                .step_by(ATTENTION_ROWS)
-                                .map(move |r0| (start, len, h, r0, len.min(r0 + ATTENTION_ROWS)))
+                            (0..len).step_by(ATTENTION_ROWS).map(move |r0| {
+                                (seq, start, len, h, r0, len.min(r0 + ATTENTION_ROWS))
+                            })
                         })
                     })
                     .collect();
                 let work: usize = tasks
                     .iter()
-                    .map(|&(_, len, _, r0, r1)| {
+                    .map(|&(_, _, len, _, r0, r1)| {
                         let (k0, k1) = (keys_of(r0, len).0, keys_of(r1 - 1, len).1);
                         (r1 - r0) * (k1 - k0) * d
                     })
                     .sum();
-                let run_task = |&(start, len, h, r0, r1): &(usize, usize, usize, usize, usize)| {
+                let run_task = |&(seq, start, len, h, r0, r1): &Task| {
                     let kh = h / group;
                     let rows = r1 - r0;
                     // Keys of the whole block: from the first row's first to the last row's last.
@@ -218,6 +247,17 @@ pub(crate) fn attention_f32(
                             false,
                             gemm::Parallelism::None,
                         );
+                    }
+                    if let Some(bias) = bias {
+                        bias(ScoreBlock {
+                            seq,
+                            start,
+                            len,
+                            head: h,
+                            row0: r0,
+                            rows,
+                            scores: &mut scores,
+                        });
                     }
                     for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
                         let (lo, hi) = keys_of(r0 + i, len);

@@ -7,11 +7,13 @@ mod cpu;
 mod cuda_attention;
 #[cfg(feature = "cuda")]
 mod cuda_ops;
+mod disentangled;
 mod qkv;
 mod rotary;
 mod simd;
 
 pub use attention::{packed_attention, AttentionMask};
+pub use disentangled::{disentangled_attention, PositionProjections, RelativePositions};
 pub use qkv::QkvProjection;
 pub use rotary::RotaryEmbedding;
 
@@ -331,5 +333,35 @@ impl HiddenAct {
             HiddenAct::Silu => candle_nn::Activation::Silu.forward(x)?,
             HiddenAct::Relu => x.relu()?,
         })
+    }
+}
+
+/// An activation a config names for a side branch (DeBERTa's `pooler_hidden_act`,
+/// `conv_act`): any hidden activation, or tanh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamedAct {
+    Tanh,
+    Hidden(HiddenAct),
+}
+
+impl NamedAct {
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "tanh" => Ok(NamedAct::Tanh),
+            other => HiddenAct::from_name(other)
+                .map(NamedAct::Hidden)
+                .map_err(|_| {
+                    EngineError::Config(format!(
+                        "unsupported activation `{other}` (supported: tanh, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, silu, swish, relu)"
+                    ))
+                }),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            NamedAct::Tanh => Ok(x.tanh()?),
+            NamedAct::Hidden(act) => act.forward(x),
+        }
     }
 }

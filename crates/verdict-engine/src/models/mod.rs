@@ -2,6 +2,7 @@
 //! backbone takes a packed batch and returns hidden states `[T, H]`.
 
 pub mod bert;
+pub mod deberta;
 pub mod decoder;
 pub mod gpt2;
 pub mod modernbert;
@@ -17,6 +18,7 @@ use crate::error::{EngineError, Result};
 use crate::multimodal::VisualInput;
 use crate::pooling::{ClassifierHead, PoolingType};
 use bert::BertModel;
+use deberta::DebertaModel;
 use decoder::DecoderModel;
 use gpt2::Gpt2Model;
 use modernbert::ModernBertModel;
@@ -170,6 +172,18 @@ pub(crate) fn load_modernbert(req: &LoadRequest) -> Result<LoadedModel> {
     let mut loaded = LoadedModel::new(backbone, head);
     loaded.default_pooling = Some(pooling);
     Ok(loaded)
+pub(crate) fn load_deberta(req: &LoadRequest) -> Result<LoadedModel> {
+    let Family::Deberta(variant) = req.arch.family else {
+        return Err(family_mismatch(req));
+    };
+    let backbone = DebertaModel::load(variant, req.config, req.weights)?;
+    let head = deberta::load_head(
+        req.token_classification(),
+        req.config,
+        req.weights,
+        req.num_labels,
+    )?;
+    Ok(LoadedModel::new(backbone, head))
 }
 
 pub(crate) fn load_gpt2(req: &LoadRequest) -> Result<LoadedModel> {

@@ -4,9 +4,11 @@
 //! one row here.
 
 use super::bert::BertVariant;
+use super::deberta::DebertaVariant;
 use super::decoder::DecoderVariant;
 use super::{
     load_bert, load_decoder, load_gpt2, load_modernbert, load_qwen2_5_vl, LoadRequest, LoadedModel,
+    load_bert, load_deberta, load_decoder, load_gpt2, load_qwen2_5_vl, LoadRequest, LoadedModel,
     TokenClassifierSpec,
 };
 use crate::checkpoint::{HfConfig, Weights};
@@ -18,6 +20,7 @@ use crate::pooling::{PoolingTask, PoolingType};
 pub enum Family {
     Bert(BertVariant),
     ModernBert,
+    Deberta(DebertaVariant),
     Gpt2,
     Decoder(DecoderVariant),
     /// Qwen2.5-VL: vision tower + M-RoPE Qwen2 language model.
@@ -159,6 +162,12 @@ pub const REGISTRY: &[ArchRow] = &[
         load: load_bert,
     },
     encoder("ModernBert", Family::ModernBert, load_modernbert),
+    encoder("Deberta", Family::Deberta(DebertaVariant::V1), load_deberta),
+    encoder(
+        "DebertaV2",
+        Family::Deberta(DebertaVariant::V2),
+        load_deberta,
+    ),
     ArchRow {
         stem: "GPT2",
         family: Family::Gpt2,

@@ -1,7 +1,7 @@
 use candle_core::Tensor;
 
 use crate::error::Result;
-use crate::layers::{HiddenAct, LayerNorm, Linear};
+use crate::layers::{HiddenAct, LayerNorm, Linear, NamedAct};
 
 /// A classification head, run in fp32 on pooled (or per-token) hidden states.
 pub struct ClassifierHead {
@@ -13,19 +13,11 @@ pub struct ClassifierHead {
 /// `norm(act(dense(x)))`, the norm only in ModernBERT's prediction head.
 struct HiddenLayer {
     dense: Linear,
-    act: HeadAct,
+    act: NamedAct,
     norm: Option<LayerNorm>,
     /// True for BERT's pooler: per-token classification skips it, as the
     /// token-classification models have no pooler.
     is_pooler: bool,
-}
-
-#[derive(Clone, Copy)]
-enum HeadAct {
-    Tanh,
-    Relu,
-    /// A config-named activation (ModernBERT's `classifier_activation`).
-    Hidden(HiddenAct),
 }
 
 impl ClassifierHead {
@@ -34,7 +26,7 @@ impl ClassifierHead {
         ClassifierHead { hidden: None, out }
     }
 
-    fn with_hidden(dense: Linear, act: HeadAct, norm: Option<LayerNorm>, out: Linear) -> Self {
+    fn with_hidden(dense: Linear, act: NamedAct, norm: Option<LayerNorm>, out: Linear) -> Self {
         ClassifierHead {
             hidden: Some(HiddenLayer {
                 dense,
@@ -48,7 +40,12 @@ impl ClassifierHead {
 
     /// `out(tanh(dense(x)))`.
     pub fn dense_tanh(dense: Linear, out: Linear, is_pooler: bool) -> Self {
-        let mut head = Self::with_hidden(dense, HeadAct::Tanh, None, out);
+        Self::dense_act(dense, NamedAct::Tanh, out, is_pooler)
+    }
+
+    /// `out(act(dense(x)))`, e.g. DeBERTa's `ContextPooler` with `pooler_hidden_act`.
+    pub fn dense_act(dense: Linear, act: NamedAct, out: Linear, is_pooler: bool) -> Self {
+        let mut head = Self::with_hidden(dense, act, None, out);
         if let Some(h) = &mut head.hidden {
             h.is_pooler = is_pooler;
         }
@@ -58,12 +55,12 @@ impl ClassifierHead {
     /// `out(relu(dense(x)))`: DistilBERT's `pre_classifier` head and the reward
     /// models' `score` Sequential.
     pub fn dense_relu(dense: Linear, out: Linear) -> Self {
-        Self::with_hidden(dense, HeadAct::Relu, None, out)
+        Self::with_hidden(dense, NamedAct::Hidden(HiddenAct::Relu), None, out)
     }
 
     /// `out(norm(act(dense(x))))` (ModernBERT), on pooled rows and on every token alike.
     pub fn prediction(dense: Linear, act: HiddenAct, norm: LayerNorm, out: Linear) -> Self {
-        Self::with_hidden(dense, HeadAct::Hidden(act), Some(norm), out)
+        Self::with_hidden(dense, NamedAct::Hidden(act), Some(norm), out)
     }
 
     pub fn num_labels(&self) -> usize {
@@ -90,9 +87,8 @@ impl ClassifierHead {
 impl HiddenLayer {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let y = match self.act {
-            HeadAct::Tanh => self.dense.forward(x)?.tanh()?,
-            HeadAct::Relu => self.dense.forward(x)?.relu()?,
-            HeadAct::Hidden(act) => self.dense.forward_act(x, act)?,
+            NamedAct::Tanh => self.dense.forward(x)?.tanh()?,
+            NamedAct::Hidden(act) => self.dense.forward_act(x, act)?,
         };
         match &self.norm {
             Some(norm) => norm.forward(&y),
