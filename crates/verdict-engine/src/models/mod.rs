@@ -172,6 +172,8 @@ pub(crate) fn load_modernbert(req: &LoadRequest) -> Result<LoadedModel> {
     let mut loaded = LoadedModel::new(backbone, head);
     loaded.default_pooling = Some(pooling);
     Ok(loaded)
+}
+
 pub(crate) fn load_deberta(req: &LoadRequest) -> Result<LoadedModel> {
     let Family::Deberta(variant) = req.arch.family else {
         return Err(family_mismatch(req));
