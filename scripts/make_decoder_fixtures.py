@@ -101,7 +101,7 @@ def gemma3_config(**kw):
     # keeps attn_logit_softcapping in Gemma-3's config but does not apply it: set, to
     # check that the engine does not either.
     return Gemma3TextConfig(sliding_window=WINDOW, sliding_window_pattern=3, query_pre_attn_scalar=20,
-                            rope_theta=1000000.0, rope_local_base_freq=10.0, attn_logit_softcapping=1.5,
+                            rope_theta=1000000.0, rope_local_base_freq=1000.0, attn_logit_softcapping=1.5,
                             final_logit_softcapping=1.5, **dims, **kw)
 
 

@@ -129,6 +129,7 @@ pub(crate) fn attention_f32(
     causal: bool,
     window: Option<usize>,
     scale: f32,
+    softcap: Option<f32>,
 ) -> Result<Option<Tensor>> {
     use rayon::prelude::*;
     // Checked before anything is allocated: this runs first for GPU tensors too, and a
@@ -194,6 +195,11 @@ pub(crate) fn attention_f32(
                         } else {
                             (0, len)
                         };
+                        if let Some(cap) = softcap {
+                            row[lo..hi]
+                                .iter_mut()
+                                .for_each(|s| *s = cap * (*s / cap).tanh());
+                        }
                         super::simd::softmax_in_place(&mut row[lo..hi]);
                         row[..lo].iter_mut().for_each(|s| *s = 0.0);
                         row[hi..].iter_mut().for_each(|s| *s = 0.0);

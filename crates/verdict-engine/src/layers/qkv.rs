@@ -39,9 +39,7 @@ impl QkvProjection {
         bias: bool,
     ) -> Result<Self> {
         let (qd, kd) = (heads * head_dim, kv_heads * head_dim);
-        let split = att.weights().device().is_cpu()
-            || std::env::var("VERDICT_CUDA_QKV").is_ok_and(|v| v == "split");
-        let proj = if split {
+        let proj = if split_on(att) {
             Projection::Split {
                 q: Linear::load(&att.pp("q_proj"), hidden, qd, bias)?,
                 k: Linear::load(&att.pp("k_proj"), hidden, kd, bias)?,
@@ -64,6 +62,47 @@ impl QkvProjection {
             } else {
                 None
             };
+            Projection::Packed(Linear::new(weight, bias))
+        };
+        Ok(QkvProjection {
+            proj,
+            heads,
+            kv_heads,
+            head_dim,
+        })
+    }
+
+    /// Loads one fused projection stored as `[(heads + 2 kv_heads) * d, hidden]`
+    /// (Phi-3's `qkv_proj`: query rows, then key rows, then value rows).
+    pub fn load_fused(
+        wp: &WeightPath,
+        hidden: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let (qd, kd) = (heads * head_dim, kv_heads * head_dim);
+        let weight = wp.get("weight", &[qd + 2 * kd, hidden])?;
+        let bias = if bias {
+            Some(wp.get("bias", &[qd + 2 * kd])?)
+        } else {
+            None
+        };
+        let proj = if split_on(wp) {
+            let part = |start: usize, rows: usize| -> Result<Linear> {
+                let b = match &bias {
+                    Some(b) => Some(b.narrow(0, start, rows)?.contiguous()?),
+                    None => None,
+                };
+                Ok(Linear::new(weight.narrow(0, start, rows)?.contiguous()?, b))
+            };
+            Projection::Split {
+                q: part(0, qd)?,
+                k: part(qd, kd)?,
+                v: part(qd + kd, kd)?,
+            }
+        } else {
             Projection::Packed(Linear::new(weight, bias))
         };
         Ok(QkvProjection {
@@ -129,6 +168,12 @@ impl QkvProjection {
             v,
         ))
     }
+}
+
+/// Three projections on the CPU (contiguous outputs for its attention), or when
+/// `VERDICT_CUDA_QKV=split` asks for them.
+fn split_on(wp: &WeightPath) -> bool {
+    wp.weights().device().is_cpu() || std::env::var("VERDICT_CUDA_QKV").is_ok_and(|v| v == "split")
 }
 
 /// q, k and v copied out of a `[T, heads + 2 kv_heads, d]` projection, q and k rotated.

@@ -16,7 +16,7 @@ use crate::error::{EngineError, Result};
 use crate::multimodal::VisualInput;
 use crate::pooling::{ClassifierHead, PoolingType};
 use bert::BertModel;
-use decoder::DecoderModel;
+use decoder::{DecoderModel, LmLogits};
 use gpt2::Gpt2Model;
 use qwen2_5_vl::Qwen25VlModel;
 pub use registry::{load_model, unsupported_architecture, ArchInfo, ArchKind, Family};
@@ -168,6 +168,7 @@ pub(crate) fn load_gpt2(req: &LoadRequest) -> Result<LoadedModel> {
         req.num_labels,
         req.from_token,
         Some(backbone.embeddings()),
+        LmLogits::default(),
     )?;
     Ok(LoadedModel::new(backbone, head))
 }
@@ -209,6 +210,7 @@ fn decoder_lm_head(
         num_labels,
         from_token,
         tied,
+        lm.lm_logits(),
     )
 }
 
@@ -221,6 +223,7 @@ fn decoder_head(
     num_labels: usize,
     from_token: Option<&TokenClassifierSpec>,
     tied_embeddings: Option<&Tensor>,
+    lm_logits: LmLogits,
 ) -> Result<ClassifierHead> {
     let top = weights.root(&["", "language_model.", "model."]);
     let Some(spec) = from_token else {
@@ -270,16 +273,26 @@ fn decoder_head(
     }
     let index = Tensor::from_vec(ids.clone(), ids.len(), lm_head.device())?;
     let rows = lm_head.index_select(&index, 0)?;
+    // Granite's logits_scaling is linear: folded into the rows.
+    let rows = match lm_logits.divide_by {
+        Some(scale) => (rows / scale)?,
+        None => rows,
+    };
+    if spec.method == TokenMethod::From2WaySoftmax && ids.len() != 2 {
+        return Err(EngineError::Config(format!(
+            "method from_2_way_softmax needs exactly 2 classifier_from_token entries, got {}",
+            ids.len()
+        )));
+    }
+    // Soft-capped logits (Gemma-2) are not linear in the rows: the head keeps the
+    // token rows and caps their logits before the method reads them.
+    if let Some(cap) = lm_logits.softcap {
+        let linear = crate::layers::Linear::new(rows.contiguous()?, None);
+        let two_way = spec.method == TokenMethod::From2WaySoftmax;
+        return Ok(ClassifierHead::soft_capped_tokens(linear, cap, two_way));
+    }
     let weight = match spec.method {
-        TokenMethod::From2WaySoftmax => {
-            if ids.len() != 2 {
-                return Err(EngineError::Config(format!(
-                    "method from_2_way_softmax needs exactly 2 classifier_from_token entries, got {}",
-                    ids.len()
-                )));
-            }
-            (rows.get(1)? - rows.get(0)?)?.unsqueeze(0)?
-        }
+        TokenMethod::From2WaySoftmax => (rows.get(1)? - rows.get(0)?)?.unsqueeze(0)?,
         TokenMethod::NoPostProcessing => rows,
     };
     Ok(ClassifierHead::linear(crate::layers::Linear::new(
