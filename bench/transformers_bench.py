@@ -62,6 +62,10 @@ SHAPES = {
                                    intermediate_size=8960, vocab_size=151936, tie_word_embeddings=True)),
     "qwen2.5-7b": ("qwen2", dict(num_hidden_layers=28, hidden_size=3584, num_attention_heads=28, num_key_value_heads=4,
                                  intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False)),
+    "gemma2-2b": ("gemma2", dict(num_hidden_layers=26, hidden_size=2304, num_attention_heads=8, num_key_value_heads=4,
+                                 head_dim=256, intermediate_size=9216, vocab_size=256000, sliding_window=4096,
+                                 attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                 query_pre_attn_scalar=256, tie_word_embeddings=True)),
 }
 
 
@@ -80,6 +84,13 @@ def build_model(shape, dtype, device, attn):
         cls = transformers.DebertaV2ForSequenceClassification
         pad = 0
         attn = None  # DeBERTa has only its own (eager) attention
+    elif family == "gemma2":
+        cfg = transformers.Gemma2Config(num_labels=2, pad_token_id=0, max_position_embeddings=8192, **kw)
+        cls = transformers.Gemma2ForSequenceClassification
+        pad = 0
+        # transformers refuses sdpa for Gemma-2 (sdpa cannot soft-cap): eager is its own choice.
+        if attn == "sdpa":
+            attn = "eager"
     else:
         cfg = transformers.Qwen2Config(num_labels=2, pad_token_id=151643, rope_theta=1e6,
                                        max_position_embeddings=32768, **kw)

@@ -12,7 +12,7 @@ PY=${PEER_PYTHON:-python3}
 LOG=${BENCH_LOG:-/tmp/gpu-bench.jsonl}
 MODES=${VERDICT_MODES:-auto}
 specs=("$@")
-[ ${#specs[@]} -gt 0 ] || specs=(bert-base:1024 qwen2.5-0.5b:1024 qwen2.5-1.5b:1024 qwen2.5-7b:512)
+[ ${#specs[@]} -gt 0 ] || specs=(bert-base:1024 qwen2.5-0.5b:1024 qwen2.5-1.5b:1024 qwen2.5-7b:512 gemma2-2b:512)
 label() {
     python3 -c 'import json, sys
 for line in sys.stdin:

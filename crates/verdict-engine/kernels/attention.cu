@@ -6,7 +6,9 @@
 // kv head h / (heads / kv_heads). `causal` keeps keys j <= i, and with
 // `window` > 0 only i - j < window; without `causal`, `window` > 0 keeps
 // |i - j| < window (local attention). Scores are scaled by `scale_log2` =
-// softmax scale * log2(e) and exponentiated with exp2.
+// softmax scale * log2(e) and exponentiated with exp2. With `softcap_log2` > 0
+// (Gemma-2's attention logit soft-cap, times log2(e)) each scaled score s becomes
+// softcap_log2 * tanh(s / softcap_log2), i.e. cap * tanh(score / cap) in log2 units.
 //
 // Two kernels:
 // - attn_rows_*: one warp per (token, head), lanes split the head dim (d <= 256),
@@ -23,6 +25,10 @@
 #include <stdint.h>
 
 typedef long long i64;
+
+__device__ __forceinline__ float soft_cap(float s, float cap) {
+    return cap > 0.f ? cap * tanhf(s / cap) : s;
+}
 
 __device__ __forceinline__ int seq_of(const int* cu, int nseq, int t) {
     int lo = 0, hi = nseq - 1;
@@ -42,7 +48,7 @@ __device__ void attn_rows(const T* __restrict__ q, const T* __restrict__ k,
                           const T* __restrict__ v, T* __restrict__ out,
                           const int* __restrict__ cu, int nseq, int total, int heads,
                           int kv_heads, int d, i64 q_ts, i64 k_ts, i64 v_ts, int causal,
-                          int window, float scale_log2) {
+                          int window, float scale_log2, float softcap_log2) {
     constexpr int MAXE = 8;  // d <= 256
     const i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -79,6 +85,7 @@ __device__ void attn_rows(const T* __restrict__ q, const T* __restrict__ k,
         }
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) dot += __shfl_xor_sync(0xffffffffu, dot, o);
+        dot = soft_cap(dot, softcap_log2);
         const float mn = fmaxf(m, dot);
         const float corr = exp2f(m - mn);
         const float p = exp2f(dot - mn);
@@ -104,9 +111,9 @@ __device__ void attn_rows(const T* __restrict__ q, const T* __restrict__ k,
     extern "C" __global__ void NAME(const T* q, const T* k, const T* v, T* out, const int* cu, \
                                     int nseq, int total, int heads, int kv_heads, int d,       \
                                     i64 q_ts, i64 k_ts, i64 v_ts, int causal, int window,      \
-                                    float scale_log2) {                                        \
+                                    float scale_log2, float softcap_log2) {                    \
         attn_rows<T>(q, k, v, out, cu, nseq, total, heads, kv_heads, d, q_ts, k_ts, v_ts,     \
-                     causal, window, scale_log2);                                              \
+                     causal, window, scale_log2, softcap_log2);                                \
     }
 ROWS_KERNEL(attn_rows_f32, float)
 ROWS_KERNEL(attn_rows_bf16, __nv_bfloat16)
@@ -162,7 +169,8 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
                                       const T* __restrict__ v, T* __restrict__ out,
                                       const int* __restrict__ cu, const int* __restrict__ tiles,
                                       int heads, int kv_heads, i64 q_ts, i64 k_ts, i64 v_ts,
-                                      int causal, int window, float scale_log2) {
+                                      int causal, int window, float scale_log2,
+                                      float softcap_log2) {
     constexpr int BM = 64, BN = 64, LD = D + 8, VEC = 8, NT = 128;
     __shared__ __align__(16) T sK[BN * LD];
     __shared__ __align__(16) T sV[BN * LD];
@@ -252,7 +260,7 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
                 bool ok = key < len;
                 if (causal) ok = ok && key <= row && (window <= 0 || row - key < window);
                 else if (window > 0) ok = ok && abs(row - key) < window;
-                sc[nb][e] = ok ? sc[nb][e] * scale_log2 : -INFINITY;
+                sc[nb][e] = ok ? soft_cap(sc[nb][e] * scale_log2, softcap_log2) : -INFINITY;
             }
             mx[0] = fmaxf(mx[0], fmaxf(sc[nb][0], sc[nb][1]));
             mx[1] = fmaxf(mx[1], fmaxf(sc[nb][2], sc[nb][3]));
@@ -334,9 +342,9 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
     extern "C" __global__ void __launch_bounds__(128)                                            \
         NAME(const T* q, const T* k, const T* v, T* out, const int* cu, const int* tiles,         \
              int heads, int kv_heads, i64 q_ts, i64 k_ts, i64 v_ts, int causal, int window,       \
-             float scale_log2) {                                                                  \
+             float scale_log2, float softcap_log2) {                                              \
         flash<T, D>(q, k, v, out, cu, tiles, heads, kv_heads, q_ts, k_ts, v_ts, causal, window,  \
-                    scale_log2);                                                                  \
+                    scale_log2, softcap_log2);                                                    \
     }
 FLASH_KERNEL(flash_bf16_d64, __nv_bfloat16, 64)
 FLASH_KERNEL(flash_bf16_d128, __nv_bfloat16, 128)

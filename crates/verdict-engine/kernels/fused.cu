@@ -97,8 +97,9 @@ FUSED(f16, __half)
 // ---------------------------------------------------------------------------
 // Residual add + RMSNorm, one block per row:
 //   sum_out = T(x + delta), the residual stream as a separate add would store it;
-//   out = T(s * rsqrt(mean(s^2) + eps) * w) with s = x + delta in f32: one rounding
-//   at the end, so the norm sees the sum before it is rounded (closer to f32 math).
+//   out = T(s * rsqrt(mean(s^2) + eps) * (w + w_offset)) with s = x + delta in f32: one
+//   rounding at the end, so the norm sees the sum before it is rounded (closer to f32
+//   math). w_offset is 1 for Gemma's (1 + w) scale, else 0.
 // delta may be null (plain RMSNorm of x; sum_out unused). Rows are `cols` apart.
 // ---------------------------------------------------------------------------
 __device__ __forceinline__ float block_sum(float v) {
@@ -119,7 +120,7 @@ __device__ __forceinline__ float block_sum(float v) {
 template <typename T, int VPT>
 __device__ void add_rmsnorm_vec(const T* __restrict__ x, const T* __restrict__ delta,
                                 const T* __restrict__ w, T* __restrict__ sum_out,
-                                T* __restrict__ out, int cols, float eps) {
+                                T* __restrict__ out, int cols, float eps, float w_offset) {
     constexpr int V = 16 / sizeof(T);
     const i64 base = (i64)blockIdx.x * cols;
     const int nvec = cols / V;
@@ -162,7 +163,7 @@ __device__ void add_rmsnorm_vec(const T* __restrict__ x, const T* __restrict__ d
             uint4 o;
             T* oe = reinterpret_cast<T*>(&o);
 #pragma unroll
-            for (int e = 0; e < V; ++e) oe[e] = from_f<T>(vals[j][e] * r * to_f(we[e]));
+            for (int e = 0; e < V; ++e) oe[e] = from_f<T>(vals[j][e] * r * (to_f(we[e]) + w_offset));
             orow[i] = o;
         }
     }
@@ -172,7 +173,7 @@ __device__ void add_rmsnorm_vec(const T* __restrict__ x, const T* __restrict__ d
 template <typename T>
 __device__ void add_rmsnorm_any(const T* __restrict__ x, const T* __restrict__ delta,
                                 const T* __restrict__ w, T* __restrict__ sum_out,
-                                T* __restrict__ out, int cols, float eps) {
+                                T* __restrict__ out, int cols, float eps, float w_offset) {
     const i64 base = (i64)blockIdx.x * cols;
     float ss = 0.f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
@@ -186,7 +187,7 @@ __device__ void add_rmsnorm_any(const T* __restrict__ x, const T* __restrict__ d
     const float r = rsqrtf(block_sum(ss) / cols + eps);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         const float f = to_f(x[base + c]) + (delta ? to_f(delta[base + c]) : 0.f);
-        out[base + c] = from_f<T>(f * r * to_f(w[c]));
+        out[base + c] = from_f<T>(f * r * (to_f(w[c]) + w_offset));
     }
 }
 
@@ -261,12 +262,12 @@ __device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias,
 #define NORM_ROPE(SUFFIX, T)                                                                   \
     extern "C" __global__ void add_rmsnorm_##SUFFIX(const T* x, const T* delta, const T* w,   \
                                                     T* sum_out, T* out, int cols, float eps,  \
-                                                    int vpt) {                                \
+                                                    int vpt, float w_offset) {                \
         switch (vpt) {                                                                        \
-            case 1: add_rmsnorm_vec<T, 1>(x, delta, w, sum_out, out, cols, eps); break;       \
-            case 2: add_rmsnorm_vec<T, 2>(x, delta, w, sum_out, out, cols, eps); break;       \
-            case 4: add_rmsnorm_vec<T, 4>(x, delta, w, sum_out, out, cols, eps); break;       \
-            default: add_rmsnorm_any<T>(x, delta, w, sum_out, out, cols, eps); break;         \
+            case 1: add_rmsnorm_vec<T, 1>(x, delta, w, sum_out, out, cols, eps, w_offset); break; \
+            case 2: add_rmsnorm_vec<T, 2>(x, delta, w, sum_out, out, cols, eps, w_offset); break; \
+            case 4: add_rmsnorm_vec<T, 4>(x, delta, w, sum_out, out, cols, eps, w_offset); break; \
+            default: add_rmsnorm_any<T>(x, delta, w, sum_out, out, cols, eps, w_offset); break;   \
         }                                                                                     \
     }                                                                                         \
     extern "C" __global__ void qkv_rope_##SUFFIX(const T* qkv, const T* bias, const T* cos,   \

@@ -911,3 +911,18 @@ fn deberta_max_model_len_defaults_to_max_position_embeddings() {
         assert_eq!(llm.info().max_model_len, 512, "{name}");
     }
 }
+
+// Gemma 1/2/3, Phi-3 and Granite (scripts/make_decoder_fixtures.py, transformers 5):
+// each as a classifier and as a causal LM converted with classifier_from_token.
+parity_tests! {
+    gemma_sequence_classification => "gemma-cls",
+    gemma_lm_converted_from_tokens => "gemma-lm-tokens",
+    gemma2_window_and_attention_softcap => "gemma2-cls",
+    gemma2_lm_final_softcap_from_2_way_softmax => "gemma2-lm-2way",
+    gemma3_text_sequence_classification => "gemma3-cls",
+    gemma3_lm_final_softcap_from_tokens => "gemma3-lm-tokens",
+    phi3_longrope_sequence_classification => "phi3-cls",
+    phi3_lm_partial_rotary_from_tokens => "phi3-lm-tokens",
+    granite_causal_lm_converted_with_score => "granite-cls",
+    granite_lm_logits_scaling_from_2_way_softmax => "granite-lm-2way",
+}

@@ -19,7 +19,7 @@ use verdict_server::ServerConfig;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Model shape: minilm-l6, bert-base, deberta-v3-base, modernbert-base, qwen2.5-0.5b, qwen2.5-1.5b or qwen2.5-7b.
+    /// Model shape: minilm-l6, bert-base, deberta-v3-base, modernbert-base, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b or gemma2-2b.
     #[arg(long, default_value = "minilm-l6")]
     pub shape: String,
 
@@ -136,7 +136,22 @@ fn shape(name: &str) -> Result<Shape> {
         "qwen2.5-0.5b" => ("qwen2.5-0.5b", qwen(24, 896, 14, 2, 4864, 151936, true)),
         "qwen2.5-1.5b" => ("qwen2.5-1.5b", qwen(28, 1536, 12, 2, 8960, 151936, true)),
         "qwen2.5-7b" => ("qwen2.5-7b", qwen(28, 3584, 28, 4, 18944, 152064, false)),
-        other => bail!("unknown shape `{other}` (minilm-l6, bert-base, deberta-v3-base, modernbert-base, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b)"),
+        // Gemma-2-2B: head_dim 256, soft-capping and the sliding window on.
+        "gemma2-2b" => (
+            "gemma2-2b",
+            json!({
+                "architectures": ["Gemma2ForSequenceClassification"], "model_type": "gemma2",
+                "vocab_size": 256000, "hidden_size": 2304, "num_hidden_layers": 26,
+                "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+                "intermediate_size": 9216, "hidden_activation": "gelu_pytorch_tanh",
+                "hidden_act": "gelu_pytorch_tanh", "max_position_embeddings": 8192,
+                "rope_theta": 10000.0, "rms_norm_eps": 1e-6, "sliding_window": 4096,
+                "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+                "query_pre_attn_scalar": 256, "tie_word_embeddings": true, "pad_token_id": 0,
+                "id2label": {"0": "LABEL_0", "1": "LABEL_1"}
+            }),
+        ),
+        other => bail!("unknown shape `{other}` (minilm-l6, bert-base, deberta-v3-base, modernbert-base, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b, gemma2-2b)"),
     };
     Ok(Shape { name, config })
 }
@@ -220,19 +235,27 @@ fn tensor_shapes(cfg: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
     } else {
         let heads = u("num_attention_heads");
         let kv = u("num_key_value_heads");
-        let d = h / heads;
+        let d = cfg["head_dim"].as_u64().map_or(h / heads, |d| d as usize);
+        let qkv_bias = cfg["model_type"] == "qwen2";
+        let gemma2 = cfg["model_type"] == "gemma2";
         add("model.embed_tokens.weight".into(), vec![u("vocab_size"), h]);
         for i in 0..u("num_hidden_layers") {
             let p = format!("model.layers.{i}");
             add(format!("{p}.input_layernorm.weight"), vec![h]);
             add(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+            if gemma2 {
+                add(format!("{p}.pre_feedforward_layernorm.weight"), vec![h]);
+                add(format!("{p}.post_feedforward_layernorm.weight"), vec![h]);
+            }
             for (n, o) in [
                 ("q_proj", heads * d),
                 ("k_proj", kv * d),
                 ("v_proj", kv * d),
             ] {
                 add(format!("{p}.self_attn.{n}.weight"), vec![o, h]);
-                add(format!("{p}.self_attn.{n}.bias"), vec![o]);
+                if qkv_bias {
+                    add(format!("{p}.self_attn.{n}.bias"), vec![o]);
+                }
             }
             add(format!("{p}.self_attn.o_proj.weight"), vec![h, heads * d]);
             add(format!("{p}.mlp.gate_proj.weight"), vec![ffn, h]);
@@ -285,6 +308,11 @@ fn ensure_checkpoint(dir: &Path, shape: &Shape, bf16: bool) -> Result<()> {
         rng ^= rng << 17;
         ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
     };
+    // Gemma's norms scale by (1 + w): w = 0 is the neutral norm there.
+    let norm_weight = match shape.config["model_type"].as_str() {
+        Some(t) if t.starts_with("gemma") => 0.0,
+        _ => 1.0,
+    };
     let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for (name, dims) in tensor_shapes(&shape.config) {
         let n: usize = dims.iter().product();
@@ -292,7 +320,7 @@ fn ensure_checkpoint(dir: &Path, shape: &Shape, bf16: bool) -> Result<()> {
         let mut bytes = Vec::with_capacity(n * if bf16 { 2 } else { 4 });
         for _ in 0..n {
             let v = if is_norm && name.ends_with("weight") {
-                1.0
+                norm_weight
             } else {
                 next()
             };

@@ -26,6 +26,21 @@ pub fn packed_attention(
     mask: AttentionMask,
     scale: f64,
 ) -> Result<Tensor> {
+    packed_attention_capped(q, k, v, cu_seqlens, mask, scale, None)
+}
+
+/// `packed_attention` with the scaled scores soft-capped to `cap * tanh(s / cap)`
+/// before masking and softmax (Gemma-2's `attn_logit_softcapping`), inside the
+/// kernels: no `T x T` score matrix is materialised for it.
+pub fn packed_attention_capped(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[usize],
+    mask: AttentionMask,
+    scale: f64,
+    softcap: Option<f64>,
+) -> Result<Tensor> {
     let (_, heads, d) = q.dims3()?;
     let kv_heads = k.dim(1)?;
     // The kernels read `window` as the causal window, or as the radius when not causal.
@@ -45,23 +60,24 @@ pub fn packed_attention(
         causal,
         window,
         scale as f32,
+        softcap.map(|c| c as f32),
         None,
     )? {
         return Ok(out);
     }
     #[cfg(feature = "cuda")]
     if q.device().is_cuda() {
-        if let Some(out) =
-            super::cuda_attention::packed_attention(q, k, v, cu_seqlens, causal, window, scale)?
-        {
+        if let Some(out) = super::cuda_attention::packed_attention(
+            q, k, v, cu_seqlens, causal, window, scale, softcap,
+        )? {
             if super::cuda_attention::check_enabled() {
-                let reference = sequence_loop(q, k, v, cu_seqlens, mask, scale)?;
+                let reference = sequence_loop(q, k, v, cu_seqlens, mask, scale, softcap)?;
                 super::cuda_attention::report_check(&out, &reference, heads)?;
             }
             return Ok(out);
         }
     }
-    sequence_loop(q, k, v, cu_seqlens, mask, scale)
+    sequence_loop(q, k, v, cu_seqlens, mask, scale, softcap)
 }
 
 /// One sequence at a time with candle ops: any device and dtype.
@@ -72,6 +88,7 @@ fn sequence_loop(
     cu_seqlens: &[usize],
     mask: AttentionMask,
     scale: f64,
+    softcap: Option<f64>,
 ) -> Result<Tensor> {
     let (_, heads, d) = q.dims3()?;
     let kv_heads = k.dim(1)?;
@@ -88,6 +105,10 @@ fn sequence_loop(
         let ks = k.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
         let vs = v.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?;
         let scores = (qs.matmul(&ks.t()?)? * scale)?;
+        let scores = match softcap {
+            Some(cap) => ((scores / cap)?.tanh()? * cap)?,
+            None => scores,
+        };
         let scores = match mask_bias(mask, len, group, q.device())? {
             Some(bias) => scores.to_dtype(DType::F32)?.broadcast_add(&bias)?,
             None => scores.to_dtype(DType::F32)?,

@@ -157,6 +157,7 @@ pub(crate) fn attention_f32(
     causal: bool,
     window: Option<usize>,
     scale: f32,
+    softcap: Option<f32>,
     bias: Option<ScoreBias>,
 ) -> Result<Option<Tensor>> {
     use rayon::prelude::*;
@@ -262,6 +263,11 @@ pub(crate) fn attention_f32(
                     for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
                         let (lo, hi) = keys_of(r0 + i, len);
                         let (lo, hi) = (lo - k0, hi - k0);
+                        if let Some(cap) = softcap {
+                            row[lo..hi]
+                                .iter_mut()
+                                .for_each(|s| *s = cap * (*s / cap).tanh());
+                        }
                         super::simd::softmax_in_place(&mut row[lo..hi]);
                         row[..lo].iter_mut().for_each(|s| *s = 0.0);
                         row[hi..].iter_mut().for_each(|s| *s = 0.0);

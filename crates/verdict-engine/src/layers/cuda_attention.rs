@@ -79,6 +79,7 @@ pub(super) fn report_check(out: &Tensor, reference: &Tensor, heads: usize) -> Re
 }
 
 /// Runs the kernel when it applies; `None` sends the caller to the candle loop.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn packed_attention(
     q: &Tensor,
     k: &Tensor,
@@ -87,6 +88,7 @@ pub(super) fn packed_attention(
     causal: bool,
     window: Option<usize>,
     scale: f64,
+    softcap: Option<f64>,
 ) -> Result<Option<Tensor>> {
     let (_, heads, d) = q.dims3()?;
     let kv_heads = k.dim(1)?;
@@ -114,6 +116,7 @@ pub(super) fn packed_attention(
             w.min(i32::MAX as usize) as i32
         }),
         scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+        softcap_log2: softcap.map_or(0.0, |c| (c * std::f64::consts::LOG2_E) as f32),
         allow_flash: mode() == Mode::Auto,
     });
     Ok(Some(fix(q)?.apply_op3_no_bwd(&fix(k)?, &fix(v)?, &op)?))
@@ -127,6 +130,8 @@ struct PackedAttention {
     causal: bool,
     window: i32,
     scale_log2: f32,
+    /// The soft-cap in the kernels' log2 units (cap * log2 e); 0 when off.
+    softcap_log2: f32,
     allow_flash: bool,
 }
 
@@ -206,6 +211,7 @@ impl KernelOp for PackedAttention {
             let (h, kvh) = (heads as i32, kv_heads as i32);
             b.arg(&h).arg(&kvh).arg(&q_ts).arg(&k_ts).arg(&v_ts);
             b.arg(&causal).arg(&self.window).arg(&self.scale_log2);
+            b.arg(&self.softcap_log2);
             // SAFETY: the argument list matches the kernel's signature.
             unsafe { b.launch(cfg) }.w()?;
         } else {
@@ -220,6 +226,7 @@ impl KernelOp for PackedAttention {
             b.arg(&n).arg(&t).arg(&h).arg(&kvh).arg(&dd);
             b.arg(&q_ts).arg(&k_ts).arg(&v_ts);
             b.arg(&causal).arg(&self.window).arg(&self.scale_log2);
+            b.arg(&self.softcap_log2);
             // SAFETY: the argument list matches the kernel's signature.
             unsafe { b.launch(cfg) }.w()?;
         }

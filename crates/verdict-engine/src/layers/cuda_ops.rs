@@ -387,13 +387,15 @@ impl KernelOp for ActMul {
     }
 }
 
-/// `(x + delta, rms_norm(x + delta) * weight)` in one pass over the rows (`delta` None:
-/// just the norm, and the first value is None). None when the kernel does not apply.
+/// `(x + delta, rms_norm(x + delta) * (weight + w_offset))` in one pass over the rows
+/// (`delta` None: just the norm, and the first value is None). None when the kernel
+/// does not apply.
 pub(super) fn add_rms_norm(
     x: &Tensor,
     delta: Option<&Tensor>,
     weight: &Tensor,
     eps: f32,
+    w_offset: f32,
 ) -> Result<Option<(Option<Tensor>, Tensor)>> {
     let cols = x.dims().last().copied().unwrap_or(0);
     let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().same_device(x.device());
@@ -408,6 +410,7 @@ pub(super) fn add_rms_norm(
     }
     let op = CudaOp(AddRmsNorm {
         eps,
+        w_offset,
         cols,
         weight: weight.clone(),
     });
@@ -424,6 +427,7 @@ pub(super) fn add_rms_norm(
 
 struct AddRmsNorm {
     eps: f32,
+    w_offset: f32,
     cols: usize,
     weight: Tensor,
 }
@@ -467,7 +471,11 @@ impl KernelOp for AddRmsNorm {
                 Some(d) => b.arg(&d.view).arg(w).arg(&sum),
                 None => b.arg(&null).arg(w).arg(&null),
             };
-            b.arg(&normed).arg(&cols).arg(&self.eps).arg(&vpt);
+            b.arg(&normed)
+                .arg(&cols)
+                .arg(&self.eps)
+                .arg(&vpt)
+                .arg(&self.w_offset);
             // SAFETY: the argument list matches the kernel's signature.
             unsafe { b.launch(cfg) }.w()?;
             Ok(())

@@ -273,6 +273,7 @@ fn cpu_f32(
         false,
         None,
         scale,
+        None,
         Some(&bias),
     )
 }

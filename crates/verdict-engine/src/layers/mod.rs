@@ -12,7 +12,7 @@ mod qkv;
 mod rotary;
 mod simd;
 
-pub use attention::{packed_attention, AttentionMask};
+pub use attention::{packed_attention, packed_attention_capped, AttentionMask};
 pub use disentangled::{disentangled_attention, PositionProjections, RelativePositions};
 pub use qkv::QkvProjection;
 pub use rotary::RotaryEmbedding;
@@ -85,6 +85,31 @@ impl Linear {
         }
         let weight = wp.get("weight", &[out_dim, in_dim])?;
         Ok(Linear::new(weight, bias))
+    }
+
+    /// Two layers stored as one (Phi-3's `gate_up_proj`): the first `out_dim` rows
+    /// of the weight are the first layer, the next `out_dim` the second.
+    pub fn load_halves(
+        wp: &WeightPath,
+        in_dim: usize,
+        out_dim: usize,
+        bias: bool,
+    ) -> Result<(Self, Self)> {
+        let weight = wp.get("weight", &[2 * out_dim, in_dim])?;
+        let bias = if bias {
+            Some(wp.get("bias", &[2 * out_dim])?)
+        } else {
+            None
+        };
+        let half = |i: usize| -> Result<Self> {
+            let b = match &bias {
+                Some(b) => Some(b.narrow(0, i * out_dim, out_dim)?.contiguous()?),
+                None => None,
+            };
+            let w = weight.narrow(0, i * out_dim, out_dim)?.contiguous()?;
+            Ok(Linear::new(w, b))
+        };
+        Ok((half(0)?, half(1)?))
     }
 
     /// Loads a linear layer with a bias when the checkpoint has one.
@@ -243,6 +268,9 @@ impl LayerNorm {
 pub struct RmsNorm {
     weight: Tensor,
     eps: f32,
+    /// Gemma scales by `(1 + w)` and computes the whole norm in fp32: this is
+    /// `1 + w` in fp32 for the non-CUDA path (the CUDA kernel adds the 1 itself).
+    unit_offset: Option<Tensor>,
 }
 
 impl RmsNorm {
@@ -250,17 +278,46 @@ impl RmsNorm {
         Ok(RmsNorm {
             weight: wp.get("weight", &[dim])?,
             eps: eps as f32,
+            unit_offset: None,
+        })
+    }
+
+    /// Gemma's norm: `x / rms(x) * (1 + w)`, all in fp32, rounded once at the end.
+    pub fn load_unit_offset(wp: &WeightPath, dim: usize, eps: f64) -> Result<Self> {
+        let weight = wp.get("weight", &[dim])?;
+        let unit_offset = Some((weight.to_dtype(DType::F32)? + 1.0)?);
+        Ok(RmsNorm {
+            weight,
+            eps: eps as f32,
+            unit_offset,
         })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            if let Some((_, y)) = cuda_ops::add_rms_norm(x, None, &self.weight, self.eps)? {
+            if let Some((_, y)) =
+                cuda_ops::add_rms_norm(x, None, &self.weight, self.eps, self.w_offset())?
+            {
                 return Ok(y);
             }
         }
-        Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?)
+        match &self.unit_offset {
+            Some(w) => Ok(
+                candle_nn::ops::rms_norm(&x.to_dtype(DType::F32)?, w, self.eps)?
+                    .to_dtype(x.dtype())?,
+            ),
+            None => Ok(candle_nn::ops::rms_norm(x, &self.weight, self.eps)?),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn w_offset(&self) -> f32 {
+        if self.unit_offset.is_some() {
+            1.0
+        } else {
+            0.0
+        }
     }
 
     /// The residual step of a pre-norm block: `(x + delta, norm(x + delta))`, in one
@@ -269,7 +326,7 @@ impl RmsNorm {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
             if let Some((Some(sum), y)) =
-                cuda_ops::add_rms_norm(x, Some(delta), &self.weight, self.eps)?
+                cuda_ops::add_rms_norm(x, Some(delta), &self.weight, self.eps, self.w_offset())?
             {
                 return Ok((sum, y));
             }

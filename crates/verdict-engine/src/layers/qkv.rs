@@ -39,7 +39,7 @@ impl QkvProjection {
         bias: bool,
     ) -> Result<Self> {
         let (qd, kd) = (heads * head_dim, kv_heads * head_dim);
-        let proj = if keep_split(att) {
+        let proj = if split_on(att) {
             Projection::Split {
                 q: Linear::load(&att.pp("q_proj"), hidden, qd, bias)?,
                 k: Linear::load(&att.pp("k_proj"), hidden, kd, bias)?,
@@ -72,34 +72,35 @@ impl QkvProjection {
         })
     }
 
-    /// Loads one fused `[3 * heads * d, hidden]` projection (q, k, v stacked in that
-    /// order, as GTE's `qkv_proj`): split into three on the CPU, kept whole on a GPU.
+    /// Loads one fused projection stored as `[(heads + 2 kv_heads) * d, hidden]`
+    /// (Phi-3's `qkv_proj`: query rows, then key rows, then value rows).
     pub fn load_fused(
         wp: &WeightPath,
         hidden: usize,
         heads: usize,
+        kv_heads: usize,
         head_dim: usize,
         bias: bool,
     ) -> Result<Self> {
-        let rows = heads * head_dim;
-        let weight = wp.get("weight", &[3 * rows, hidden])?;
+        let (qd, kd) = (heads * head_dim, kv_heads * head_dim);
+        let weight = wp.get("weight", &[qd + 2 * kd, hidden])?;
         let bias = if bias {
-            Some(wp.get("bias", &[3 * rows])?)
+            Some(wp.get("bias", &[qd + 2 * kd])?)
         } else {
             None
         };
-        let proj = if keep_split(wp) {
-            let part = |t: &Tensor, i: usize| -> Result<Tensor> {
-                Ok(t.narrow(0, i * rows, rows)?.contiguous()?)
-            };
-            let linear = |i: usize| -> Result<Linear> {
-                let b = bias.as_ref().map(|b| part(b, i)).transpose()?;
-                Ok(Linear::new(part(&weight, i)?, b))
+        let proj = if split_on(wp) {
+            let part = |start: usize, rows: usize| -> Result<Linear> {
+                let b = match &bias {
+                    Some(b) => Some(b.narrow(0, start, rows)?.contiguous()?),
+                    None => None,
+                };
+                Ok(Linear::new(weight.narrow(0, start, rows)?.contiguous()?, b))
             };
             Projection::Split {
-                q: linear(0)?,
-                k: linear(1)?,
-                v: linear(2)?,
+                q: part(0, qd)?,
+                k: part(qd, kd)?,
+                v: part(qd + kd, kd)?,
             }
         } else {
             Projection::Packed(Linear::new(weight, bias))
@@ -107,7 +108,7 @@ impl QkvProjection {
         Ok(QkvProjection {
             proj,
             heads,
-            kv_heads: heads,
+            kv_heads,
             head_dim,
         })
     }
@@ -169,9 +170,9 @@ impl QkvProjection {
     }
 }
 
-/// Three projections on the CPU (each output contiguous for the packed attention)
-/// or when asked for; one fused matmul on a GPU.
-fn keep_split(wp: &WeightPath) -> bool {
+/// Three projections on the CPU (contiguous outputs for its attention), or when
+/// `VERDICT_CUDA_QKV=split` asks for them.
+fn split_on(wp: &WeightPath) -> bool {
     wp.weights().device().is_cpu() || std::env::var("VERDICT_CUDA_QKV").is_ok_and(|v| v == "split")
 }
 

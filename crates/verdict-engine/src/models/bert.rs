@@ -425,7 +425,7 @@ fn load_layer(
             let att = wp.pp("attention");
             let d = h / cfg.heads;
             let qkv = if cfg.fused_qkv {
-                QkvProjection::load_fused(&att.pp("qkv_proj"), h, cfg.heads, d, true)?
+                QkvProjection::load_fused(&att.pp("qkv_proj"), h, cfg.heads, cfg.heads, d, true)?
             } else {
                 QkvProjection::load(&att, h, cfg.heads, cfg.heads, d, true)?
             };

@@ -19,7 +19,7 @@ use crate::multimodal::VisualInput;
 use crate::pooling::{ClassifierHead, PoolingType};
 use bert::BertModel;
 use deberta::DebertaModel;
-use decoder::DecoderModel;
+use decoder::{DecoderModel, LmLogits};
 use gpt2::Gpt2Model;
 use modernbert::ModernBertModel;
 use qwen2_5_vl::Qwen25VlModel;
@@ -191,7 +191,12 @@ pub(crate) fn load_deberta(req: &LoadRequest) -> Result<LoadedModel> {
 pub(crate) fn load_gpt2(req: &LoadRequest) -> Result<LoadedModel> {
     let backbone = Gpt2Model::load(req.config, req.weights)?;
     // GPT-2 always ties its LM head to the token embeddings.
-    let head = decoder_head(req, backbone.hidden_size(), Some(backbone.embeddings()))?;
+    let head = decoder_head(
+        req,
+        backbone.hidden_size(),
+        Some(backbone.embeddings()),
+        LmLogits::default(),
+    )?;
     Ok(LoadedModel::new(backbone, head))
 }
 
@@ -233,7 +238,7 @@ fn reward_head(weights: &Weights, hidden: usize, num_labels: usize) -> Result<Cl
 fn decoder_lm_head(lm: &DecoderModel, req: &LoadRequest) -> Result<ClassifierHead> {
     let tied =
         (lm.ties_embeddings() || !req.weights.contains("lm_head.weight")).then(|| lm.embeddings());
-    decoder_head(req, lm.hidden_size(), tied)
+    decoder_head(req, lm.hidden_size(), tied, lm.lm_logits())
 }
 
 /// The `score` head of a decoder classifier, taken from the checkpoint or
@@ -242,6 +247,7 @@ fn decoder_head(
     req: &LoadRequest,
     hidden: usize,
     tied_embeddings: Option<&Tensor>,
+    lm_logits: LmLogits,
 ) -> Result<ClassifierHead> {
     let (weights, num_labels) = (req.weights, req.num_labels);
     let top = weights.root(&["", "language_model.", "model."]);
@@ -303,16 +309,26 @@ fn decoder_head(
     }
     let index = Tensor::from_vec(ids.clone(), ids.len(), lm_head.device())?;
     let rows = lm_head.index_select(&index, 0)?;
+    // Granite's logits_scaling is linear: folded into the rows.
+    let rows = match lm_logits.divide_by {
+        Some(scale) => (rows / scale)?,
+        None => rows,
+    };
+    if spec.method == TokenMethod::From2WaySoftmax && ids.len() != 2 {
+        return Err(EngineError::Config(format!(
+            "method from_2_way_softmax needs exactly 2 classifier_from_token entries, got {}",
+            ids.len()
+        )));
+    }
+    // Soft-capped logits (Gemma-2) are not linear in the rows: the head keeps the
+    // token rows and caps their logits before the method reads them.
+    if let Some(cap) = lm_logits.softcap {
+        let linear = crate::layers::Linear::new(rows.contiguous()?, None);
+        let two_way = spec.method == TokenMethod::From2WaySoftmax;
+        return Ok(ClassifierHead::soft_capped_tokens(linear, cap, two_way));
+    }
     let weight = match spec.method {
-        TokenMethod::From2WaySoftmax => {
-            if ids.len() != 2 {
-                return Err(EngineError::Config(format!(
-                    "method from_2_way_softmax needs exactly 2 classifier_from_token entries, got {}",
-                    ids.len()
-                )));
-            }
-            (rows.get(1)? - rows.get(0)?)?.unsqueeze(0)?
-        }
+        TokenMethod::From2WaySoftmax => (rows.get(1)? - rows.get(0)?)?.unsqueeze(0)?,
         TokenMethod::NoPostProcessing => rows,
     };
     Ok(ClassifierHead::linear(crate::layers::Linear::new(

@@ -209,6 +209,7 @@ impl ModernBertModel {
                     &l.pp("attn.Wqkv"),
                     h,
                     heads,
+                    heads,
                     head_dim,
                     cfg.attention_bias,
                 )?,

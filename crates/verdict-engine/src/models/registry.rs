@@ -179,6 +179,26 @@ pub const REGISTRY: &[ArchRow] = &[
     decoder("Mistral", DecoderVariant::Mistral),
     decoder_with("Qwen2", DecoderVariant::Qwen2, QWEN2),
     decoder("Qwen3", DecoderVariant::Qwen3),
+    decoder("Gemma", DecoderVariant::Gemma),
+    decoder("Gemma2", DecoderVariant::Gemma2),
+    // Gemma-3 text: `Gemma3ForCausalLM` and `Gemma3TextForSequenceClassification`
+    // (`Gemma3ForSequenceClassification` is the image-text model).
+    ArchRow {
+        stem: "Gemma3",
+        family: Family::Decoder(DecoderVariant::Gemma3),
+        classes: &[ArchClass::Generative("ForCausalLM")],
+        causal: true,
+        load: load_decoder,
+    },
+    ArchRow {
+        stem: "Gemma3Text",
+        family: Family::Decoder(DecoderVariant::Gemma3),
+        classes: &[ArchClass::Sequence],
+        causal: true,
+        load: load_decoder,
+    },
+    decoder("Phi3", DecoderVariant::Phi3),
+    decoder("Granite", DecoderVariant::Granite),
     ArchRow {
         stem: "Qwen2_5_VL",
         family: Family::Qwen25Vl,

@@ -8,6 +8,8 @@ pub struct ClassifierHead {
     /// A hidden layer before the output projection, when the head has one.
     hidden: Option<HiddenLayer>,
     out: Linear,
+    /// `classifier_from_token` on an LM whose logits are soft-capped.
+    capped: Option<SoftCappedTokens>,
 }
 
 /// `norm(act(dense(x)))`, the norm only in ModernBERT's prediction head.
@@ -20,10 +22,22 @@ struct HiddenLayer {
     is_pooler: bool,
 }
 
+/// The LM logits of the chosen tokens capped to `cap * tanh(l / cap)`, as
+/// transformers' `*ForCausalLM` returns them (Gemma-2's `final_logit_softcapping`);
+/// with `two_way` the single label is then `capped[1] - capped[0]`.
+struct SoftCappedTokens {
+    cap: f64,
+    two_way: bool,
+}
+
 impl ClassifierHead {
     /// A single linear layer (`score`, `classifier`).
     pub fn linear(out: Linear) -> Self {
-        ClassifierHead { hidden: None, out }
+        ClassifierHead {
+            hidden: None,
+            out,
+            capped: None,
+        }
     }
 
     fn with_hidden(dense: Linear, act: NamedAct, norm: Option<LayerNorm>, out: Linear) -> Self {
@@ -35,6 +49,17 @@ impl ClassifierHead {
                 is_pooler: false,
             }),
             out,
+            capped: None,
+        }
+    }
+
+    /// LM-head rows of the `classifier_from_token` tokens whose logits are
+    /// soft-capped, then used as they are or (`two_way`) as `second - first`.
+    pub fn soft_capped_tokens(rows: Linear, cap: f64, two_way: bool) -> Self {
+        ClassifierHead {
+            hidden: None,
+            out: rows,
+            capped: Some(SoftCappedTokens { cap, two_way }),
         }
     }
 
@@ -64,23 +89,39 @@ impl ClassifierHead {
     }
 
     pub fn num_labels(&self) -> usize {
-        self.out.out_dim()
+        match &self.capped {
+            Some(c) if c.two_way => 1,
+            _ => self.out.out_dim(),
+        }
     }
 
     /// Logits for pooled sequences: fp32 `[B, H]` -> `[B, labels]`.
     pub fn forward_sequences(&self, pooled: &Tensor) -> Result<Tensor> {
-        match &self.hidden {
-            Some(h) => self.out.forward(&h.forward(pooled)?),
-            None => self.out.forward(pooled),
-        }
+        let logits = match &self.hidden {
+            Some(h) => self.out.forward(&h.forward(pooled)?)?,
+            None => self.out.forward(pooled)?,
+        };
+        self.cap(logits)
     }
 
     /// Logits for every token: fp32 `[T, H]` -> `[T, labels]`.
     pub fn forward_tokens(&self, hidden: &Tensor) -> Result<Tensor> {
-        match &self.hidden {
-            Some(h) if !h.is_pooler => self.out.forward(&h.forward(hidden)?),
-            _ => self.out.forward(hidden),
+        let logits = match &self.hidden {
+            Some(h) if !h.is_pooler => self.out.forward(&h.forward(hidden)?)?,
+            _ => self.out.forward(hidden)?,
+        };
+        self.cap(logits)
+    }
+
+    fn cap(&self, logits: Tensor) -> Result<Tensor> {
+        let Some(c) = &self.capped else {
+            return Ok(logits);
+        };
+        let capped = ((logits / c.cap)?.tanh()? * c.cap)?;
+        if !c.two_way {
+            return Ok(capped);
         }
+        Ok((capped.narrow(1, 1, 1)? - capped.narrow(1, 0, 1)?)?)
     }
 }
 
