@@ -180,19 +180,21 @@ mod tests {
             AttentionMask::Local { radius: 3 },
             AttentionMask::Local { radius: 300 },
         ] {
-            let fast = packed_attention(&q, &k, &v, &cu, mask, 0.35).unwrap();
-            let slow = sequence_loop(&q, &k, &v, &cu, mask, 0.35).unwrap();
-            let diff = (fast - slow)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(diff < 1e-5, "{mask:?}: max diff {diff}");
+            for softcap in [None, Some(0.5)] {
+                let fast = packed_attention_capped(&q, &k, &v, &cu, mask, 0.35, softcap).unwrap();
+                let slow = sequence_loop(&q, &k, &v, &cu, mask, 0.35, softcap).unwrap();
+                let diff = (fast - slow)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(diff < 1e-5, "{mask:?} softcap {softcap:?}: max diff {diff}");
+            }
         }
     }
 }

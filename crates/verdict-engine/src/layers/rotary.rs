@@ -30,6 +30,7 @@ impl RotaryEmbedding {
                 .map(|i| 1.0f32 / base.powf(i as f32 / head_dim as f32))
                 .collect(),
             attention_scaling: 1.0,
+            long: None,
             device_tables: Arc::default(),
         }
     }
