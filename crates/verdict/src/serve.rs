@@ -46,6 +46,15 @@ pub struct ServeArgs {
     /// Threads that tokenize requests (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub tokenizer_workers: usize,
+
+    /// Multimodal models: threads that fetch and decode images and videos, apart
+    /// from the tokenizer threads (requests beyond 8 per thread waiting get 503).
+    #[arg(long, default_value_t = 2)]
+    pub media_workers: usize,
+
+    /// Most tokens /tokenize returns for one prompt (0: max(65536, 2 x max-model-len)).
+    #[arg(long, default_value_t = 0)]
+    pub max_tokenize_tokens: usize,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -70,6 +79,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         trust_request_chat_template: args.trust_request_chat_template,
         enable_request_id_headers: true,
         tokenizer_workers: args.tokenizer_workers,
+        media_workers: args.media_workers,
+        max_tokenize_tokens: args.max_tokenize_tokens,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
