@@ -45,6 +45,17 @@ def mixed_workload(n, seed, min_len=16, max_len=512):
 SHAPES = {
     "minilm-l6": ("bert", dict(num_hidden_layers=6, hidden_size=384, num_attention_heads=12, intermediate_size=1536)),
     "bert-base": ("bert", dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12, intermediate_size=3072)),
+    "modernbert-base": ("modernbert", dict(num_hidden_layers=22, hidden_size=768, num_attention_heads=12,
+                                           intermediate_size=1152, vocab_size=50368, local_attention=128,
+                                           global_attn_every_n_layers=3, global_rope_theta=160000.0,
+                                           local_rope_theta=10000.0, max_position_embeddings=8192,
+                                           classifier_pooling="mean")),
+    "deberta-v3-base": ("deberta-v2", dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
+                                           intermediate_size=3072, vocab_size=128100, max_position_embeddings=512,
+                                           type_vocab_size=0, layer_norm_eps=1e-7, relative_attention=True,
+                                           position_buckets=256, max_relative_positions=-1, pos_att_type="p2c|c2p",
+                                           share_att_key=True, norm_rel_ebd="layer_norm",
+                                           position_biased_input=False, pooler_hidden_act="gelu")),
     "qwen2.5-0.5b": ("qwen2", dict(num_hidden_layers=24, hidden_size=896, num_attention_heads=14, num_key_value_heads=2,
                                    intermediate_size=4864, vocab_size=151936, tie_word_embeddings=True)),
     "qwen2.5-1.5b": ("qwen2", dict(num_hidden_layers=28, hidden_size=1536, num_attention_heads=12, num_key_value_heads=2,
@@ -60,6 +71,15 @@ def build_model(shape, dtype, device, attn):
         cfg = transformers.BertConfig(num_labels=2, **kw)
         cls = transformers.BertForSequenceClassification
         pad = 0
+    elif family == "modernbert":
+        cfg = transformers.ModernBertConfig(num_labels=2, pad_token_id=50283, **kw)
+        cls = transformers.ModernBertForSequenceClassification
+        pad = 50283
+    elif family == "deberta-v2":
+        cfg = transformers.DebertaV2Config(num_labels=2, pad_token_id=0, **kw)
+        cls = transformers.DebertaV2ForSequenceClassification
+        pad = 0
+        attn = None  # DeBERTa has only its own (eager) attention
     else:
         cfg = transformers.Qwen2Config(num_labels=2, pad_token_id=151643, rope_theta=1e6,
                                        max_position_embeddings=32768, **kw)

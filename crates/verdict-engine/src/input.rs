@@ -153,8 +153,18 @@ impl InputProcessor {
                 }
             }
         };
+        let tokenized = self.drop_unused_token_types(tokenized);
         self.validate(&tokenized)?;
         Ok(tokenized)
+    }
+
+    /// A model without a token-type table (decoders, `type_vocab_size` 0)
+    /// ignores the tokenizer's pair type ids, as transformers and vLLM do.
+    fn drop_unused_token_types(&self, mut p: TokenizedPrompt) -> TokenizedPrompt {
+        if self.info.type_vocab_size == 0 {
+            p.token_type_ids = None;
+        }
+        p
     }
 
     /// Renders a conversation with the model's (or `--chat-template`'s) template.
@@ -459,6 +469,7 @@ impl InputProcessor {
         } else {
             self.tokenizer.encode_pair(&query, &document, Some(limit))?
         };
+        let tokenized = self.drop_unused_token_types(tokenized);
         self.validate(&tokenized)?;
         Ok(tokenized)
     }

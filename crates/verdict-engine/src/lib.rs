@@ -24,5 +24,5 @@ pub use llm::{
     ClassificationRequestOutput, Engine, Llm, ParamsArg, PoolingParams, PoolingRequestOutput,
     ScoringRequestOutput,
 };
-pub use pooling::{PoolerConfig, PoolingTask, PoolingType};
+pub use pooling::{PoolerConfig, PoolingTask, PoolingType, StepParams};
 pub use tokenize::{ChatMessage, ChatOptions, TruncationSide};

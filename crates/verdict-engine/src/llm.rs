@@ -8,7 +8,7 @@ use std::sync::Arc;
 use crate::engine::{self, task_list, EngineArgs, ModelInfo, PooledData, SequenceInput};
 use crate::error::{EngineError, Result};
 use crate::input::{InputProcessor, PairLimits, Prompt, TokenizeOptions};
-use crate::pooling::PoolingTask;
+use crate::pooling::{PoolingTask, PoolingType, StepParams};
 use crate::scheduler::{BatchLimits, Scheduler, SchedulerStats, SequenceResult, WorkItem};
 use crate::tokenize::TokenizedPrompt;
 
@@ -154,6 +154,21 @@ impl Engine {
         }))
     }
 
+    /// STEP parameters are only for a model that pools with STEP (vLLM's check).
+    pub fn check_step_params(&self, task: PoolingTask, step: &StepParams) -> Result<()> {
+        if step.is_empty() {
+            return Ok(());
+        }
+        if self.info.pooling == PoolingType::Step {
+            return check_returned_token_ids(step, self.info.num_labels);
+        }
+        let names: Vec<String> = step.set_names().iter().map(|n| format!("'{n}'")).collect();
+        Err(EngineError::validation(format!(
+            "Task {task} only supports ['use_activation'] parameters, does not support [{}] parameters",
+            names.join(", ")
+        )))
+    }
+
     /// Stops accepting work, finishes what is queued, and stops the engine threads.
     pub fn shutdown(self) {
         self.scheduler.shutdown();
@@ -170,6 +185,8 @@ pub struct PoolingParams {
     /// Scoring: cut queries / documents to this many tokens (0 = off).
     pub max_tokens_per_query: usize,
     pub max_tokens_per_doc: usize,
+    /// STEP pooling's `step_tag_id` / `returned_token_ids` (STEP models only).
+    pub step: StepParams,
 }
 
 /// Parameters for a call: none, one for all prompts, or one per prompt.
@@ -323,6 +340,7 @@ impl Llm {
             .zip(&params)
             .map(|(p, pp)| {
                 check_params(pp)?;
+                self.engine.check_step_params(task, &pp.step)?;
                 self.engine.processor().process(p, tokenization)
             })
             .collect();
@@ -342,10 +360,10 @@ impl Llm {
             match t {
                 Ok(t) => {
                     slots.push(Ok((inputs.len(), t.ids.clone())));
-                    inputs.push(SequenceInput::new(
-                        t,
-                        p.use_activation.unwrap_or(default_act),
-                    ));
+                    inputs.push(
+                        SequenceInput::new(t, p.use_activation.unwrap_or(default_act))
+                            .with_step(p.step.clone()),
+                    );
                 }
                 Err(e) => slots.push(Err(e)),
             }
@@ -396,6 +414,8 @@ impl Llm {
         let pairs = pair_up(data_1, data_2)?;
         let params = params.cloned().unwrap_or_default();
         check_params(&params)?;
+        self.engine
+            .check_step_params(PoolingTask::Classify, &params.step)?;
         let limits = PairLimits {
             max_tokens_per_query: params.max_tokens_per_query,
             max_tokens_per_doc: params.max_tokens_per_doc,
@@ -427,6 +447,24 @@ impl Llm {
                 }
             })
             .collect()
+    }
+}
+
+/// `returned_token_ids` must name columns of the head (vocabulary ids for an LM head).
+pub(crate) fn check_returned_token_ids(step: &StepParams, columns: usize) -> Result<()> {
+    match step
+        .returned_token_ids
+        .iter()
+        .flatten()
+        .find(|&&c| c as usize >= columns)
+    {
+        Some(bad) => Err(EngineError::validation_param(
+            format!(
+                "returned_token_ids entry {bad} is out of range (the head has {columns} outputs)"
+            ),
+            "returned_token_ids",
+        )),
+        None => Ok(()),
     }
 }
 

@@ -1,7 +1,7 @@
 //! vLLM's error envelope `{"error":{"message","type","param","code"}}` and the
 //! mapping of every failure onto it (spec §6.8).
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
@@ -14,6 +14,8 @@ pub struct ApiError {
     pub kind: &'static str,
     pub message: String,
     pub param: Option<String>,
+    /// Seconds for the `Retry-After` header (overload refusals).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -23,7 +25,14 @@ impl ApiError {
             kind,
             message: message.into(),
             param: None,
+            retry_after: None,
         }
+    }
+
+    /// Adds `Retry-After: <seconds>` to the answer.
+    pub fn with_retry_after(mut self, seconds: u64) -> Self {
+        self.retry_after = Some(seconds.max(1));
+        self
     }
 
     /// The body failed schema validation (vLLM: FastAPI's `RequestValidationError`).
@@ -104,7 +113,7 @@ impl From<EngineError> for ApiError {
             }
             EngineError::NotImplemented(m) => ApiError::not_implemented(m),
             EngineError::NotFound(m) => ApiError::new(StatusCode::NOT_FOUND, "NotFoundError", m),
-            EngineError::Unavailable(m) => ApiError::unavailable(m),
+            EngineError::Unavailable(m) => ApiError::unavailable(m).with_retry_after(1),
             other => {
                 tracing::error!(error = %other, "engine failure");
                 ApiError::internal(other.to_string())
@@ -120,6 +129,11 @@ pub struct ErrorMessage(pub String);
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut response = (self.status, Json(self.body())).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response.extensions_mut().insert(ErrorMessage(self.message));
         response
     }

@@ -1,11 +1,13 @@
 //! Getting a request's prompts through the engine: tokenization on a worker
-//! pool off the async runtime, submission as separate sequences, results
-//! reassembled in input order, and queued work dropped when the client goes.
+//! pool off the async runtime, admission by expected queue wait, submission as
+//! separate sequences, results reassembled in input order, and queued work
+//! dropped when the client goes.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::oneshot;
 use verdict_engine::scheduler::{SequenceTiming, WorkItem};
@@ -151,6 +153,45 @@ impl TokenizerPool {
         }
         Ok(prompts)
     }
+}
+
+/// Before any batch has been measured, at most this many full batches
+/// (`max_num_batched_tokens`) of work may wait ahead of a new request.
+const UNMEASURED_BATCHES_AHEAD: usize = 2;
+
+/// Refuses new work (503 + `Retry-After`) when the work already queued would
+/// keep it waiting longer than `max_wait`: the tokens not yet finished divided
+/// by the engine's measured throughput. An idle engine takes any request.
+pub fn admit(engine: &Engine, max_wait: Option<Duration>) -> Result<(), ApiError> {
+    let Some(max_wait) = max_wait else {
+        return Ok(());
+    };
+    let stats = engine.stats();
+    let pending = stats.pending_tokens.load(Ordering::Relaxed);
+    if pending == 0 {
+        return Ok(());
+    }
+    let wait_s = match stats.throughput_tokens_per_second() {
+        Some(tokens_per_second) => pending as f64 / tokens_per_second,
+        None => {
+            let budget = engine.info().max_num_batched_tokens * UNMEASURED_BATCHES_AHEAD;
+            if pending <= budget {
+                return Ok(());
+            }
+            // Unmeasured: assume the budget takes the whole allowed wait.
+            max_wait.as_secs_f64() * pending as f64 / budget as f64
+        }
+    };
+    let max_wait_s = max_wait.as_secs_f64();
+    if wait_s <= max_wait_s {
+        return Ok(());
+    }
+    let retry_after = (wait_s - max_wait_s).ceil() as u64;
+    Err(ApiError::unavailable(format!(
+        "The server is overloaded: the work queued would keep this request waiting about {wait_s:.1} s \
+         (limit {max_wait_s} s, --max-queue-wait). Retry later."
+    ))
+    .with_retry_after(retry_after))
 }
 
 /// Sets the shared flag when dropped: a handler future dropped because its

@@ -79,6 +79,38 @@ impl Body {
         }
     }
 
+    /// A non-negative integer that fits a token id.
+    pub fn opt_u32(&mut self, key: &str) -> Result<Option<u32>, ApiError> {
+        match self.take(key) {
+            None => Ok(None),
+            Some(v) => as_u32(&v).map(Some).ok_or_else(|| u32_error(&[key], &v)),
+        }
+    }
+
+    /// A list of non-negative integers that fit token ids.
+    pub fn opt_u32_list(&mut self, key: &str) -> Result<Option<Vec<u32>>, ApiError> {
+        let Some(v) = self.take(key) else {
+            return Ok(None);
+        };
+        let Value::Array(items) = &v else {
+            return Err(type_error(
+                "list_type",
+                key,
+                "Input should be a valid list",
+                &v,
+            ));
+        };
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                let index = i.to_string();
+                as_u32(item).ok_or_else(|| u32_error(&[key, index.as_str()], item))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Some)
+    }
+
     /// One of a fixed set of strings (pydantic's `Literal`).
     pub fn opt_literal(
         &mut self,
@@ -134,6 +166,25 @@ pub fn as_i64(v: &Value) -> Option<i64> {
                 .map(|f| f as i64)
         }),
         _ => None,
+    }
+}
+
+fn as_u32(v: &Value) -> Option<u32> {
+    as_i64(v).and_then(|n| u32::try_from(n).ok())
+}
+
+fn u32_error(loc: &[&str], v: &Value) -> ApiError {
+    match as_i64(v) {
+        Some(_) => SchemaIssue::new(
+            "greater_than_equal",
+            loc,
+            "Input should be a token id (an integer from 0 to 4294967295)",
+        )
+        .with_input(v)
+        .into(),
+        None => SchemaIssue::new("int_type", loc, "Input should be a valid integer")
+            .with_input(v)
+            .into(),
     }
 }
 

@@ -3,6 +3,7 @@
 //! [`serve`] runs until SIGINT/SIGTERM; [`spawn`] starts a server in the
 //! background (tests, embedding) and hands back its address and a shutdown handle.
 
+mod connection;
 mod error;
 mod execution;
 mod fields;
@@ -26,6 +27,7 @@ use verdict_engine::Engine;
 
 pub use error::ApiError;
 
+use crate::connection::ConnectionLimits;
 use crate::execution::TokenizerPool;
 use crate::metrics::ServerMetrics;
 use crate::state::{AppState, SharedState};
@@ -55,6 +57,22 @@ pub struct ServerConfig {
     /// Most tokens `/tokenize` returns for one prompt; 0 means
     /// `max(65536, 2 * max_model_len)`.
     pub max_tokenize_tokens: usize,
+    /// Open client connections at most; past it the connection that has gone
+    /// longest without finishing a request (and has none in flight) is closed,
+    /// or, when all are busy, the newcomer gets a 503.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers (and, between requests, to start the next).
+    pub header_read_timeout: Duration,
+    /// Time a client has to send a request's body, counted from its headers.
+    pub body_read_timeout: Duration,
+    /// An idle kept-alive connection is closed after this long.
+    pub keep_alive_timeout: Duration,
+    /// After SIGTERM, requests in flight get this long before their connections are cut.
+    pub shutdown_timeout: Duration,
+    /// Refuse (503 + `Retry-After`) work that would wait longer than this in the
+    /// engine queue, judged from the tokens queued and the measured throughput.
+    /// `None` turns this admission check off.
+    pub max_queue_wait: Option<Duration>,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +88,12 @@ impl Default for ServerConfig {
             tokenizer_workers: 0,
             media_workers: 2,
             max_tokenize_tokens: 0,
+            max_connections: 2048,
+            header_read_timeout: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(30),
+            max_queue_wait: Some(Duration::from_secs(5)),
         }
     }
 }
@@ -84,8 +108,6 @@ pub enum ServerError {
     },
     #[error("starting the tokenizer or media threads: {0}")]
     Threads(#[source] std::io::Error),
-    #[error("serving HTTP: {0}")]
-    Serve(#[source] std::io::Error),
     #[error("the server task failed: {0}")]
     Task(String),
 }
@@ -99,7 +121,8 @@ pub struct RunningServer {
 }
 
 impl RunningServer {
-    /// Stops accepting connections, lets in-flight requests finish, and waits until it has.
+    /// Stops accepting connections, lets in-flight requests finish (up to the
+    /// shutdown timeout), and waits until it has.
     pub async fn shutdown(mut self) -> Result<(), ServerError> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -132,7 +155,13 @@ pub async fn spawn(
         addr: bind_addr,
         source,
     })?;
-    let state = app_state(engine, config)?;
+    let limits = ConnectionLimits {
+        max_connections: config.max_connections,
+        header_read_timeout: config.header_read_timeout,
+        keep_alive_timeout: config.keep_alive_timeout,
+        shutdown_timeout: config.shutdown_timeout,
+    };
+    let state = app_state(engine.clone(), config)?;
     let metrics = state.metrics.clone();
     let tokenizer_workers = state.tokenizers.workers();
     let app = router(state);
@@ -146,15 +175,13 @@ pub async fn spawn(
     });
     let (stop, stopped) = oneshot::channel::<()>();
     let task = tokio::spawn(async move {
-        let result = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                // A dropped handle stops the server too.
-                let _ = stopped.await;
-            })
-            .await
-            .map_err(ServerError::Serve);
+        connection::serve(listener, app, engine, limits, async {
+            // A dropped handle stops the server too.
+            let _ = stopped.await;
+        })
+        .await;
         upkeep.abort();
-        result
+        Ok(())
     });
     tracing::info!(%addr, tokenizer_workers, "verdict server listening");
     Ok(RunningServer {
@@ -282,6 +309,10 @@ fn router(state: SharedState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             middleware::echo_request_id,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            middleware::guard_body,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

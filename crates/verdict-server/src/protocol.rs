@@ -10,11 +10,12 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use verdict_engine::tokenize::{media_parts, ChatTemplate, TokenizedPrompt};
 use verdict_engine::{
-    ChatMessage, ChatOptions, EngineError, Prompt, SequenceInput, TokenizeOptions, TruncationSide,
+    ChatMessage, ChatOptions, EngineError, Prompt, SequenceInput, StepParams, TokenizeOptions,
+    TruncationSide,
 };
 
 use crate::error::{ApiError, SchemaIssue};
-use crate::execution::{run_sequences, CancelOnDrop, SequenceOutput};
+use crate::execution::{admit, run_sequences, CancelOnDrop, SequenceOutput};
 use crate::fields::{as_i64, Body};
 use crate::state::AppState;
 
@@ -27,6 +28,8 @@ pub struct CommonFields {
     pub priority: i64,
     pub use_activation: Option<bool>,
     pub mm_processor_kwargs: Option<Map<String, Value>>,
+    /// STEP pooling parameters (accepted only by STEP models).
+    pub step: StepParams,
 }
 
 impl CommonFields {
@@ -51,6 +54,10 @@ impl CommonFields {
             .and_then(TruncationSide::parse);
         let priority = body.opt_i64("priority")?.unwrap_or(0);
         let use_activation = body.opt_bool("use_activation")?;
+        let step = StepParams {
+            step_tag_id: body.opt_u32("step_tag_id")?,
+            returned_token_ids: body.opt_u32_list("returned_token_ids")?,
+        };
         Ok(CommonFields {
             model,
             truncate_prompt_tokens,
@@ -58,6 +65,7 @@ impl CommonFields {
             priority,
             use_activation,
             mm_processor_kwargs,
+            step,
         })
     }
 
@@ -344,19 +352,22 @@ pub fn render_chat(
         .render_chat_with(&chat.messages, &chat.options, template.as_ref())
 }
 
-/// Runs tokenized prompts through the engine with the request's activation and priority.
+/// Runs tokenized prompts through the engine with the request's activation,
+/// STEP parameters and priority.
 pub async fn run_prompts(
     state: &AppState,
     prompts: Vec<TokenizedPrompt>,
-    use_activation: Option<bool>,
-    priority: i64,
+    common: &CommonFields,
 ) -> Result<Vec<SequenceOutput>, ApiError> {
-    let use_activation = use_activation.unwrap_or(state.info.default_use_activation);
+    admit(&state.engine, state.config.max_queue_wait)?;
+    let use_activation = common
+        .use_activation
+        .unwrap_or(state.info.default_use_activation);
     let inputs = prompts
         .into_iter()
-        .map(|p| SequenceInput::new(p, use_activation))
+        .map(|p| SequenceInput::new(p, use_activation).with_step(common.step.clone()))
         .collect();
-    run_sequences(&state.engine, &state.metrics, inputs, priority).await
+    run_sequences(&state.engine, &state.metrics, inputs, common.priority).await
 }
 
 /// vLLM's `{"object": "list", "data": [...], "usage": ...}` envelope of

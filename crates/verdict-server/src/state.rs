@@ -13,6 +13,7 @@ use crate::error::{ApiError, SchemaIssue};
 use crate::execution::TokenizerPool;
 use crate::fields::Body;
 use crate::metrics::ServerMetrics;
+use crate::middleware::BodyDeadline;
 use crate::ServerConfig;
 
 pub struct AppState {
@@ -84,7 +85,20 @@ impl<S: Send + Sync> FromRequest<S> for JsonBody {
                 "Unsupported Media Type: Only 'application/json' is allowed",
             ));
         }
-        let bytes = Bytes::from_request(req, state).await.map_err(|rejection| {
+        let deadline = req.extensions().get::<BodyDeadline>().copied();
+        let read = Bytes::from_request(req, state);
+        let read = match deadline {
+            Some(BodyDeadline(until)) => {
+                tokio::time::timeout_at(until, read).await.map_err(|_| {
+                    ApiError::http(
+                        StatusCode::REQUEST_TIMEOUT,
+                        "The request body did not arrive in time (--body-read-timeout).",
+                    )
+                })?
+            }
+            None => read.await,
+        };
+        let bytes = read.map_err(|rejection| {
             let status = rejection.status();
             if status == StatusCode::PAYLOAD_TOO_LARGE {
                 ApiError::http(

@@ -759,3 +759,44 @@ async fn derived_checks_and_schema_errors() {
     assert_eq!(version.ok()["version"], env!("CARGO_PKG_VERSION"));
     s.stop().await;
 }
+
+// DeBERTa-v3 (deberta-v3-cls: log-bucketed relative positions, conv layer, no token
+// types): /classify and /pooling against transformers.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deberta_v3_classify_and_pooling_match_transformers() {
+    let engine = shared_engine("deberta-v3-cls", || engine_args("deberta-v3-cls"));
+    let s = start(engine, local_config()).await;
+    let reference = reference("deberta-v3-cls");
+    // Relative positions only: max_model_len still comes from max_position_embeddings.
+    assert_eq!(
+        s.get("/v1/models").await.ok()["data"][0]["max_model_len"],
+        512
+    );
+    let cases = reference.cases_of("text");
+    let texts: Vec<&str> = cases.iter().map(|c| c.text.as_deref().unwrap()).collect();
+    let body = s.post("/classify", &json!({"input": texts})).await;
+    let data = body.ok()["data"].as_array().unwrap().clone();
+    assert_eq!(data.len(), cases.len());
+    for (i, case) in cases.iter().enumerate() {
+        check_item(&data[i], i, case, &reference);
+    }
+    let tokens: usize = cases.iter().map(|c| c.input_ids.len()).sum();
+    assert_eq!(body.ok()["usage"]["prompt_tokens"], tokens);
+    let body = s
+        .post(
+            "/pooling",
+            &json!({"input": texts, "task": "classify", "use_activation": false}),
+        )
+        .await;
+    for (i, case) in cases.iter().enumerate() {
+        let item = &body.ok()["data"][i];
+        assert_eq!(item["index"], i);
+        assert_close(&case.name, &floats(&item["data"]), &case.logits, ATOL);
+    }
+    // Token ids straight in, as transformers saw them.
+    let long = reference.case("long");
+    let body = s.post("/classify", &json!({"input": long.input_ids})).await;
+    check_item(&body.ok()["data"][0], 0, long, &reference);
+    s.stop().await;
+}

@@ -163,3 +163,47 @@ async fn task_errors_and_missing_apis() {
     assert_eq!(body.ok()["data"][0]["data"].as_array().unwrap().len(), 2);
     s.stop().await;
 }
+
+// DistilBERT and GTE "new" *ForTokenClassification fixtures through /pooling
+// (token_classify is their default and only task).
+
+async fn check_token_fixture_routes(fixture: &str) {
+    let s = start(
+        shared_engine(fixture, || engine_args(fixture)),
+        local_config(),
+    )
+    .await;
+    let reference = reference(fixture);
+    let cases = reference.cases_of("text");
+    for case in &cases {
+        let body = s.post("/pooling", &json!({"input": case.text})).await;
+        let got = rows(&body.ok()["data"][0]["data"]);
+        assert_rows(&case.name, &got, case.token_probs.as_ref().unwrap());
+    }
+    let texts: Vec<&str> = cases.iter().map(|c| c.text.as_deref().unwrap()).collect();
+    let body = s
+        .post(
+            "/pooling",
+            &json!({"input": texts, "task": "token_classify", "use_activation": false}),
+        )
+        .await;
+    let data = body.ok()["data"].as_array().unwrap().clone();
+    for (i, case) in cases.iter().enumerate() {
+        assert_rows(
+            &case.name,
+            &rows(&data[i]["data"]),
+            case.token_logits.as_ref().unwrap(),
+        );
+    }
+    s.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn distilbert_token_classification_pooling() {
+    check_token_fixture_routes("distilbert-tokens").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gte_new_token_classification_pooling() {
+    check_token_fixture_routes("gte-tokens").await;
+}

@@ -19,7 +19,7 @@ use verdict_server::ServerConfig;
 
 #[derive(Debug, Args)]
 pub struct BenchArgs {
-    /// Model shape: minilm-l6, bert-base, qwen2.5-0.5b, qwen2.5-1.5b or qwen2.5-7b.
+    /// Model shape: minilm-l6, bert-base, deberta-v3-base, modernbert-base, qwen2.5-0.5b, qwen2.5-1.5b or qwen2.5-7b.
     #[arg(long, default_value = "minilm-l6")]
     pub shape: String,
 
@@ -104,13 +104,39 @@ fn shape(name: &str) -> Result<Shape> {
             "id2label": {"0": "LABEL_0", "1": "LABEL_1"}
         })
     };
+    // deberta-v3-base: relative positions only (256 log buckets), shared position keys.
+    let deberta_v3_base = json!({
+        "architectures": ["DebertaV2ForSequenceClassification"], "model_type": "deberta-v2",
+        "vocab_size": 128100, "hidden_size": 768, "num_hidden_layers": 12,
+        "num_attention_heads": 12, "intermediate_size": 3072, "hidden_act": "gelu",
+        "max_position_embeddings": 512, "type_vocab_size": 0, "layer_norm_eps": 1e-7,
+        "relative_attention": true, "position_buckets": 256, "max_relative_positions": -1,
+        "pos_att_type": "p2c|c2p", "share_att_key": true, "norm_rel_ebd": "layer_norm",
+        "position_biased_input": false, "pooler_hidden_act": "gelu", "pad_token_id": 0,
+        "id2label": {"0": "LABEL_0", "1": "LABEL_1"}
+    });
     let (name, config) = match name {
         "minilm-l6" => ("minilm-l6", bert(6, 384, 12, 1536)),
         "bert-base" => ("bert-base", bert(12, 768, 12, 3072)),
+        "modernbert-base" => (
+            "modernbert-base",
+            json!({
+                "architectures": ["ModernBertForSequenceClassification"], "model_type": "modernbert",
+                "vocab_size": 50368, "hidden_size": 768, "num_hidden_layers": 22,
+                "num_attention_heads": 12, "intermediate_size": 1152, "hidden_activation": "gelu",
+                "max_position_embeddings": 8192, "local_attention": 128,
+                "global_attn_every_n_layers": 3, "global_rope_theta": 160000.0,
+                "local_rope_theta": 10000.0, "norm_eps": 1e-5, "norm_bias": false,
+                "attention_bias": false, "mlp_bias": false, "classifier_bias": false,
+                "classifier_activation": "gelu", "classifier_pooling": "mean",
+                "pad_token_id": 50283, "id2label": {"0": "LABEL_0", "1": "LABEL_1"}
+            }),
+        ),
+        "deberta-v3-base" => ("deberta-v3-base", deberta_v3_base),
         "qwen2.5-0.5b" => ("qwen2.5-0.5b", qwen(24, 896, 14, 2, 4864, 151936, true)),
         "qwen2.5-1.5b" => ("qwen2.5-1.5b", qwen(28, 1536, 12, 2, 8960, 151936, true)),
         "qwen2.5-7b" => ("qwen2.5-7b", qwen(28, 3584, 28, 4, 18944, 152064, false)),
-        other => bail!("unknown shape `{other}` (minilm-l6, bert-base, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b)"),
+        other => bail!("unknown shape `{other}` (minilm-l6, bert-base, deberta-v3-base, modernbert-base, qwen2.5-0.5b, qwen2.5-1.5b, qwen2.5-7b)"),
     };
     Ok(Shape { name, config })
 }
@@ -139,24 +165,56 @@ fn tensor_shapes(cfg: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
         add("bert.embeddings.LayerNorm.bias".into(), vec![h]);
         for i in 0..u("num_hidden_layers") {
             let p = format!("bert.encoder.layer.{i}");
-            for (n, o, inp) in [
-                ("attention.self.query", h, h),
-                ("attention.self.key", h, h),
-                ("attention.self.value", h, h),
-                ("attention.output.dense", h, h),
-                ("intermediate.dense", ffn, h),
-                ("output.dense", h, ffn),
-            ] {
-                add(format!("{p}.{n}.weight"), vec![o, inp]);
-                add(format!("{p}.{n}.bias"), vec![o]);
-            }
-            for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
-                add(format!("{p}.{n}.weight"), vec![h]);
-                add(format!("{p}.{n}.bias"), vec![h]);
+            for (n, s) in encoder_layer_shapes(&p, ["query", "key", "value"], h, ffn) {
+                add(n, s);
             }
         }
         add("bert.pooler.dense.weight".into(), vec![h, h]);
         add("bert.pooler.dense.bias".into(), vec![h]);
+        add("classifier.weight".into(), vec![2, h]);
+        add("classifier.bias".into(), vec![2]);
+    } else if cfg["model_type"] == "modernbert" {
+        add(
+            "model.embeddings.tok_embeddings.weight".into(),
+            vec![u("vocab_size"), h],
+        );
+        add("model.embeddings.norm.weight".into(), vec![h]);
+        for i in 0..u("num_hidden_layers") {
+            let p = format!("model.layers.{i}");
+            if i > 0 {
+                add(format!("{p}.attn_norm.weight"), vec![h]);
+            }
+            add(format!("{p}.attn.Wqkv.weight"), vec![3 * h, h]);
+            add(format!("{p}.attn.Wo.weight"), vec![h, h]);
+            add(format!("{p}.mlp_norm.weight"), vec![h]);
+            add(format!("{p}.mlp.Wi.weight"), vec![2 * ffn, h]);
+            add(format!("{p}.mlp.Wo.weight"), vec![h, ffn]);
+        }
+        add("model.final_norm.weight".into(), vec![h]);
+        add("head.dense.weight".into(), vec![h, h]);
+        add("head.norm.weight".into(), vec![h]);
+    } else if cfg["model_type"] == "deberta-v2" {
+        add(
+            "deberta.embeddings.word_embeddings.weight".into(),
+            vec![u("vocab_size"), h],
+        );
+        add("deberta.embeddings.LayerNorm.weight".into(), vec![h]);
+        add("deberta.embeddings.LayerNorm.bias".into(), vec![h]);
+        add(
+            "deberta.encoder.rel_embeddings.weight".into(),
+            vec![2 * u("position_buckets"), h],
+        );
+        add("deberta.encoder.LayerNorm.weight".into(), vec![h]);
+        add("deberta.encoder.LayerNorm.bias".into(), vec![h]);
+        for i in 0..u("num_hidden_layers") {
+            let p = format!("deberta.encoder.layer.{i}");
+            for (n, s) in encoder_layer_shapes(&p, ["query_proj", "key_proj", "value_proj"], h, ffn)
+            {
+                add(n, s);
+            }
+        }
+        add("pooler.dense.weight".into(), vec![h, h]);
+        add("pooler.dense.bias".into(), vec![h]);
         add("classifier.weight".into(), vec![2, h]);
         add("classifier.bias".into(), vec![2]);
     } else {
@@ -183,6 +241,33 @@ fn tensor_shapes(cfg: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
         }
         add("model.norm.weight".into(), vec![h]);
         add("score.weight".into(), vec![2, h]);
+    }
+    t
+}
+
+/// One BERT-style post-LN encoder layer's tensors, with the given q/k/v names.
+fn encoder_layer_shapes(
+    prefix: &str,
+    qkv: [&str; 3],
+    h: usize,
+    ffn: usize,
+) -> Vec<(String, Vec<usize>)> {
+    let mut t = Vec::new();
+    let [q, k, v] = qkv.map(|n| format!("attention.self.{n}"));
+    for (n, o, inp) in [
+        (q.as_str(), h, h),
+        (k.as_str(), h, h),
+        (v.as_str(), h, h),
+        ("attention.output.dense", h, h),
+        ("intermediate.dense", ffn, h),
+        ("output.dense", h, ffn),
+    ] {
+        t.push((format!("{prefix}.{n}.weight"), vec![o, inp]));
+        t.push((format!("{prefix}.{n}.bias"), vec![o]));
+    }
+    for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
+        t.push((format!("{prefix}.{n}.weight"), vec![h]));
+        t.push((format!("{prefix}.{n}.bias"), vec![h]));
     }
     t
 }

@@ -1,6 +1,7 @@
 //! `verdict serve`.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -55,6 +56,53 @@ pub struct ServeArgs {
     /// Most tokens /tokenize returns for one prompt (0: max(65536, 2 x max-model-len)).
     #[arg(long, default_value_t = 0)]
     pub max_tokenize_tokens: usize,
+
+    /// Most open client connections. Past it the connection that has gone longest
+    /// without finishing a request makes room; when all are busy the newcomer gets 503.
+    /// Lowered to fit the open-file limit.
+    #[arg(long, default_value_t = 2048)]
+    pub max_connections: usize,
+
+    /// Seconds a client has to send a request's headers.
+    #[arg(long, default_value = "10", value_parser = parse_positive_seconds)]
+    pub header_read_timeout: Duration,
+
+    /// Seconds a client has to send a request's body, counted from its headers (408 after).
+    #[arg(long, default_value = "30", value_parser = parse_positive_seconds)]
+    pub body_read_timeout: Duration,
+
+    /// Seconds an idle kept-alive connection stays open.
+    #[arg(long, default_value = "5", value_parser = parse_seconds)]
+    pub keep_alive_timeout: Duration,
+
+    /// Seconds requests in flight get to finish after SIGTERM/SIGINT before their
+    /// connections are cut.
+    #[arg(long, default_value = "30", value_parser = parse_seconds)]
+    pub shutdown_timeout: Duration,
+
+    /// Answer 503 with Retry-After when the work already queued would keep a new
+    /// request waiting longer than this many seconds (from queued tokens and the
+    /// measured throughput); 0 turns the check off.
+    #[arg(long, default_value = "5", value_parser = parse_seconds)]
+    pub max_queue_wait: Duration,
+}
+
+/// Seconds as a (possibly fractional) non-negative number.
+fn parse_seconds(text: &str) -> Result<Duration, String> {
+    let seconds: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    Duration::try_from_secs_f64(seconds)
+        .map_err(|_| format!("{text:?} is not a non-negative number of seconds"))
+}
+
+fn parse_positive_seconds(text: &str) -> Result<Duration, String> {
+    let seconds = parse_seconds(text)?;
+    if seconds.is_zero() {
+        return Err(format!("{text:?}: the timeout must be above 0 seconds"));
+    }
+    Ok(seconds)
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -81,6 +129,12 @@ pub fn run(args: ServeArgs) -> Result<()> {
         tokenizer_workers: args.tokenizer_workers,
         media_workers: args.media_workers,
         max_tokenize_tokens: args.max_tokenize_tokens,
+        max_connections: args.max_connections,
+        header_read_timeout: args.header_read_timeout,
+        body_read_timeout: args.body_read_timeout,
+        keep_alive_timeout: args.keep_alive_timeout,
+        shutdown_timeout: args.shutdown_timeout,
+        max_queue_wait: Some(args.max_queue_wait).filter(|wait| !wait.is_zero()),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -4,7 +4,7 @@
 
 use candle_core::{DType, Device, Storage, Tensor};
 
-use crate::error::Result;
+use crate::error::{EngineError, Result};
 
 /// Runs `f` on the contiguous f32 data of a CPU tensor; None for anything else.
 pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
@@ -28,6 +28,10 @@ fn num_threads() -> usize {
 
 /// Matmuls smaller than this run on the calling thread.
 const PARALLEL_MIN_MACS: usize = 1 << 24;
+
+/// Query rows per attention task: a task's scores are at most this many rows
+/// by the keys they see, so an 8k-token sequence needs a few MiB per task, not T².
+const ATTENTION_ROWS: usize = 256;
 
 /// `x [m, k] · wt (+ bias)` with `wt` as `[k, n]`, for contiguous f32 CPU tensors.
 /// Returns None when the tensors are not of that kind (the caller falls back to candle).
@@ -112,11 +116,35 @@ struct SharedOut(*mut f32);
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
+/// One block of attention scores (query rows `row0..row0 + rows` of a sequence,
+/// against all its `len` keys), handed to a [`ScoreBias`].
+pub(crate) struct ScoreBlock<'a> {
+    /// Index of the sequence in the batch.
+    pub seq: usize,
+    /// Its first row in the packed buffers.
+    pub start: usize,
+    pub len: usize,
+    pub head: usize,
+    /// The block's first query row, within the sequence.
+    pub row0: usize,
+    pub rows: usize,
+    /// `rows × len` scores, row-major, already multiplied by the scale.
+    pub scores: &'a mut [f32],
+}
+
+/// Adds a term to each block of scores before the softmax (DeBERTa's relative
+/// positions); only for unmasked (bidirectional, windowless) attention.
+pub(crate) type ScoreBias<'a> = &'a (dyn Fn(ScoreBlock) + Sync);
+
 /// Packed attention on contiguous f32 CPU tensors: `q` `[T, heads*d]`,
-/// `k`/`v` `[T, kv_heads*d]`. One task per (sequence, head), each two
-/// single-threaded matmuls straight on the packed buffers (no copies, no
-/// padding, causal rows never look past their diagonal). Returns None when
-/// the tensors are not contiguous f32 on the CPU.
+/// `k`/`v` `[T, kv_heads*d]`. One task per (sequence, head, block of
+/// `ATTENTION_ROWS` query rows), each two single-threaded matmuls straight on the
+/// packed buffers (no copies, no padding) over only the keys the block can see:
+/// causal rows never look past their diagonal, windows skip the keys outside them,
+/// and a long sequence never holds more than a block of scores per task.
+/// `window` is the causal window when `causal`, else a radius: |i - j| <= window.
+/// `bias` is added to the scores before the softmax when given.
+/// Returns None when the tensors are not contiguous f32 on the CPU.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention_f32(
     q: &Tensor,
@@ -129,8 +157,14 @@ pub(crate) fn attention_f32(
     causal: bool,
     window: Option<usize>,
     scale: f32,
+    bias: Option<ScoreBias>,
 ) -> Result<Option<Tensor>> {
     use rayon::prelude::*;
+    if bias.is_some() && (causal || window.is_some()) {
+        return Err(EngineError::Config(
+            "internal: an attention score bias needs unmasked attention".into(),
+        ));
+    }
     // Checked before anything is allocated: this runs first for GPU tensors too, and a
     // zeroed host buffer of T × heads × d floats per layer once cost more host time
     // than the GPU spent on the whole layer.
@@ -148,35 +182,62 @@ pub(crate) fn attention_f32(
         return Ok(None);
     }
     let group = heads / kv_heads;
+    // Keys visible to query row i of a sequence of `len`, as a range [lo, hi).
+    let keys_of = |i: usize, len: usize| -> (usize, usize) {
+        match (causal, window) {
+            (true, w) => (w.map_or(0, |w| (i + 1).saturating_sub(w)), i + 1),
+            (false, Some(r)) => (i.saturating_sub(r), len.min(i.saturating_add(r) + 1)),
+            (false, None) => (0, len),
+        }
+    };
     let mut out = vec![0f32; t * q_stride];
     let shared = SharedOut(out.as_mut_ptr());
     let done = with_cpu_f32(q, |qs| {
         with_cpu_f32(k, |ks| {
             with_cpu_f32(v, |vs| {
-                let tasks: Vec<(usize, usize, usize)> = cu_seqlens
+                // (sequence, sequence start, sequence length, head, first row, end row)
+                type Task = (usize, usize, usize, usize, usize, usize);
+                let tasks: Vec<Task> = cu_seqlens
                     .windows(2)
-                    .flat_map(|w| (0..heads).map(move |h| (w[0], w[1] - w[0], h)))
-                    .filter(|&(_, len, _)| len > 0)
+                    .enumerate()
+                    .flat_map(|(seq, w)| {
+                        let (start, len) = (w[0], w[1] - w[0]);
+                        (0..heads).flat_map(move |h| {
+                            (0..len).step_by(ATTENTION_ROWS).map(move |r0| {
+                                (seq, start, len, h, r0, len.min(r0 + ATTENTION_ROWS))
+                            })
+                        })
+                    })
                     .collect();
-                let work: usize = tasks.iter().map(|&(_, len, _)| len * len * d).sum();
-                let run_task = |&(start, len, h): &(usize, usize, usize)| {
+                let work: usize = tasks
+                    .iter()
+                    .map(|&(_, _, len, _, r0, r1)| {
+                        let (k0, k1) = (keys_of(r0, len).0, keys_of(r1 - 1, len).1);
+                        (r1 - r0) * (k1 - k0) * d
+                    })
+                    .sum();
+                let run_task = |&(seq, start, len, h, r0, r1): &Task| {
                     let kh = h / group;
-                    let mut scores = vec![0f32; len * len];
+                    let rows = r1 - r0;
+                    // Keys of the whole block: from the first row's first to the last row's last.
+                    let (k0, k1) = (keys_of(r0, len).0, keys_of(r1 - 1, len).1);
+                    let cols = k1 - k0;
+                    let mut scores = vec![0f32; rows * cols];
                     // SAFETY: all offsets stay inside this sequence's rows of the
                     // [T, stride] buffers; strides match the layouts above.
                     unsafe {
                         gemm::gemm(
-                            len,
-                            len,
+                            rows,
+                            cols,
                             d,
                             scores.as_mut_ptr(),
                             1,
-                            len as isize,
+                            cols as isize,
                             false,
-                            qs.as_ptr().add(start * q_stride + h * d),
+                            qs.as_ptr().add((start + r0) * q_stride + h * d),
                             1,
                             q_stride as isize,
-                            ks.as_ptr().add(start * kv_stride + kh * d),
+                            ks.as_ptr().add((start + k0) * kv_stride + kh * d),
                             kv_stride as isize,
                             1,
                             0.0,
@@ -187,32 +248,39 @@ pub(crate) fn attention_f32(
                             gemm::Parallelism::None,
                         );
                     }
-                    for i in 0..len {
-                        let row = &mut scores[i * len..(i + 1) * len];
-                        let (lo, hi) = if causal {
-                            (window.map_or(0, |w| (i + 1).saturating_sub(w)), i + 1)
-                        } else {
-                            (0, len)
-                        };
+                    if let Some(bias) = bias {
+                        bias(ScoreBlock {
+                            seq,
+                            start,
+                            len,
+                            head: h,
+                            row0: r0,
+                            rows,
+                            scores: &mut scores,
+                        });
+                    }
+                    for (i, row) in scores.chunks_exact_mut(cols).enumerate() {
+                        let (lo, hi) = keys_of(r0 + i, len);
+                        let (lo, hi) = (lo - k0, hi - k0);
                         super::simd::softmax_in_place(&mut row[lo..hi]);
                         row[..lo].iter_mut().for_each(|s| *s = 0.0);
                         row[hi..].iter_mut().for_each(|s| *s = 0.0);
                     }
                     let dst = &shared;
-                    // SAFETY: this task alone writes rows start..start+len, columns h*d..(h+1)*d.
+                    // SAFETY: this task alone writes rows start+r0..start+r1, columns h*d..(h+1)*d.
                     unsafe {
                         gemm::gemm(
-                            len,
+                            rows,
                             d,
-                            len,
-                            dst.0.add(start * q_stride + h * d),
+                            cols,
+                            dst.0.add((start + r0) * q_stride + h * d),
                             1,
                             q_stride as isize,
                             false,
                             scores.as_ptr(),
                             1,
-                            len as isize,
-                            vs.as_ptr().add(start * kv_stride + kh * d),
+                            cols as isize,
+                            vs.as_ptr().add((start + k0) * kv_stride + kh * d),
                             1,
                             kv_stride as isize,
                             0.0,

@@ -108,7 +108,11 @@ pub(super) fn packed_attention(
         kv_heads,
         d,
         causal,
-        window: window.map_or(0, |w| w.min(i32::MAX as usize) as i32),
+        // The kernels keep |i - j| < window without `causal`: a radius r is r + 1.
+        window: window.map_or(0, |w| {
+            let w = if causal { w } else { w.saturating_add(1) };
+            w.min(i32::MAX as usize) as i32
+        }),
         scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
         allow_flash: mode() == Mode::Auto,
     });

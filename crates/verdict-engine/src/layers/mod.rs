@@ -7,11 +7,13 @@ mod cpu;
 mod cuda_attention;
 #[cfg(feature = "cuda")]
 mod cuda_ops;
+mod disentangled;
 mod qkv;
 mod rotary;
 mod simd;
 
 pub use attention::{packed_attention, AttentionMask};
+pub use disentangled::{disentangled_attention, PositionProjections, RelativePositions};
 pub use qkv::QkvProjection;
 pub use rotary::RotaryEmbedding;
 
@@ -206,6 +208,27 @@ impl LayerNorm {
         })
     }
 
+    /// Loads in a given dtype; without `bias` (`norm_bias: false`) the bias is zero.
+    pub fn load_as(
+        wp: &WeightPath,
+        dim: usize,
+        eps: f64,
+        bias: bool,
+        dtype: DType,
+    ) -> Result<Self> {
+        let weight = wp.get_as("weight", &[dim], dtype)?;
+        let bias = if bias {
+            wp.get_as("bias", &[dim], dtype)?
+        } else {
+            weight.zeros_like()?
+        };
+        Ok(LayerNorm {
+            weight,
+            bias,
+            eps: eps as f32,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(candle_nn::ops::layer_norm(
             x,
@@ -310,5 +333,35 @@ impl HiddenAct {
             HiddenAct::Silu => candle_nn::Activation::Silu.forward(x)?,
             HiddenAct::Relu => x.relu()?,
         })
+    }
+}
+
+/// An activation a config names for a side branch (DeBERTa's `pooler_hidden_act`,
+/// `conv_act`): any hidden activation, or tanh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NamedAct {
+    Tanh,
+    Hidden(HiddenAct),
+}
+
+impl NamedAct {
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "tanh" => Ok(NamedAct::Tanh),
+            other => HiddenAct::from_name(other)
+                .map(NamedAct::Hidden)
+                .map_err(|_| {
+                    EngineError::Config(format!(
+                        "unsupported activation `{other}` (supported: tanh, gelu, gelu_new, gelu_pytorch_tanh, gelu_fast, silu, swish, relu)"
+                    ))
+                }),
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self {
+            NamedAct::Tanh => Ok(x.tanh()?),
+            NamedAct::Hidden(act) => act.forward(x),
+        }
     }
 }

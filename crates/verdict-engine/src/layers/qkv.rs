@@ -1,5 +1,5 @@
-//! The query/key/value projections of a decoder layer, with the per-head norms and
-//! the rotary embedding that follow them.
+//! The query/key/value projections of a rotary-attention layer (decoders, GTE), with
+//! the per-head norms and the rotary embedding that follow them.
 //!
 //! On the CPU these stay three linear layers, so each output is contiguous for the
 //! packed CPU attention. On a GPU the three weights are concatenated at load time into
@@ -39,9 +39,7 @@ impl QkvProjection {
         bias: bool,
     ) -> Result<Self> {
         let (qd, kd) = (heads * head_dim, kv_heads * head_dim);
-        let split = att.weights().device().is_cpu()
-            || std::env::var("VERDICT_CUDA_QKV").is_ok_and(|v| v == "split");
-        let proj = if split {
+        let proj = if keep_split(att) {
             Projection::Split {
                 q: Linear::load(&att.pp("q_proj"), hidden, qd, bias)?,
                 k: Linear::load(&att.pp("k_proj"), hidden, kd, bias)?,
@@ -70,6 +68,46 @@ impl QkvProjection {
             proj,
             heads,
             kv_heads,
+            head_dim,
+        })
+    }
+
+    /// Loads one fused `[3 * heads * d, hidden]` projection (q, k, v stacked in that
+    /// order, as GTE's `qkv_proj`): split into three on the CPU, kept whole on a GPU.
+    pub fn load_fused(
+        wp: &WeightPath,
+        hidden: usize,
+        heads: usize,
+        head_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let rows = heads * head_dim;
+        let weight = wp.get("weight", &[3 * rows, hidden])?;
+        let bias = if bias {
+            Some(wp.get("bias", &[3 * rows])?)
+        } else {
+            None
+        };
+        let proj = if keep_split(wp) {
+            let part = |t: &Tensor, i: usize| -> Result<Tensor> {
+                Ok(t.narrow(0, i * rows, rows)?.contiguous()?)
+            };
+            let linear = |i: usize| -> Result<Linear> {
+                let b = bias.as_ref().map(|b| part(b, i)).transpose()?;
+                Ok(Linear::new(part(&weight, i)?, b))
+            };
+            Projection::Split {
+                q: linear(0)?,
+                k: linear(1)?,
+                v: linear(2)?,
+            }
+        } else {
+            Projection::Packed(Linear::new(weight, bias))
+        };
+        Ok(QkvProjection {
+            proj,
+            heads,
+            kv_heads: heads,
             head_dim,
         })
     }
@@ -129,6 +167,12 @@ impl QkvProjection {
             v,
         ))
     }
+}
+
+/// Three projections on the CPU (each output contiguous for the packed attention)
+/// or when asked for; one fused matmul on a GPU.
+fn keep_split(wp: &WeightPath) -> bool {
+    wp.weights().device().is_cpu() || std::env::var("VERDICT_CUDA_QKV").is_ok_and(|v| v == "split")
 }
 
 /// q, k and v copied out of a `[T, heads + 2 kv_heads, d]` projection, q and k rotated.

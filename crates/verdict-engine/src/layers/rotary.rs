@@ -17,6 +17,19 @@ pub struct RotaryEmbedding {
 }
 
 impl RotaryEmbedding {
+    /// Plain RoPE over the whole head with base `base` (for models that read
+    /// their bases from their own config keys, like ModernBERT's global and local ones).
+    pub fn with_base(base: f32, head_dim: usize) -> Self {
+        RotaryEmbedding {
+            inv_freq: (0..head_dim)
+                .step_by(2)
+                .map(|i| 1.0f32 / base.powf(i as f32 / head_dim as f32))
+                .collect(),
+            attention_scaling: 1.0,
+            device_tables: Arc::default(),
+        }
+    }
+
     /// Builds the frequencies from `rope_theta`, `partial_rotary_factor` and
     /// `rope_scaling`, or from `rope_parameters` (how transformers v5 writes them).
     pub fn from_config(cfg: &HfConfig, head_dim: usize) -> Result<Self> {
@@ -36,10 +49,7 @@ impl RotaryEmbedding {
                 "partial_rotary_factor < 1 is not supported".into(),
             ));
         }
-        let mut inv_freq: Vec<f32> = (0..dim)
-            .step_by(2)
-            .map(|i| 1.0f32 / base.powf(i as f32 / dim as f32))
-            .collect();
+        let mut inv_freq = Self::with_base(base, dim).inv_freq;
         let mut attention_scaling = 1.0f32;
         let scaling = cfg
             .get("rope_scaling")
@@ -104,9 +114,30 @@ impl RotaryEmbedding {
                         *f = interpolation * (1.0 - extrapolation_factor) + *f * extrapolation_factor;
                     }
                 }
+                // GTE's fixed/mixed NTK scaling (its remote code, as vLLM's `ntk`): fixed
+                // raises the base by `factor` and divides every frequency by
+                // factor^(2/dim); mixed divides frequency i by exp(a (i+1)^b) instead,
+                // a = ln(factor) / (dim/2)^b. The remote code rescales only when the
+                // scaled length exceeds max_position_embeddings, i.e. factor > 1.
+                "ntk" if factor > 1.0 => match num("mixed_b") {
+                    None => {
+                        let scaled_base = base * factor;
+                        let shrink = factor.powf(2.0 / dim as f32);
+                        for (i, f) in inv_freq.iter_mut().enumerate() {
+                            *f = 1.0 / scaled_base.powf((2 * i) as f32 / dim as f32) / shrink;
+                        }
+                    }
+                    Some(b) => {
+                        let a = factor.ln() / (dim as f32 / 2.0).powf(b as f32);
+                        for (i, f) in inv_freq.iter_mut().enumerate() {
+                            *f /= (a * ((i + 1) as f32).powf(b as f32)).exp();
+                        }
+                    }
+                },
+                "ntk" => {}
                 other => {
                     return Err(EngineError::Config(format!(
-                        "unsupported rope_scaling type `{other}` (supported: default, linear, llama3, yarn)"
+                        "unsupported rope_scaling type `{other}` (supported: default, linear, llama3, yarn, ntk)"
                     )))
                 }
             }

@@ -2,9 +2,12 @@
 //! backbone takes a packed batch and returns hidden states `[T, H]`.
 
 pub mod bert;
+pub mod deberta;
 pub mod decoder;
 pub mod gpt2;
+pub mod modernbert;
 pub mod qwen2_5_vl;
+pub mod registry;
 
 use std::sync::Arc;
 
@@ -13,11 +16,14 @@ use candle_core::{DType, Tensor};
 use crate::checkpoint::{HfConfig, Weights};
 use crate::error::{EngineError, Result};
 use crate::multimodal::VisualInput;
-use crate::pooling::{ClassifierHead, PoolingTask, PoolingType};
-use bert::{BertModel, BertVariant};
-use decoder::{DecoderModel, DecoderVariant};
+use crate::pooling::{ClassifierHead, PoolingType};
+use bert::BertModel;
+use deberta::DebertaModel;
+use decoder::DecoderModel;
 use gpt2::Gpt2Model;
+use modernbert::ModernBertModel;
 use qwen2_5_vl::Qwen25VlModel;
+pub use registry::{load_model, unsupported_architecture, ArchInfo, ArchKind, Family, RewardKind};
 
 /// All sequences of a batch concatenated, with no padding.
 #[derive(Debug, Clone, Default)]
@@ -84,134 +90,6 @@ pub trait Backbone: Send + Sync {
     fn dtype(&self) -> DType;
 }
 
-/// How an architecture name is served.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ArchInfo {
-    pub architecture: String,
-    pub family: Family,
-    pub kind: ArchKind,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Bert(BertVariant),
-    Gpt2,
-    Decoder(DecoderVariant),
-    /// Qwen2.5-VL: vision tower + M-RoPE Qwen2 language model.
-    Qwen25Vl,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ArchKind {
-    SequenceClassification,
-    TokenClassification,
-    /// `*ForCausalLM` / `*LMHeadModel`: served only through `--convert classify`.
-    Generative,
-}
-
-pub const SUPPORTED_ARCHITECTURES: &[&str] = &[
-    "BertForSequenceClassification",
-    "BertForTokenClassification",
-    "RobertaForSequenceClassification",
-    "RobertaForTokenClassification",
-    "XLMRobertaForSequenceClassification",
-    "XLMRobertaForTokenClassification",
-    "ErnieForSequenceClassification",
-    "ErnieForTokenClassification",
-    "GPT2ForSequenceClassification",
-    "GPT2LMHeadModel (--convert classify)",
-    "LlamaForSequenceClassification",
-    "LlamaForCausalLM (--convert classify)",
-    "MistralForSequenceClassification",
-    "MistralForCausalLM (--convert classify)",
-    "Qwen2ForSequenceClassification",
-    "Qwen2ForCausalLM (--convert classify)",
-    "Qwen3ForSequenceClassification",
-    "Qwen3ForCausalLM (--convert classify)",
-    "Qwen2_5_VLForSequenceClassification",
-    "Qwen2_5_VLForConditionalGeneration (--convert classify)",
-];
-
-const SUFFIXES: &[(&str, ArchKind)] = &[
-    (
-        "ForSequenceClassification",
-        ArchKind::SequenceClassification,
-    ),
-    ("ForTokenClassification", ArchKind::TokenClassification),
-    ("ForCausalLM", ArchKind::Generative),
-    ("ForConditionalGeneration", ArchKind::Generative),
-    ("LMHeadModel", ArchKind::Generative),
-];
-
-impl ArchInfo {
-    pub fn from_name(arch: &str) -> Result<Self> {
-        for (suffix, kind) in SUFFIXES {
-            let Some(base) = arch.strip_suffix(suffix) else {
-                continue;
-            };
-            let family = if let Some(v) = BertVariant::from_arch(base) {
-                Some(Family::Bert(v))
-            } else if base == "GPT2" {
-                Some(Family::Gpt2)
-            } else if base == "Qwen2_5_VL" {
-                Some(Family::Qwen25Vl)
-            } else {
-                DecoderVariant::from_arch(base).map(Family::Decoder)
-            };
-            let supported = match (family, kind) {
-                (Some(Family::Bert(_)), ArchKind::Generative) => false,
-                (
-                    Some(Family::Gpt2 | Family::Decoder(_) | Family::Qwen25Vl),
-                    ArchKind::TokenClassification,
-                ) => false,
-                // Only the multimodal family is a "conditional generation" model.
-                (Some(Family::Gpt2 | Family::Decoder(_)), ArchKind::Generative)
-                    if arch.ends_with("ForConditionalGeneration") =>
-                {
-                    false
-                }
-                (Some(_), _) => true,
-                (None, _) => false,
-            };
-            if let (true, Some(family)) = (supported, family) {
-                return Ok(ArchInfo {
-                    architecture: arch.to_string(),
-                    family,
-                    kind: *kind,
-                });
-            }
-        }
-        Err(unsupported_architecture(arch))
-    }
-
-    /// The pooling a classifier of this family uses unless configured otherwise.
-    pub fn default_pooling(&self) -> PoolingType {
-        match self.family {
-            Family::Bert(_) => PoolingType::Cls,
-            Family::Gpt2 | Family::Decoder(_) | Family::Qwen25Vl => PoolingType::Last,
-        }
-    }
-
-    pub fn default_task(&self) -> PoolingTask {
-        match self.kind {
-            ArchKind::TokenClassification => PoolingTask::TokenClassify,
-            _ => PoolingTask::Classify,
-        }
-    }
-
-    /// Decoders attend causally; encoders see the whole sequence.
-    pub fn is_causal(&self) -> bool {
-        !matches!(self.family, Family::Bert(_))
-    }
-}
-
-pub fn unsupported_architecture(arch: &str) -> EngineError {
-    EngineError::Config(format!(
-        "architecture `{arch}` is not supported. Supported architectures: {}",
-        SUPPORTED_ARCHITECTURES.join(", ")
-    ))
-}
-
 /// The `classifier_from_token` conversion of an LM head (vLLM's `method`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct TokenClassifierSpec {
@@ -231,94 +109,147 @@ pub enum TokenMethod {
 pub struct LoadedModel {
     pub backbone: Box<dyn Backbone>,
     pub head: ClassifierHead,
+    /// The sequence pooling this checkpoint's head expects, when its config
+    /// decides it (e.g. ModernBERT's `classifier_pooling`); else the registry's.
+    pub default_pooling: Option<PoolingType>,
 }
 
-/// Builds the backbone and head for a resolved architecture.
-pub fn load_model(
-    arch: &ArchInfo,
-    config: &HfConfig,
-    weights: &Weights,
-    num_labels: usize,
-    from_token: Option<&TokenClassifierSpec>,
-) -> Result<LoadedModel> {
-    let token_cls = arch.kind == ArchKind::TokenClassification;
-    match arch.family {
-        Family::Bert(variant) => {
-            let backbone = BertModel::load(variant, config, weights)?;
-            let head = bert::load_head(variant, token_cls, config, weights, num_labels)?;
-            Ok(LoadedModel {
-                backbone: Box::new(backbone),
-                head,
-            })
-        }
-        Family::Gpt2 => {
-            let backbone = Gpt2Model::load(config, weights)?;
-            // GPT-2 always ties its LM head to the token embeddings.
-            let head = decoder_head(
-                weights,
-                &["transformer.", ""],
-                backbone.hidden_size(),
-                num_labels,
-                from_token,
-                Some(backbone.embeddings()),
-            )?;
-            Ok(LoadedModel {
-                backbone: Box::new(backbone),
-                head,
-            })
-        }
-        Family::Qwen25Vl => {
-            let backbone = Qwen25VlModel::load(config, weights)?;
-            let head = decoder_lm_head(backbone.language_model(), weights, num_labels, from_token)?;
-            Ok(LoadedModel {
-                backbone: Box::new(backbone),
-                head,
-            })
-        }
-        Family::Decoder(variant) => {
-            let backbone = DecoderModel::load(variant, config, weights)?;
-            let head = decoder_lm_head(&backbone, weights, num_labels, from_token)?;
-            Ok(LoadedModel {
-                backbone: Box::new(backbone),
-                head,
-            })
+impl LoadedModel {
+    pub fn new(backbone: impl Backbone + 'static, head: ClassifierHead) -> Self {
+        LoadedModel {
+            backbone: Box::new(backbone),
+            head,
+            default_pooling: None,
         }
     }
 }
 
+/// What a family's loader gets: the resolved architecture, its config and weights.
+pub struct LoadRequest<'a> {
+    pub arch: &'a ArchInfo,
+    pub config: &'a HfConfig,
+    pub weights: &'a Weights,
+    pub num_labels: usize,
+    pub from_token: Option<&'a TokenClassifierSpec>,
+    /// With no `score` head in the checkpoint, classify with the whole LM head
+    /// (one column per vocabulary token; STEP pooling picks the columns).
+    pub lm_head_logits: bool,
+}
+
+impl LoadRequest<'_> {
+    pub fn token_classification(&self) -> bool {
+        self.arch.kind == ArchKind::TokenClassification
+    }
+}
+
+/// A registry row whose loader does not fit its family (a registry bug).
+pub(crate) fn family_mismatch(req: &LoadRequest) -> EngineError {
+    EngineError::Config(format!(
+        "internal: the registry row for {} names the wrong family",
+        req.arch.architecture
+    ))
+}
+
+pub(crate) fn load_bert(req: &LoadRequest) -> Result<LoadedModel> {
+    let Family::Bert(variant) = req.arch.family else {
+        return Err(family_mismatch(req));
+    };
+    let backbone = BertModel::load(variant, req.config, req.weights)?;
+    let head = bert::load_head(
+        variant,
+        req.token_classification(),
+        backbone.hidden_size(),
+        req.weights,
+        req.num_labels,
+    )?;
+    Ok(LoadedModel::new(backbone, head))
+}
+
+pub(crate) fn load_modernbert(req: &LoadRequest) -> Result<LoadedModel> {
+    let backbone = ModernBertModel::load(req.config, req.weights)?;
+    let pooling = backbone.pooling()?;
+    let head = modernbert::load_head(req.config, req.weights, req.num_labels)?;
+    let mut loaded = LoadedModel::new(backbone, head);
+    loaded.default_pooling = Some(pooling);
+    Ok(loaded)
+}
+
+pub(crate) fn load_deberta(req: &LoadRequest) -> Result<LoadedModel> {
+    let Family::Deberta(variant) = req.arch.family else {
+        return Err(family_mismatch(req));
+    };
+    let backbone = DebertaModel::load(variant, req.config, req.weights)?;
+    let head = deberta::load_head(
+        req.token_classification(),
+        req.config,
+        req.weights,
+        req.num_labels,
+    )?;
+    Ok(LoadedModel::new(backbone, head))
+}
+
+pub(crate) fn load_gpt2(req: &LoadRequest) -> Result<LoadedModel> {
+    let backbone = Gpt2Model::load(req.config, req.weights)?;
+    // GPT-2 always ties its LM head to the token embeddings.
+    let head = decoder_head(req, backbone.hidden_size(), Some(backbone.embeddings()))?;
+    Ok(LoadedModel::new(backbone, head))
+}
+
+pub(crate) fn load_qwen2_5_vl(req: &LoadRequest) -> Result<LoadedModel> {
+    let backbone = Qwen25VlModel::load(req.config, req.weights)?;
+    let head = decoder_lm_head(backbone.language_model(), req)?;
+    Ok(LoadedModel::new(backbone, head))
+}
+
+pub(crate) fn load_decoder(req: &LoadRequest) -> Result<LoadedModel> {
+    let Family::Decoder(variant) = req.arch.family else {
+        return Err(family_mismatch(req));
+    };
+    let backbone = DecoderModel::load(variant, req.config, req.weights)?;
+    let head = match req.arch.kind {
+        ArchKind::Reward(_) => reward_head(req.weights, backbone.hidden_size(), req.num_labels)?,
+        _ => decoder_lm_head(&backbone, req)?,
+    };
+    Ok(LoadedModel::new(backbone, head))
+}
+
+/// The reward models' `score`: Linear(h, h) -> ReLU -> Linear(h, labels), as
+/// `score.0` and `score.2` of a torch Sequential.
+fn reward_head(weights: &Weights, hidden: usize, num_labels: usize) -> Result<ClassifierHead> {
+    let score = weights.root(&[""]).pp("score");
+    let layer = |index: &str, out_dim: usize| {
+        let wp = score.pp(index);
+        let bias = wp.contains("bias");
+        crate::layers::Linear::load_as(&wp, hidden, out_dim, bias, DType::F32)
+    };
+    Ok(ClassifierHead::dense_relu(
+        layer("0", hidden)?,
+        layer("2", num_labels)?,
+    ))
+}
+
 /// A Llama-family decoder's head; the LM head is tied to the embeddings when
 /// the config says so or the checkpoint has none.
-fn decoder_lm_head(
-    lm: &DecoderModel,
-    weights: &Weights,
-    num_labels: usize,
-    from_token: Option<&TokenClassifierSpec>,
-) -> Result<ClassifierHead> {
+fn decoder_lm_head(lm: &DecoderModel, req: &LoadRequest) -> Result<ClassifierHead> {
     let tied =
-        (lm.ties_embeddings() || !weights.contains("lm_head.weight")).then(|| lm.embeddings());
-    decoder_head(
-        weights,
-        &["model.language_model.", "model.", ""],
-        lm.hidden_size(),
-        num_labels,
-        from_token,
-        tied,
-    )
+        (lm.ties_embeddings() || !req.weights.contains("lm_head.weight")).then(|| lm.embeddings());
+    decoder_head(req, lm.hidden_size(), tied)
 }
 
 /// The `score` head of a decoder classifier, taken from the checkpoint or
-/// built from LM-head rows (`classifier_from_token`).
+/// built from LM-head rows (`classifier_from_token`, or the whole LM head).
 fn decoder_head(
-    weights: &Weights,
-    bases: &[&str],
+    req: &LoadRequest,
     hidden: usize,
-    num_labels: usize,
-    from_token: Option<&TokenClassifierSpec>,
     tied_embeddings: Option<&Tensor>,
 ) -> Result<ClassifierHead> {
+    let (weights, num_labels) = (req.weights, req.num_labels);
     let top = weights.root(&["", "language_model.", "model."]);
-    let Some(spec) = from_token else {
-        let score = top.pp("score");
+    let score = top.pp("score");
+    let from_token = req.from_token;
+    let lm_head_only =
+        from_token.is_none() && req.lm_head_logits && score.shape_of("weight").is_none();
+    if from_token.is_none() && !lm_head_only {
         if let Some(shape) = score.shape_of("weight") {
             if shape.len() == 2 && shape[1] == hidden && shape[0] != num_labels {
                 return Err(EngineError::Weight(format!(
@@ -340,20 +271,28 @@ fn decoder_head(
             DType::F32,
         )?;
         return Ok(ClassifierHead::linear(linear));
-    };
+    }
     let lm_head = match weights.root(&[""]).pp("lm_head").shape_of("weight") {
-        Some(shape) => weights
-            .root(&[""])
-            .pp("lm_head")
-            .get_as("weight", &[shape[0], hidden], DType::F32)?,
+        Some(shape) => {
+            weights
+                .root(&[""])
+                .pp("lm_head")
+                .get_as("weight", &[shape[0], hidden], DType::F32)?
+        }
         None => match tied_embeddings {
             Some(e) => e.to_dtype(DType::F32)?,
             None => {
-                return Err(EngineError::Weight(format!(
-                    "missing weight `lm_head.weight` (needed by classifier_from_token; looked under {bases:?})"
-                )))
+                return Err(EngineError::Weight(
+                    "missing weight `lm_head.weight` (needed to classify with LM-head rows)".into(),
+                ))
             }
         },
+    };
+    let Some(spec) = from_token else {
+        return Ok(ClassifierHead::linear(crate::layers::Linear::new(
+            lm_head.contiguous()?,
+            None,
+        )));
     };
     let vocab = lm_head.dim(0)?;
     let ids: Vec<u32> = spec.token_ids.clone();

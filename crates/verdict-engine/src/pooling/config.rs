@@ -14,6 +14,9 @@ pub enum PoolingType {
     Mean,
     /// Every token (token classification).
     All,
+    /// Every token whose id is the step tag, optionally restricted to some
+    /// output columns (process reward models).
+    Step,
 }
 
 impl std::str::FromStr for PoolingType {
@@ -24,8 +27,9 @@ impl std::str::FromStr for PoolingType {
             "LAST" => Ok(PoolingType::Last),
             "MEAN" => Ok(PoolingType::Mean),
             "ALL" => Ok(PoolingType::All),
+            "STEP" => Ok(PoolingType::Step),
             _ => Err(EngineError::Config(format!(
-                "unknown pooling type `{s}` (expected CLS, LAST, MEAN or ALL)"
+                "unknown pooling type `{s}` (expected CLS, LAST, MEAN, ALL or STEP)"
             ))),
         }
     }
@@ -83,6 +87,57 @@ pub struct PoolerConfig {
     pub use_activation: Option<bool>,
     pub logit_mean: Option<f64>,
     pub logit_sigma: Option<f64>,
+    /// STEP pooling: keep only the rows of this token id.
+    pub step_tag_id: Option<u32>,
+    /// STEP pooling: keep only these output columns.
+    pub returned_token_ids: Option<Vec<u32>>,
+}
+
+impl PoolerConfig {
+    /// The configured per-request STEP defaults.
+    pub fn step_params(&self) -> StepParams {
+        StepParams {
+            step_tag_id: self.step_tag_id,
+            returned_token_ids: self.returned_token_ids.clone(),
+        }
+    }
+}
+
+/// STEP pooling parameters (vLLM's `step_tag_id` / `returned_token_ids`),
+/// per request or as server defaults.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StepParams {
+    pub step_tag_id: Option<u32>,
+    pub returned_token_ids: Option<Vec<u32>>,
+}
+
+impl StepParams {
+    pub fn is_empty(&self) -> bool {
+        self.step_tag_id.is_none() && self.returned_token_ids.is_none()
+    }
+
+    /// The request's values, falling back to `defaults` for those it leaves out.
+    pub fn or(&self, defaults: &StepParams) -> StepParams {
+        StepParams {
+            step_tag_id: self.step_tag_id.or(defaults.step_tag_id),
+            returned_token_ids: self
+                .returned_token_ids
+                .clone()
+                .or_else(|| defaults.returned_token_ids.clone()),
+        }
+    }
+
+    /// The names of the parameters that are set, as vLLM lists them.
+    pub fn set_names(&self) -> Vec<&'static str> {
+        let mut names = Vec::new();
+        if self.step_tag_id.is_some() {
+            names.push("step_tag_id");
+        }
+        if self.returned_token_ids.is_some() {
+            names.push("returned_token_ids");
+        }
+        names
+    }
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -101,8 +156,8 @@ struct RawPoolerConfig {
     dimensions: Option<serde_json::Value>,
     enable_chunked_processing: Option<bool>,
     max_embed_len: Option<serde_json::Value>,
-    step_tag_id: Option<serde_json::Value>,
-    returned_token_ids: Option<serde_json::Value>,
+    step_tag_id: Option<u32>,
+    returned_token_ids: Option<Vec<u32>>,
     normalize: Option<bool>,
     softmax: Option<bool>,
     activation: Option<bool>,
@@ -125,7 +180,7 @@ impl PoolerConfig {
         let mut seq = parse_type(&raw.seq_pooling_type)?;
         let mut tok = parse_type(&raw.tok_pooling_type)?;
         if let Some(p) = parse_type(&raw.pooling_type)? {
-            if p == PoolingType::All {
+            if matches!(p, PoolingType::All | PoolingType::Step) {
                 if tok.is_some() {
                     return Err(EngineError::Config(
                         "Cannot set both `pooling_type` and `tok_pooling_type`".into(),
@@ -141,13 +196,18 @@ impl PoolerConfig {
                 seq = Some(p);
             }
         }
-        if seq == Some(PoolingType::All) {
+        if matches!(seq, Some(PoolingType::All | PoolingType::Step)) {
             return Err(EngineError::Config(
                 "seq_pooling_type must be CLS, LAST or MEAN".into(),
             ));
         }
-        if matches!(tok, Some(t) if t != PoolingType::All) {
-            return Err(EngineError::Config("tok_pooling_type must be ALL".into()));
+        if matches!(
+            tok,
+            Some(PoolingType::Cls | PoolingType::Last | PoolingType::Mean)
+        ) {
+            return Err(EngineError::Config(
+                "tok_pooling_type must be ALL or STEP".into(),
+            ));
         }
         if raw.logit_bias.is_some() && raw.logit_mean.is_some() {
             return Err(EngineError::Config(
@@ -175,8 +235,6 @@ impl PoolerConfig {
             raw.dimensions,
             raw.enable_chunked_processing,
             raw.max_embed_len,
-            raw.step_tag_id,
-            raw.returned_token_ids,
         );
         Ok(PoolerConfig {
             task,
@@ -185,6 +243,8 @@ impl PoolerConfig {
             use_activation: raw.use_activation.or(legacy_activation),
             logit_mean: raw.logit_mean.or(raw.logit_bias),
             logit_sigma,
+            step_tag_id: raw.step_tag_id,
+            returned_token_ids: raw.returned_token_ids,
         })
     }
 
@@ -214,5 +274,27 @@ mod tests {
                 .is_err()
         );
         assert!(PoolerConfig::from_json(&json!({"bogus":1})).is_err());
+    }
+
+    #[test]
+    fn step_pooling_is_a_token_pooling() {
+        let c = PoolerConfig::from_json(
+            &json!({"pooling_type":"STEP","step_tag_id":12902,"returned_token_ids":[648,387]}),
+        )
+        .unwrap();
+        assert_eq!(c.tok_pooling_type, Some(PoolingType::Step));
+        assert_eq!(c.seq_pooling_type, None);
+        assert_eq!(c.step_tag_id, Some(12902));
+        assert_eq!(c.returned_token_ids, Some(vec![648, 387]));
+        assert!(PoolerConfig::from_json(&json!({"seq_pooling_type":"STEP"})).is_err());
+        assert!(PoolerConfig::from_json(&json!({"tok_pooling_type":"LAST"})).is_err());
+        assert!(PoolerConfig::from_json(&json!({"step_tag_id":-1})).is_err());
+        let request = StepParams {
+            step_tag_id: None,
+            returned_token_ids: Some(vec![1]),
+        };
+        let merged = request.or(&c.step_params());
+        assert_eq!(merged.step_tag_id, Some(12902));
+        assert_eq!(merged.returned_token_ids, Some(vec![1]));
     }
 }

@@ -4,7 +4,7 @@
 mod config;
 mod head;
 
-pub use config::{PoolerConfig, PoolingTask, PoolingType};
+pub use config::{PoolerConfig, PoolingTask, PoolingType, StepParams};
 pub use head::ClassifierHead;
 
 use candle_core::{DType, Tensor};
@@ -116,8 +116,8 @@ pub fn pool_sequences(
             }
             Ok(Tensor::cat(&means, 0)?)
         }
-        PoolingType::All => Err(EngineError::Config(
-            "ALL pooling yields one row per token; it is not a sequence pooling".into(),
+        PoolingType::All | PoolingType::Step => Err(EngineError::Config(
+            "ALL and STEP pooling yield rows per token; they are not sequence poolings".into(),
         )),
     }
 }

@@ -85,13 +85,60 @@ pub struct BatchLimits {
     pub max_queued_sequences: usize,
 }
 
-/// Live counters, for metrics.
+/// Live counters, for metrics and for admission decisions made by the caller.
 #[derive(Debug, Default)]
 pub struct SchedulerStats {
     pub queued_sequences: AtomicUsize,
     pub running_sequences: AtomicUsize,
     pub batches: AtomicU64,
     pub batched_tokens: AtomicU64,
+    /// Prompt tokens submitted and not finished yet (queued, prepared or running).
+    pub pending_tokens: AtomicUsize,
+    throughput: Mutex<Option<Throughput>>,
+}
+
+/// Tokens per second the model has been measured to run.
+#[derive(Debug, Clone, Copy)]
+struct Throughput {
+    tokens_per_second: f64,
+    /// Measured on batches cut by a budget: the rate under load. Batches that
+    /// emptied the queue (a lone short prompt) understate it and only count
+    /// until a full batch has been seen.
+    from_full_batches: bool,
+}
+
+impl SchedulerStats {
+    /// The measured rate, once a batch has run; `None` before.
+    pub fn throughput_tokens_per_second(&self) -> Option<f64> {
+        self.throughput
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .map(|t| t.tokens_per_second)
+    }
+
+    fn record_batch(&self, tokens: usize, elapsed: Duration, full: bool) {
+        // Weight of the newest batch: a few batches follow a change of load.
+        const NEW_WEIGHT: f64 = 0.3;
+        let seconds = elapsed.as_secs_f64();
+        if tokens == 0 || seconds <= 0.0 {
+            return;
+        }
+        let observed = tokens as f64 / seconds;
+        let mut slot = self.throughput.lock().unwrap_or_else(|e| e.into_inner());
+        let next = match *slot {
+            Some(old) if old.from_full_batches && !full => old,
+            Some(old) if old.from_full_batches == full => Throughput {
+                tokens_per_second: old.tokens_per_second * (1.0 - NEW_WEIGHT)
+                    + observed * NEW_WEIGHT,
+                from_full_batches: full,
+            },
+            _ => Throughput {
+                tokens_per_second: observed,
+                from_full_batches: full,
+            },
+        };
+        *slot = Some(next);
+    }
 }
 
 struct Shared {
@@ -110,6 +157,8 @@ struct QueueState {
 struct Batch {
     items: Vec<Queued>,
     tokens: usize,
+    /// Cut by a budget while more work waited (not by an empty queue).
+    full: bool,
 }
 
 /// Handle to the engine threads. Dropping it finishes queued work and stops them.
@@ -183,6 +232,11 @@ impl Scheduler {
                 self.shared.limits.max_queued_sequences
             )));
         }
+        let tokens: usize = items.iter().map(|item| item.input.ids.len()).sum();
+        self.shared
+            .stats
+            .pending_tokens
+            .fetch_add(tokens, AtomicOrdering::Relaxed);
         let now = Instant::now();
         for item in items {
             let seq = q.next_seq;
@@ -252,7 +306,12 @@ fn build_batches(shared: &Shared, tx: SyncSender<Batch>) {
                     .as_ref()
                     .is_some_and(|c| c.load(AtomicOrdering::Relaxed))
                 {
-                    continue; // the client has gone
+                    // The client has gone.
+                    shared
+                        .stats
+                        .pending_tokens
+                        .fetch_sub(len, AtomicOrdering::Relaxed);
+                    continue;
                 }
                 tokens += len;
                 items.push(next);
@@ -261,7 +320,12 @@ fn build_batches(shared: &Shared, tx: SyncSender<Batch>) {
                 .stats
                 .queued_sequences
                 .store(q.heap.len(), AtomicOrdering::Relaxed);
-            Batch { items, tokens }
+            let full = !q.heap.is_empty();
+            Batch {
+                items,
+                tokens,
+                full,
+            }
         };
         if batch.items.is_empty() {
             continue;
@@ -289,6 +353,10 @@ fn run_batches(runner: &ModelRunner, rx: Receiver<Batch>, stats: &SchedulerStats
             .batched_tokens
             .fetch_add(batch.tokens as u64, AtomicOrdering::Relaxed);
         stats.running_sequences.store(0, AtomicOrdering::Relaxed);
+        // A failed batch is retried below, one sequence at a time; its time says nothing of the rate.
+        if result.is_ok() {
+            stats.record_batch(batch.tokens, inference_time, batch.full);
+        }
         let timing = |enqueued: Instant| SequenceTiming {
             queue_time: started.saturating_duration_since(enqueued),
             inference_time,
@@ -321,6 +389,9 @@ fn run_batches(runner: &ModelRunner, rx: Receiver<Batch>, stats: &SchedulerStats
                 }
             }
         }
+        stats
+            .pending_tokens
+            .fetch_sub(batch.tokens, AtomicOrdering::Relaxed);
     }
 }
 
@@ -339,4 +410,31 @@ fn run_guarded(runner: &ModelRunner, inputs: &[SequenceInput]) -> Result<Vec<Poo
             ))))
         },
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throughput_prefers_full_batches() {
+        let stats = SchedulerStats::default();
+        assert_eq!(stats.throughput_tokens_per_second(), None);
+        // A lone short prompt: a first, low estimate.
+        stats.record_batch(10, Duration::from_millis(10), false);
+        assert_eq!(stats.throughput_tokens_per_second(), Some(1000.0));
+        // The first full batch replaces it.
+        stats.record_batch(8000, Duration::from_millis(100), true);
+        assert_eq!(stats.throughput_tokens_per_second(), Some(80_000.0));
+        // Later partial batches no longer pull it down.
+        stats.record_batch(10, Duration::from_millis(10), false);
+        assert_eq!(stats.throughput_tokens_per_second(), Some(80_000.0));
+        // Full batches move it by a weighted average.
+        stats.record_batch(4000, Duration::from_millis(100), true);
+        let rate = stats.throughput_tokens_per_second().unwrap();
+        assert!(
+            (rate - (0.7 * 80_000.0 + 0.3 * 40_000.0)).abs() < 1e-6,
+            "{rate}"
+        );
+    }
 }

@@ -36,8 +36,11 @@ pub async fn classify(
         ));
     }
     state.check_model(common.model.as_deref())?;
+    state
+        .engine
+        .check_step_params(PoolingTask::Classify, &common.step)?;
     let prompts = tokenize_prompts(state, request, &common).await?;
-    let outputs = run_prompts(state, prompts, common.use_activation, common.priority).await?;
+    let outputs = run_prompts(state, prompts, &common).await?;
 
     let prompt_tokens = total_tokens(&outputs);
     let mut data = Vec::with_capacity(outputs.len());

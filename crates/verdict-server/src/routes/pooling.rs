@@ -77,9 +77,9 @@ pub async fn pooling(
     let request = PromptRequest::parse(&mut body, state)?;
 
     state.check_model(common.model.as_deref())?;
-    state
-        .engine
-        .check_task(task.unwrap_or(state.info.task), true)?;
+    let task = task.unwrap_or(state.info.task);
+    state.engine.check_task(task, true)?;
+    state.engine.check_step_params(task, &common.step)?;
     if dimensions.is_some() {
         return Err(ApiError::bad_request(
             "dimensions is currently not supported",
@@ -87,7 +87,7 @@ pub async fn pooling(
     }
 
     let prompts = tokenize_prompts(state, request, &common).await?;
-    let outputs = run_prompts(state, prompts, common.use_activation, common.priority).await?;
+    let outputs = run_prompts(state, prompts, &common).await?;
     let prompt_tokens = total_tokens(&outputs);
     let outcome = RequestOutcome {
         sequences: outputs.len(),

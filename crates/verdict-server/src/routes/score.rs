@@ -5,7 +5,7 @@ use axum::response::Response;
 use serde::Serialize;
 use serde_json::Value;
 use verdict_engine::llm::pair_up;
-use verdict_engine::{ChatOptions, PairLimits, PooledData, TokenizeOptions};
+use verdict_engine::{ChatOptions, PairLimits, PooledData, PoolingTask, TokenizeOptions};
 
 use crate::error::{ApiError, SchemaIssue};
 use crate::execution::SequenceOutput;
@@ -33,6 +33,9 @@ struct ScoringFields {
 impl ScoringFields {
     fn parse(body: &mut Body, state: &AppState) -> Result<Self, ApiError> {
         let common = CommonFields::parse(body)?;
+        state
+            .engine
+            .check_step_params(PoolingTask::Classify, &common.step)?;
         let max_tokens_per_query = body.opt_i64("max_tokens_per_query")?.unwrap_or(0);
         let max_tokens_per_doc = body.opt_i64("max_tokens_per_doc")?.unwrap_or(0);
         let instruction = body.opt_str("instruction")?;
@@ -141,13 +144,7 @@ async fn score_pairs(
             engine.processor().process_pair(&q, &d, &opts, &limits)
         })
         .await?;
-    let outputs = run_prompts(
-        state,
-        prompts,
-        fields.common.use_activation,
-        fields.common.priority,
-    )
-    .await?;
+    let outputs = run_prompts(state, prompts, &fields.common).await?;
     outputs
         .into_iter()
         .map(|o| match &o.data {

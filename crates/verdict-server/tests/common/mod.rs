@@ -123,6 +123,9 @@ pub fn local_config() -> ServerConfig {
         host: "127.0.0.1".into(),
         port: 0,
         tokenizer_workers: 2,
+        // Tests run side by side on one shared engine: one test's large request
+        // must not turn another's into an overload 503. The admission tests set it.
+        max_queue_wait: None,
         ..ServerConfig::default()
     }
 }

@@ -1,0 +1,333 @@
+//! DeBERTa's disentangled attention over a packed batch: the content-to-content
+//! scores plus a content-to-position term (c2p: each query against the key
+//! projection of the relative-position embedding of its distance to each key) and
+//! a position-to-content term (p2c: each key against the query projection of the
+//! embedding of the same distance), all before one softmax. Distances are taken
+//! inside each sequence only, so packed sequences never see each other.
+//!
+//! Both position terms are matmuls of a sequence's queries (keys) against the rows
+//! of the projected table its distances can reach, then a gather by distance: the
+//! work per sequence grows with its own length, never with the table size.
+
+use candle_core::{DType, Tensor};
+
+use super::cpu::{self, ScoreBlock};
+use crate::error::{EngineError, Result};
+
+/// How a query–key distance `i - j` picks a row of the relative-embedding table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RelativePositions {
+    /// The table has `2 * span` rows; distance `delta` reads row `delta + span`,
+    /// clamped to the table.
+    span: usize,
+    /// DeBERTa-v2's log buckets `(position_buckets, max_relative_positions)`:
+    /// distances beyond half the buckets share rows on a log scale.
+    log_buckets: Option<(usize, usize)>,
+}
+
+impl RelativePositions {
+    pub fn new(span: usize, log_buckets: Option<(usize, usize)>) -> Result<Self> {
+        if span == 0 {
+            return Err(EngineError::Config(
+                "the relative-position span must be positive".into(),
+            ));
+        }
+        if let Some((buckets, max_position)) = log_buckets {
+            // transformers divides by position_buckets / 2 and by log((max - 1) / (buckets / 2)).
+            if buckets < 2 || max_position == buckets / 2 + 1 {
+                return Err(EngineError::Config(format!(
+                    "position_buckets {buckets} with max_relative_positions {max_position} \
+                     divide by zero in the log buckets"
+                )));
+            }
+        }
+        Ok(RelativePositions { span, log_buckets })
+    }
+
+    /// Rows in the relative-embedding table these positions index.
+    pub fn table_rows(&self) -> usize {
+        2 * self.span
+    }
+
+    /// transformers' `make_log_bucket_position`, in f32 as torch computes it.
+    fn bucket(&self, delta: i64) -> i64 {
+        let Some((buckets, max_position)) = self.log_buckets else {
+            return delta;
+        };
+        let mid = (buckets / 2) as i64;
+        let abs = delta.abs();
+        if abs <= mid {
+            return delta;
+        }
+        let ratio = ((max_position - 1) as f64 / mid as f64) as f32;
+        let log_pos =
+            ((abs as f32 / mid as f32).ln() / ratio.ln() * (mid - 1) as f32).ceil() + mid as f32;
+        log_pos as i64 * delta.signum()
+    }
+
+    /// The table row for query `i` and key `j` of one sequence (`delta = i - j`).
+    pub fn row(&self, delta: i64) -> usize {
+        (self.bucket(delta) + self.span as i64).clamp(0, 2 * self.span as i64 - 1) as usize
+    }
+
+    /// Rows for every distance of a sequence of `len` tokens, `-(len-1)..=len-1`, as
+    /// offsets from the first row reached; and that first row and the count of rows
+    /// reached (rows grow with the distance, so they form one range).
+    fn sequence_rows(&self, len: usize) -> (Vec<usize>, usize, usize) {
+        let last = len as i64 - 1;
+        let rows: Vec<usize> = (-last..=last).map(|delta| self.row(delta)).collect();
+        let first = rows[0];
+        let count = rows[rows.len() - 1] - first + 1;
+        (rows.into_iter().map(|r| r - first).collect(), first, count)
+    }
+}
+
+/// One layer's projections of the relative-position embeddings, `[2 span, heads * d]`.
+pub struct PositionProjections {
+    /// c2p: the key projection, read by the queries.
+    pub key: Option<Tensor>,
+    /// p2c: the query projection, read by the keys.
+    pub query: Option<Tensor>,
+}
+
+/// Disentangled attention: `q`, `k`, `v` `[T, heads, d]` packed by `cu_seqlens`;
+/// returns `[T, heads * d]`. `scale` multiplies the sum of all score terms.
+pub fn disentangled_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[usize],
+    positions: &RelativePositions,
+    proj: &PositionProjections,
+    scale: f64,
+) -> Result<Tensor> {
+    let (_, heads, d) = q.dims3()?;
+    let seq_rows: Vec<(Vec<usize>, usize, usize)> = cu_seqlens
+        .windows(2)
+        .map(|w| positions.sequence_rows((w[1] - w[0]).max(1)))
+        .collect();
+    if let Some(out) = cpu_f32(q, k, v, cu_seqlens, &seq_rows, proj, scale as f32)? {
+        return Ok(out);
+    }
+    let mut outs = Vec::with_capacity(seq_rows.len());
+    for (w, (rows, first, count)) in cu_seqlens.windows(2).zip(&seq_rows) {
+        let (start, len) = (w[0], w[1] - w[0]);
+        if len == 0 {
+            continue;
+        }
+        // [len, heads, d] -> [heads, len, d]
+        let per_head = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?)
+        };
+        let (qs, ks, vs) = (per_head(q)?, per_head(k)?, per_head(v)?);
+        // [count, heads * d] -> [heads, d, count]
+        let table = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.narrow(0, *first, *count)?
+                .reshape((*count, heads, d))?
+                .permute((1, 2, 0))?
+                .contiguous()?)
+        };
+        let mut scores = qs.matmul(&ks.t()?)?;
+        // index[i][j]: the row offset of distance i - j.
+        let index: Vec<u32> = (0..len)
+            .flat_map(|i| (0..len).map(move |j| (i, j)))
+            .map(|(i, j)| rows[len - 1 + i - j] as u32)
+            .collect();
+        let index = Tensor::from_vec(index, (1, len, len), q.device())?
+            .broadcast_as((heads, len, len))?
+            .contiguous()?;
+        if let Some(key) = &proj.key {
+            let c2p = qs.matmul(&table(key)?)?.gather(&index, 2)?;
+            scores = (scores + c2p)?;
+        }
+        if let Some(query) = &proj.query {
+            // p2c[i][j] = k_j . posq[row(i - j)]: gathered along the keys' rows, then transposed.
+            let index_t = index.transpose(1, 2)?.contiguous()?;
+            let p2c = ks
+                .matmul(&table(query)?)?
+                .gather(&index_t, 2)?
+                .transpose(1, 2)?;
+            scores = (scores + p2c)?;
+        }
+        let scores = (scores.to_dtype(DType::F32)? * scale)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+        let out = probs
+            .matmul(&vs)?
+            .transpose(0, 1)?
+            .reshape((len, heads * d))?;
+        outs.push(out);
+    }
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// The CPU f32 path: the packed attention kernel with the two position terms added
+/// to each (sequence, head) block of scores, each from one small single-threaded
+/// matmul against the table rows that sequence reaches.
+fn cpu_f32(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[usize],
+    seq_rows: &[(Vec<usize>, usize, usize)],
+    proj: &PositionProjections,
+    scale: f32,
+) -> Result<Option<Tensor>> {
+    let (_, heads, d) = q.dims3()?;
+    /// An absent table, or a present one usable here; None when present but not CPU f32.
+    fn cpu_table(t: &Option<Tensor>) -> Option<Option<&Tensor>> {
+        match t {
+            None => Some(None),
+            Some(t) if t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous() => {
+                Some(Some(t))
+            }
+            Some(_) => None,
+        }
+    }
+    let (Some(pos_key), Some(pos_query)) = (cpu_table(&proj.key), cpu_table(&proj.query)) else {
+        return Ok(None);
+    };
+    if !(q.device().is_cpu() && q.dtype() == DType::F32) {
+        return Ok(None);
+    }
+    let stride = heads * d;
+    let (Some(q_all), Some(k_all)) = (q.contiguous().ok(), k.contiguous().ok()) else {
+        return Ok(None);
+    };
+    let data = |t: Option<&Tensor>| t.and_then(|t| cpu::with_cpu_f32(t, |s| s.as_ptr() as usize));
+    let (q_ptr, k_ptr) = match (data(Some(&q_all)), data(Some(&k_all))) {
+        (Some(a), Some(b)) => (a, b),
+        _ => return Ok(None),
+    };
+    let (pk_ptr, pq_ptr) = (data(pos_key), data(pos_query));
+    // One position term: `lhs_h · table_h[first..first+count]^T` for the rows of one
+    // sequence and head, scaled, then added to the scores through the distance rows;
+    // `keys_side` reads the term at [j][row(i - j)] (p2c) instead of [i][row(i - j)].
+    let add_term = |block: &mut ScoreBlock, lhs: usize, table: usize, keys_side: bool| {
+        let (rows, first, count) = &seq_rows[block.seq];
+        let len = block.len;
+        // The query side needs the block's rows; the key side every key of the sequence.
+        let (lhs_row0, lhs_rows) = if keys_side {
+            (0, len)
+        } else {
+            (block.row0, block.rows)
+        };
+        let mut term = vec![0f32; lhs_rows * count];
+        // SAFETY: lhs and table point at live contiguous f32 buffers of [T, stride] and
+        // [2 span, stride] (checked above); the rows read lie inside this sequence and
+        // first..first+count inside the table, and the column block h*d..(h+1)*d inside each row.
+        unsafe {
+            gemm::gemm(
+                lhs_rows,
+                *count,
+                d,
+                term.as_mut_ptr(),
+                1,
+                *count as isize,
+                false,
+                (lhs as *const f32).add((block.start + lhs_row0) * stride + block.head * d),
+                1,
+                stride as isize,
+                (table as *const f32).add(first * stride + block.head * d),
+                stride as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (r, scores) in block.scores.chunks_exact_mut(len).enumerate() {
+            let i = block.row0 + r;
+            // Distance i - j lives at rows[len - 1 + i - j].
+            let by_distance = &rows[i..i + len];
+            if keys_side {
+                for (j, s) in scores.iter_mut().enumerate() {
+                    *s += term[j * count + by_distance[len - 1 - j]];
+                }
+            } else {
+                let row = &term[r * count..(r + 1) * count];
+                for (j, s) in scores.iter_mut().enumerate() {
+                    *s += row[by_distance[len - 1 - j]];
+                }
+            }
+        }
+    };
+    let bias = |mut block: ScoreBlock| {
+        if let Some(pk) = pk_ptr {
+            add_term(&mut block, q_ptr, pk, false);
+        }
+        if let Some(pq) = pq_ptr {
+            add_term(&mut block, k_ptr, pq, true);
+        }
+    };
+    cpu::attention_f32(
+        &q_all,
+        &k_all,
+        v,
+        heads,
+        heads,
+        d,
+        cu_seqlens,
+        false,
+        None,
+        scale,
+        Some(&bias),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_without_buckets_are_clamped_distances() {
+        let p = RelativePositions::new(4, None).unwrap();
+        let rows: Vec<usize> = (-6..=6).map(|d| p.row(d)).collect();
+        assert_eq!(rows, [0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 7, 7, 7]);
+    }
+
+    #[test]
+    fn log_buckets_match_transformers() {
+        // transformers' make_log_bucket_position(d, 256, 512) (deberta-v3-base), some values
+        // and, for all d in 0..=2048, the sum and the index-weighted sum of the buckets.
+        let p = RelativePositions::new(256, Some((256, 512))).unwrap();
+        let bucket = |d: i64| p.bucket(d);
+        for (d, want) in [
+            (0, 0),
+            (1, 1),
+            (128, 128),
+            (129, 129),
+            (131, 131),
+            (132, 131),
+            (133, 132),
+            (200, 169),
+            (255, 192),
+            (256, 192),
+            (300, 207),
+            (384, 229),
+            (400, 233),
+            (511, 255),
+            (512, 256),
+            (583, 268),
+            (596, 270),
+            (1000, 317),
+        ] {
+            assert_eq!(bucket(d), want, "distance {d}");
+            assert_eq!(bucket(-d), -want, "distance -{d}");
+        }
+        let all: Vec<i64> = (0..=2048).map(bucket).collect();
+        assert_eq!(all.iter().sum::<i64>(), 599_894);
+        let weighted: i64 = all.iter().enumerate().map(|(i, b)| i as i64 * b).sum();
+        assert_eq!(weighted, 707_134_860);
+        // The fixtures' buckets (8, 32) over 0..300.
+        let p = RelativePositions::new(8, Some((8, 32))).unwrap();
+        let all: Vec<i64> = (0..300).map(|d| p.bucket(d)).collect();
+        assert_eq!(all.iter().sum::<i64>(), 2804);
+        let weighted: i64 = all.iter().enumerate().map(|(i, b)| i as i64 * b).sum();
+        assert_eq!(weighted, 454_494);
+        assert_eq!(p.row(299), 15);
+        assert_eq!(p.row(-299), 0);
+    }
+}

@@ -1,0 +1,526 @@
+//! DeBERTa encoders: DeBERTa-v2/v3/mDeBERTa (`DebertaV2*`) and DeBERTa v1
+//! (`Deberta*`). Both are post-LN BERT layers whose attention adds relative-position
+//! terms (layers::disentangled); they differ in weight layout and a few switches:
+//! - v1: one fused `in_proj` (rows interleaved per head as q, k, v) with separate
+//!   `q_bias`/`v_bias`, `pos_proj` (no bias) and `pos_q_proj`, plain clamped distances.
+//! - v2: `query_proj`/`key_proj`/`value_proj`, log-bucketed distances
+//!   (`position_buckets`), the relative table through a LayerNorm (`norm_rel_ebd`),
+//!   position projections shared with the content ones (`share_att_key`), and an
+//!   optional convolution beside the first layer (`conv_kernel_size`).
+//!
+//! The relative table and its projections depend on the weights only, so each layer's
+//! projected table is computed once at load.
+
+use candle_core::{DType, Device, Tensor};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::{Backbone, PackedBatch};
+use crate::checkpoint::{HfConfig, WeightPath, Weights};
+use crate::error::{EngineError, Result};
+use crate::layers::{
+    disentangled_attention, in_row_chunks, packed_attention, AttentionMask, HiddenAct, LayerNorm,
+    Linear, NamedAct, PositionProjections, RelativePositions,
+};
+use crate::pooling::ClassifierHead;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DebertaVariant {
+    /// `DebertaForSequenceClassification` (model_type `deberta`).
+    V1,
+    /// `DebertaV2ForSequenceClassification`: DeBERTa-v2, v3 and mDeBERTa.
+    V2,
+}
+
+const BASES: &[&str] = &["deberta.", "model.", ""];
+
+/// config.json; defaults are transformers' (the config classes' or the modeling
+/// code's `getattr` fallbacks), which differ from released checkpoints' values.
+#[derive(Debug, Deserialize)]
+struct DebertaConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    #[serde(default = "default_act")]
+    hidden_act: String,
+    #[serde(default = "default_eps")]
+    layer_norm_eps: f64,
+    #[serde(default = "default_max_pos")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    type_vocab_size: usize,
+    #[serde(default)]
+    embedding_size: Option<usize>,
+    #[serde(default)]
+    attention_head_size: Option<usize>,
+    #[serde(default = "yes")]
+    position_biased_input: bool,
+    #[serde(default)]
+    relative_attention: bool,
+    #[serde(default = "minus_one")]
+    max_relative_positions: i64,
+    #[serde(default = "minus_one")]
+    position_buckets: i64,
+    /// A list (`["p2c", "c2p"]`) or a `"p2c|c2p"` string.
+    #[serde(default)]
+    pos_att_type: Value,
+    #[serde(default)]
+    share_att_key: bool,
+    #[serde(default)]
+    norm_rel_ebd: Option<String>,
+    #[serde(default)]
+    conv_kernel_size: usize,
+    #[serde(default = "one")]
+    conv_groups: usize,
+    #[serde(default)]
+    conv_act: Option<String>,
+    #[serde(default)]
+    talking_head: bool,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+fn default_eps() -> f64 {
+    1e-7
+}
+fn default_max_pos() -> usize {
+    512
+}
+fn yes() -> bool {
+    true
+}
+fn minus_one() -> i64 {
+    -1
+}
+fn one() -> usize {
+    1
+}
+
+impl DebertaConfig {
+    /// `pos_att_type` as transformers normalises it: lower case, split at `|`.
+    fn pos_att_types(&self) -> Result<Vec<String>> {
+        let bad = || {
+            EngineError::Config(format!(
+                "pos_att_type must be a list of strings or a `|`-separated string, got {}",
+                self.pos_att_type
+            ))
+        };
+        let types: Vec<String> = match &self.pos_att_type {
+            Value::Null => Vec::new(),
+            Value::String(s) => s
+                .to_lowercase()
+                .split('|')
+                .map(|t| t.trim().to_string())
+                .collect(),
+            Value::Array(items) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_string).ok_or_else(bad))
+                .collect::<Result<_>>()?,
+            _ => return Err(bad()),
+        };
+        Ok(types)
+    }
+
+    /// The relative-distance span (half the relative table).
+    fn max_relative_positions(&self) -> usize {
+        match self.max_relative_positions {
+            n if n >= 1 => n as usize,
+            _ => self.max_position_embeddings,
+        }
+    }
+}
+
+struct EncoderLayer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    /// This layer's projections of the relative table (None without relative attention).
+    positions: Option<PositionProjections>,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+/// DeBERTa-v2's convolution over the embeddings, added to the first layer's output.
+struct ConvLayer {
+    /// `[hidden, hidden / groups, kernel]`
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    act: NamedAct,
+    norm: LayerNorm,
+}
+
+impl ConvLayer {
+    /// `norm(layer_out + act(conv(embeddings)))`, the convolution zero-padded at the
+    /// ends of each sequence.
+    fn forward(
+        &self,
+        embeddings: &Tensor,
+        layer_out: &Tensor,
+        cu_seqlens: &[usize],
+    ) -> Result<Tensor> {
+        let padding = (self.weight.dim(2)? - 1) / 2;
+        let mut outs = Vec::with_capacity(cu_seqlens.len().saturating_sub(1));
+        for w in cu_seqlens.windows(2) {
+            let seq = embeddings
+                .narrow(0, w[0], w[1] - w[0])?
+                .t()?
+                .unsqueeze(0)?
+                .contiguous()?;
+            let conv = seq.conv1d(&self.weight, padding, 1, 1, self.groups)?;
+            outs.push(conv.squeeze(0)?.t()?);
+        }
+        let conv = Tensor::cat(&outs, 0)?.broadcast_add(&self.bias)?;
+        self.norm.forward(&(layer_out + self.act.forward(&conv)?)?)
+    }
+}
+
+pub struct DebertaModel {
+    word: Tensor,
+    position: Option<Tensor>,
+    token_type: Option<Tensor>,
+    embed_proj: Option<Linear>,
+    emb_norm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    relative: Option<RelativePositions>,
+    conv: Option<ConvLayer>,
+    heads: usize,
+    head_dim: usize,
+    /// 1 / sqrt(head_dim * (1 + number of position terms)).
+    scale: f64,
+    act: HiddenAct,
+    cfg: DebertaConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl DebertaModel {
+    pub fn load(variant: DebertaVariant, config: &HfConfig, weights: &Weights) -> Result<Self> {
+        let cfg: DebertaConfig = config.parse("DeBERTa")?;
+        let (h, heads) = (cfg.hidden_size, cfg.num_attention_heads);
+        if heads == 0 || !h.is_multiple_of(heads) {
+            return Err(EngineError::Config(format!(
+                "hidden_size {h} is not divisible by num_attention_heads {heads}"
+            )));
+        }
+        if cfg.talking_head {
+            return Err(EngineError::Config(
+                "DeBERTa with talking_head is not supported".into(),
+            ));
+        }
+        let head_dim = match variant {
+            DebertaVariant::V1 => h / heads,
+            DebertaVariant::V2 => cfg.attention_head_size.unwrap_or(h / heads),
+        };
+        let all_heads = heads * head_dim;
+        let pos_types = cfg.pos_att_types()?;
+        let c2p = pos_types.iter().any(|t| t == "c2p");
+        let p2c = pos_types.iter().any(|t| t == "p2c");
+        // v1 counts every listed type into the scale (an unknown one adds no term).
+        let scale_factor = match variant {
+            DebertaVariant::V1 => 1 + pos_types.len(),
+            DebertaVariant::V2 => 1 + usize::from(c2p) + usize::from(p2c),
+        };
+
+        let root = weights.root(BASES);
+        let emb = root.pp("embeddings");
+        let e = cfg.embedding_size.unwrap_or(h);
+        let word = emb
+            .pp("word_embeddings")
+            .get("weight", &[cfg.vocab_size, e])?;
+        let position = if cfg.position_biased_input {
+            Some(
+                emb.pp("position_embeddings")
+                    .get("weight", &[cfg.max_position_embeddings, e])?,
+            )
+        } else {
+            None
+        };
+        let token_type = if cfg.type_vocab_size > 0 {
+            Some(
+                emb.pp("token_type_embeddings")
+                    .get("weight", &[cfg.type_vocab_size, e])?,
+            )
+        } else {
+            None
+        };
+        let embed_proj = if e != h {
+            Some(Linear::load(&emb.pp("embed_proj"), e, h, false)?)
+        } else {
+            None
+        };
+        let emb_norm = LayerNorm::load(&emb.pp("LayerNorm"), h, cfg.layer_norm_eps)?;
+
+        let encoder = root.pp("encoder");
+        let (relative, rel_table) = if cfg.relative_attention {
+            let max_rel = cfg.max_relative_positions();
+            let positions = match variant {
+                DebertaVariant::V2 if cfg.position_buckets > 0 => RelativePositions::new(
+                    cfg.position_buckets as usize,
+                    Some((cfg.position_buckets as usize, max_rel)),
+                )?,
+                _ => RelativePositions::new(max_rel, None)?,
+            };
+            let mut table = encoder
+                .pp("rel_embeddings")
+                .get("weight", &[positions.table_rows(), h])?;
+            let norm_rel = cfg.norm_rel_ebd.as_deref().unwrap_or("none").to_lowercase();
+            if variant == DebertaVariant::V2
+                && norm_rel.split('|').any(|t| t.trim() == "layer_norm")
+            {
+                table = LayerNorm::load(&encoder.pp("LayerNorm"), h, cfg.layer_norm_eps)?
+                    .forward(&table)?;
+            }
+            (Some(positions), Some(table))
+        } else {
+            (None, None)
+        };
+
+        let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        for i in 0..cfg.num_hidden_layers {
+            let wp = encoder.pp("layer").pp(i);
+            let att = wp.pp("attention.self");
+            let (query, key, value) = match variant {
+                DebertaVariant::V1 => load_fused_qkv(&att, h, heads, head_dim)?,
+                DebertaVariant::V2 => (
+                    Linear::load(&att.pp("query_proj"), h, all_heads, true)?,
+                    Linear::load(&att.pp("key_proj"), h, all_heads, true)?,
+                    Linear::load(&att.pp("value_proj"), h, all_heads, true)?,
+                ),
+            };
+            let positions = match &rel_table {
+                None => None,
+                Some(table) => {
+                    let project = |on: bool,
+                                   name: &str,
+                                   bias: bool,
+                                   shared: &Linear|
+                     -> Result<Option<Tensor>> {
+                        if !on {
+                            return Ok(None);
+                        }
+                        let projected = if variant == DebertaVariant::V2 && cfg.share_att_key {
+                            shared.forward(table)?
+                        } else {
+                            Linear::load(&att.pp(name), h, all_heads, bias)?.forward(table)?
+                        };
+                        Ok(Some(projected.contiguous()?))
+                    };
+                    let (key_name, key_bias, query_name) = match variant {
+                        DebertaVariant::V1 => ("pos_proj", false, "pos_q_proj"),
+                        DebertaVariant::V2 => ("pos_key_proj", true, "pos_query_proj"),
+                    };
+                    Some(PositionProjections {
+                        key: project(c2p, key_name, key_bias, &key)?,
+                        query: project(p2c, query_name, true, &query)?,
+                    })
+                }
+            };
+            let out = wp.pp("attention.output");
+            layers.push(EncoderLayer {
+                query,
+                key,
+                value,
+                positions,
+                attn_out: Linear::load(&out.pp("dense"), all_heads, h, true)?,
+                attn_norm: LayerNorm::load(&out.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+                intermediate: Linear::load(
+                    &wp.pp("intermediate.dense"),
+                    h,
+                    cfg.intermediate_size,
+                    true,
+                )?,
+                output: Linear::load(&wp.pp("output.dense"), cfg.intermediate_size, h, true)?,
+                out_norm: LayerNorm::load(&wp.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+            });
+        }
+
+        let conv = if variant == DebertaVariant::V2 && cfg.conv_kernel_size > 0 {
+            let (kernel, groups) = (cfg.conv_kernel_size, cfg.conv_groups);
+            if kernel.is_multiple_of(2) || groups == 0 || !h.is_multiple_of(groups) {
+                return Err(EngineError::Config(format!(
+                    "conv_kernel_size {kernel} must be odd and conv_groups {groups} must divide hidden_size {h}"
+                )));
+            }
+            let wp = encoder.pp("conv");
+            Some(ConvLayer {
+                weight: wp.pp("conv").get("weight", &[h, h / groups, kernel])?,
+                bias: wp.pp("conv").get("bias", &[h])?,
+                groups,
+                act: NamedAct::from_name(cfg.conv_act.as_deref().unwrap_or("tanh"))?,
+                norm: LayerNorm::load(&wp.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+            })
+        } else {
+            None
+        };
+
+        Ok(DebertaModel {
+            word,
+            position,
+            token_type,
+            embed_proj,
+            emb_norm,
+            layers,
+            relative,
+            conv,
+            heads,
+            head_dim,
+            scale: 1.0 / ((head_dim * scale_factor) as f64).sqrt(),
+            act: HiddenAct::from_name(&cfg.hidden_act)?,
+            device: weights.device().clone(),
+            dtype: weights.dtype(),
+            cfg,
+        })
+    }
+
+    fn embed(&self, batch: &PackedBatch) -> Result<Tensor> {
+        let t = batch.input_ids.len();
+        let ids = Tensor::from_slice(&batch.input_ids, t, &self.device)?;
+        let mut x = self.word.embedding(&ids)?;
+        if let Some(position) = &self.position {
+            let pos = Tensor::from_slice(&batch.positions, t, &self.device)?;
+            x = (x + position.embedding(&pos)?)?;
+        }
+        // Without a token-type table the types of a pair are ignored, as in transformers.
+        if let Some(token_type) = &self.token_type {
+            let types = match &batch.token_type_ids {
+                Some(tt) => Tensor::from_slice(tt, t, &self.device)?,
+                None => Tensor::zeros(t, DType::U32, &self.device)?,
+            };
+            x = (x + token_type.embedding(&types)?)?;
+        }
+        if let Some(proj) = &self.embed_proj {
+            x = proj.forward(&x)?;
+        }
+        self.emb_norm.forward(&x)
+    }
+}
+
+/// DeBERTa v1's `in_proj` `[3 * heads * d, hidden]`, whose rows hold, head by head,
+/// that head's q, k and v rows; `q_bias` and `v_bias` are separate and k has none.
+fn load_fused_qkv(
+    att: &WeightPath,
+    hidden: usize,
+    heads: usize,
+    head_dim: usize,
+) -> Result<(Linear, Linear, Linear)> {
+    let all = heads * head_dim;
+    let fused = att
+        .pp("in_proj")
+        .get("weight", &[3 * all, hidden])?
+        .reshape((heads, 3, head_dim, hidden))?;
+    let part = |i: usize| -> Result<Tensor> {
+        Ok(fused
+            .narrow(1, i, 1)?
+            .reshape((all, hidden))?
+            .contiguous()?)
+    };
+    Ok((
+        Linear::new(part(0)?, Some(att.get("q_bias", &[all])?)),
+        Linear::new(part(1)?, None),
+        Linear::new(part(2)?, Some(att.get("v_bias", &[all])?)),
+    ))
+}
+
+impl Backbone for DebertaModel {
+    fn forward(&self, batch: &PackedBatch) -> Result<Tensor> {
+        let t = batch.input_ids.len();
+        let embeddings = self.embed(batch)?;
+        let (heads, d) = (self.heads, self.head_dim);
+        let mut x = embeddings.clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let q = layer.query.forward(&x)?.reshape((t, heads, d))?;
+            let k = layer.key.forward(&x)?.reshape((t, heads, d))?;
+            let v = layer.value.forward(&x)?.reshape((t, heads, d))?;
+            let ctx = match (&self.relative, &layer.positions) {
+                (Some(relative), Some(positions)) => disentangled_attention(
+                    &q,
+                    &k,
+                    &v,
+                    &batch.cu_seqlens,
+                    relative,
+                    positions,
+                    self.scale,
+                )?,
+                _ => packed_attention(
+                    &q,
+                    &k,
+                    &v,
+                    &batch.cu_seqlens,
+                    AttentionMask::Bidirectional,
+                    self.scale,
+                )?,
+            };
+            let attn = layer
+                .attn_norm
+                .forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
+            let ffn = in_row_chunks(&attn, |rows| {
+                layer
+                    .output
+                    .forward(&layer.intermediate.forward_act(rows, self.act)?)
+            })?;
+            x = layer.out_norm.forward(&(ffn + &attn)?)?;
+            if i == 0 {
+                if let Some(conv) = &self.conv {
+                    x = conv.forward(&embeddings, &x, &batch.cu_seqlens)?;
+                }
+            }
+        }
+        Ok(x)
+    }
+
+    fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    fn type_vocab_size(&self) -> usize {
+        self.cfg.type_vocab_size
+    }
+
+    /// `max_position_embeddings` bounds the sequence even with relative positions
+    /// only, as vLLM's default `max_model_len` for these models.
+    fn max_positions(&self) -> Option<usize> {
+        Some(self.cfg.max_position_embeddings)
+    }
+
+    fn dtype(&self) -> DType {
+        self.dtype
+    }
+}
+
+/// The head of a DeBERTa checkpoint: `pooler.dense` + `pooler_hidden_act` on the
+/// first token, then `classifier` (`*ForSequenceClassification`); a plain
+/// `classifier` per token (`*ForTokenClassification`).
+pub fn load_head(
+    token_classification: bool,
+    config: &HfConfig,
+    weights: &Weights,
+    num_labels: usize,
+) -> Result<ClassifierHead> {
+    let h = config.usize("hidden_size").unwrap_or(0);
+    let top = weights.root(&[""]);
+    if token_classification {
+        let classifier = Linear::load_as(&top.pp("classifier"), h, num_labels, true, DType::F32)?;
+        return Ok(ClassifierHead::linear(classifier));
+    }
+    let pooled = config.usize("pooler_hidden_size").unwrap_or(h);
+    if pooled != h {
+        return Err(EngineError::Config(format!(
+            "pooler_hidden_size {pooled} differs from hidden_size {h}: the pooler reads the hidden states"
+        )));
+    }
+    let act = NamedAct::from_name(config.str("pooler_hidden_act").unwrap_or("gelu"))?;
+    let dense = Linear::load_as(&top.pp("pooler.dense"), h, h, true, DType::F32)?;
+    let classifier = Linear::load_as(&top.pp("classifier"), h, num_labels, true, DType::F32)?;
+    Ok(ClassifierHead::dense_act(dense, act, classifier, true))
+}
