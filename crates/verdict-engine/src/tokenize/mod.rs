@@ -411,7 +411,11 @@ const WINDOW_CHARS_PER_TOKEN: usize = 8;
 /// tokens absorb the difference.
 fn head_cut(text: &str, chars: usize) -> Option<usize> {
     let (end, _) = text.char_indices().nth(chars)?;
-    let floor = end / 2;
+    // Half the bytes may fall inside a multi-byte character: step back to its start.
+    let floor = (0..=end / 2)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
     let half: Vec<(usize, char)> = text[floor..end]
         .char_indices()
         .map(|(i, c)| (floor + i, c))
