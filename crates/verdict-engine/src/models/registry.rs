@@ -8,8 +8,7 @@ use super::deberta::DebertaVariant;
 use super::decoder::DecoderVariant;
 use super::{
     load_bert, load_deberta, load_decoder, load_gpt2, load_modernbert, load_qwen2_5_vl,
-    LoadRequest, LoadedModel,
-    TokenClassifierSpec,
+    LoadRequest, LoadedModel, TokenClassifierSpec,
 };
 use crate::checkpoint::{HfConfig, Weights};
 use crate::error::{EngineError, Result};
