@@ -626,15 +626,15 @@ fn gif_declaring(w: u16, h: u16) -> Vec<u8> {
 
 #[test]
 fn decoded_pixels_are_budgeted_from_the_header() {
+    // 29 bytes declaring 169 M pixels: decoding it would take seconds and GBs.
     let bomb = gif_declaring(13000, 13000);
-    assert_eq!(bomb.len(), 35);
+    assert_eq!(bomb.len(), 29);
     let mut budget = MediaPolicy::default().pixel_budget();
+    let vision = processor();
     let started = Instant::now();
-    let e = processor().image_within(&bomb, &mut budget).unwrap_err();
-    assert!(
-        started.elapsed() < Duration::from_millis(200),
-        "it was decoded"
-    );
+    let e = vision.image_within(&bomb, &mut budget).unwrap_err();
+    // Refused from the header in microseconds; the bound leaves room for a loaded machine.
+    assert!(started.elapsed() < Duration::from_secs(1), "it was decoded");
     assert!(matches!(e, EngineError::Validation { .. }), "{e}");
     assert!(e.to_string().contains("--max-image-pixels"), "{e}");
 
