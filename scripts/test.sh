@@ -21,6 +21,9 @@ cargo test --workspace --locked 2>&1 | tee "$log"
 # Deployment: the Kubernetes manifests, and the container image where podman runs.
 scripts/test-deploy.sh
 
+# Every fuzz target briefly (see scripts/fuzz.sh).
+scripts/fuzz.sh
+
 # One closing line with the totals over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "%d passed, %d failed\n", p, f }' "$log"

@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use candle_core::{DType, Device};
 use serde_json::Value;
@@ -15,7 +16,9 @@ use crate::models::{
     load_model, ArchInfo, ArchKind, Backbone, PackedBatch, RewardKind, TokenClassifierSpec,
     TokenMethod,
 };
-use crate::multimodal::{MediaPolicy, VisionProcessor, VisualInput};
+use crate::multimodal::{
+    MediaPolicy, VisionProcessor, VisualInput, DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_PIXELS,
+};
 use crate::pooling::{
     pool_sequences, Activation, Calibration, ClassifierHead, PoolerConfig, PoolingTask,
     PoolingType, StepParams,
@@ -132,6 +135,15 @@ pub struct EngineArgs {
     pub allowed_local_media_path: Option<PathBuf>,
     /// Most images / videos one prompt may carry (`--limit-mm-per-prompt`).
     pub limit_mm_per_prompt: MediaLimits,
+    /// Fetch media from loopback, private, link-local and metadata addresses
+    /// (`--allow-private-media-hosts`); refused by default.
+    pub allow_private_media_hosts: bool,
+    /// Deadline for all of one request's media fetches (`--media-fetch-timeout`).
+    pub media_fetch_timeout: Duration,
+    /// Decoded pixels per image or video frame (`--max-image-pixels`).
+    pub max_image_pixels: u64,
+    /// Decoded pixels of all of one request's media (`--max-media-pixels-per-request`).
+    pub max_media_pixels_per_request: u64,
 }
 
 /// Per-prompt limits on multimodal inputs.
@@ -142,12 +154,10 @@ pub struct MediaLimits {
 }
 
 impl Default for MediaLimits {
-    /// vLLM's default: effectively unlimited.
+    /// Small on purpose (vLLM's 999 lets one prompt carry a thousand decodes):
+    /// enough for a conversation with a few pictures or one clip.
     fn default() -> Self {
-        MediaLimits {
-            image: 999,
-            video: 999,
-        }
+        MediaLimits { image: 8, video: 1 }
     }
 }
 
@@ -212,6 +222,10 @@ impl EngineArgs {
             allowed_media_domains: None,
             allowed_local_media_path: None,
             limit_mm_per_prompt: MediaLimits::default(),
+            allow_private_media_hosts: false,
+            media_fetch_timeout: MediaPolicy::default().timeout,
+            max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
+            max_media_pixels_per_request: DEFAULT_MAX_REQUEST_PIXELS,
         }
     }
 }
@@ -659,6 +673,10 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
                 policy: Arc::new(MediaPolicy {
                     allowed_domains: args.allowed_media_domains.clone(),
                     allowed_local_path: local,
+                    allow_private_hosts: args.allow_private_media_hosts,
+                    timeout: args.media_fetch_timeout,
+                    max_image_pixels: args.max_image_pixels,
+                    max_request_pixels: args.max_media_pixels_per_request,
                     ..MediaPolicy::default()
                 }),
             })

@@ -2,11 +2,12 @@
 //! emptiness rules, vocabulary checks, chat templates and cross-encoder pairs.
 //! The messages follow vLLM's so clients see the same errors.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use crate::engine::ModelInfo;
 use crate::error::{EngineError, Result};
-use crate::multimodal::{fetch_media, Modality};
+use crate::multimodal::{fetch_all, Modality};
 use crate::tokenize::{
     media_parts, ChatMessage, ChatOptions, ChatTemplate, TextTokenizer, TokenizedPrompt,
     TruncationSide,
@@ -56,7 +57,7 @@ impl PartialEq for ChatOptions {
 }
 
 /// Per-request tokenization settings (vLLM's `tokenization_kwargs` and request fields).
-#[derive(Debug, Clone, Default, PartialEq)]
+#[derive(Debug, Clone, Default)]
 pub struct TokenizeOptions {
     /// Keep this many tokens; -1 means max_model_len.
     pub truncate_prompt_tokens: Option<i64>,
@@ -66,6 +67,9 @@ pub struct TokenizeOptions {
     /// Multimodal models: overrides of the image/video processor's settings
     /// for this request (vLLM's `mm_processor_kwargs`).
     pub mm_processor_kwargs: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Set when the request is abandoned (its client left): media fetching and
+    /// decoding stop at the next check.
+    pub cancel: Option<Arc<AtomicBool>>,
 }
 
 /// Tokenizes and validates prompts for one model.
@@ -230,24 +234,49 @@ impl InputProcessor {
                 )));
             }
         }
+        // The text's tokens bound the prompt from below: refuse a prompt that is
+        // already too long before fetching anything, and never tokenize more of
+        // it than can be kept.
+        let cap = trunc.unwrap_or(self.info.max_model_len);
+        let ids = self
+            .tokenizer
+            .encode(&text, add_special, Some(cap + 1), TruncationSide::Right)?
+            .ids;
+        if ids.len() > cap {
+            return Err(match trunc {
+                Some(n) => EngineError::validation_param(
+                    format!(
+                        "truncate_prompt_tokens={n} would cut into a prompt of more than {n} tokens \
+                         that carries images or videos"
+                    ),
+                    "truncate_prompt_tokens",
+                ),
+                None => self.too_long(ids.len()),
+            });
+        }
         let processor = match &opts.mm_processor_kwargs {
             Some(kwargs) => std::borrow::Cow::Owned(mm.processor.with_request_kwargs(kwargs)?),
             None => std::borrow::Cow::Borrowed(mm.processor.as_ref()),
         };
+        let urls: Vec<&str> = media.iter().map(|m| m.url.as_str()).collect();
+        let fetched = fetch_all(&urls, &mm.policy, opts.cancel.as_ref())?;
+        let mut budget = mm.policy.pixel_budget();
         let mut visuals = Vec::with_capacity(media.len());
-        for m in &media {
-            let bytes = fetch_media(&m.url, &mm.policy)?;
+        for (m, bytes) in media.iter().zip(fetched) {
+            if opts
+                .cancel
+                .as_ref()
+                .is_some_and(|c| c.load(Ordering::Relaxed))
+            {
+                return Err(EngineError::validation("the request was cancelled"));
+            }
             let visual = if m.is_video {
-                processor.video(&bytes)?
+                processor.video_within(&bytes, &mut budget)?
             } else {
-                processor.image(&bytes)?
+                processor.image_within(&bytes, &mut budget)?
             };
             visuals.push(Arc::new(visual));
         }
-        let ids = self
-            .tokenizer
-            .encode(&text, add_special, None, TruncationSide::Right)?
-            .ids;
         let merge = mm.processor.merge_size();
         let mut expanded = Vec::with_capacity(ids.len());
         let mut next = visuals.iter();
@@ -329,6 +358,22 @@ impl InputProcessor {
         }
     }
 
+    /// vLLM's error for a prompt of `n` > max_model_len tokens ("at least" when
+    /// tokenizing stopped one past the limit).
+    fn too_long(&self, n: usize) -> EngineError {
+        let max = self.info.max_model_len;
+        let at_least = if n == max + 1 { "at least " } else { "" };
+        EngineError::validation_param(
+            format!(
+                "This model's maximum context length is {max} tokens. However, you requested 0 output tokens \
+                 and your prompt contains {at_least}{n} input tokens, for a total of {at_least}{n} tokens. \
+                 Please reduce the length of the input prompt or the number of requested output tokens. \
+                 (parameter=input_tokens, value={n})"
+            ),
+            "input_tokens",
+        )
+    }
+
     /// Length, emptiness and vocabulary checks on a tokenized prompt.
     pub fn validate(&self, p: &TokenizedPrompt) -> Result<()> {
         let max = self.info.max_model_len;
@@ -339,16 +384,7 @@ impl InputProcessor {
             ));
         }
         if n > max {
-            let at_least = if n == max + 1 { "at least " } else { "" };
-            return Err(EngineError::validation_param(
-                format!(
-                    "This model's maximum context length is {max} tokens. However, you requested 0 output tokens \
-                     and your prompt contains {at_least}{n} input tokens, for a total of {at_least}{n} tokens. \
-                     Please reduce the length of the input prompt or the number of requested output tokens. \
-                     (parameter=input_tokens, value={n})"
-                ),
-                "input_tokens",
-            ));
+            return Err(self.too_long(n));
         }
         if let Some(&bad) = p
             .ids

@@ -309,6 +309,48 @@ fn length_rules_and_truncation() {
 }
 
 #[test]
+fn a_multi_megabyte_prompt_costs_only_what_is_kept() {
+    let llm = load_with("qwen2-cls", |a| a.max_model_len = Some(512)).unwrap();
+    // 16 MB: tokenizing all of it used to take many seconds and gigabytes.
+    let sentence = "The quick brown fox jumps over the lazy dog, again and again. ";
+    let huge = Prompt::from(sentence.repeat(260_000));
+    // Both ends of the huge text are this text: the same 512 tokens are kept.
+    let short = Prompt::from(sentence.repeat(129));
+    for side in [TruncationSide::Right, TruncationSide::Left] {
+        let opts = TokenizeOptions {
+            truncate_prompt_tokens: Some(-1),
+            truncation_side: Some(side),
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        let out = llm
+            .classify(std::slice::from_ref(&huge), ParamsArg::Default, &opts)
+            .unwrap();
+        let took = started.elapsed();
+        assert!(
+            took < std::time::Duration::from_secs(3),
+            "{side:?}: {took:?}"
+        );
+        assert_eq!(out[0].prompt_token_ids.len(), 512);
+        let same = llm
+            .classify(std::slice::from_ref(&short), ParamsArg::Default, &opts)
+            .unwrap();
+        assert_eq!(
+            out[0].prompt_token_ids, same[0].prompt_token_ids,
+            "{side:?}"
+        );
+    }
+    // Without truncation it is refused from its length, before tokenizing.
+    let started = std::time::Instant::now();
+    let msg = err_text(llm.classify(&[huge], ParamsArg::Default, &TokenizeOptions::default()));
+    assert!(started.elapsed() < std::time::Duration::from_secs(1));
+    assert!(
+        msg.starts_with("This model's maximum context length is 512 tokens. However, you requested 0 output tokens and your prompt contains 16120000 characters"),
+        "{msg}"
+    );
+}
+
+#[test]
 fn bert_truncation_keeps_special_tokens() {
     let (llm, _) = load("bert-cls");
     let opts = TokenizeOptions {

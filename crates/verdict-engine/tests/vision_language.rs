@@ -110,6 +110,8 @@ fn with_urls(
 fn vl_args(dir: &Path, reference: &Reference) -> EngineArgs {
     let mut args = engine_args(dir, reference);
     args.allowed_local_media_path = Some(dir.join("media"));
+    // The http cases are served from loopback, which is refused by default.
+    args.allow_private_media_hosts = true;
     args
 }
 

@@ -4,7 +4,7 @@
 //! dropped when the client goes.
 
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,15 +19,29 @@ use crate::metrics::ServerMetrics;
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// Threads that tokenize requests, so the async runtime never blocks on it.
+/// Threads for a request's blocking work (tokenizing; fetching and decoding
+/// media), so the async runtime never blocks on it.
 pub struct TokenizerPool {
     sender: Mutex<mpsc::Sender<Job>>,
     workers: usize,
+    /// Jobs queued or running, and how many may be before `run` refuses more.
+    pending: Arc<AtomicUsize>,
+    max_pending: Option<usize>,
+}
+
+/// Counts a job as pending until it is dropped (run or discarded).
+struct PendingJob(Arc<AtomicUsize>);
+
+impl Drop for PendingJob {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl TokenizerPool {
-    /// `workers == 0` means one per core.
-    pub fn new(workers: usize) -> std::io::Result<Self> {
+    /// `workers == 0` means one per core; threads are named `<name>-<i>`.
+    /// With `max_pending`, `run` answers 503 while that many jobs are waiting or running.
+    pub fn new(name: &str, workers: usize, max_pending: Option<usize>) -> std::io::Result<Self> {
         let workers = if workers == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
@@ -38,7 +52,7 @@ impl TokenizerPool {
         for i in 0..workers {
             let receiver = receiver.clone();
             std::thread::Builder::new()
-                .name(format!("verdict-tokenizer-{i}"))
+                .name(format!("{name}-{i}"))
                 .spawn(move || loop {
                     // Hold the lock only to take a job, not while running it.
                     let job = {
@@ -58,6 +72,8 @@ impl TokenizerPool {
         Ok(TokenizerPool {
             sender: Mutex::new(sender),
             workers,
+            pending: Arc::new(AtomicUsize::new(0)),
+            max_pending,
         })
     }
 
@@ -70,8 +86,16 @@ impl TokenizerPool {
         &self,
         f: impl FnOnce() -> R + Send + 'static,
     ) -> Result<R, ApiError> {
+        let waiting = self.pending.fetch_add(1, Ordering::Relaxed);
+        let pending = PendingJob(self.pending.clone());
+        if self.max_pending.is_some_and(|max| waiting >= max) {
+            return Err(ApiError::unavailable(
+                "Too many requests with images or videos are being processed; retry later.",
+            ));
+        }
         let (tx, rx) = oneshot::channel();
         let job: Job = Box::new(move || {
+            let _pending = pending;
             let _ = tx.send(f());
         });
         self.sender
@@ -171,8 +195,9 @@ pub fn admit(engine: &Engine, max_wait: Option<Duration>) -> Result<(), ApiError
 }
 
 /// Sets the shared flag when dropped: a handler future dropped because its
-/// client disconnected marks its queued sequences so the engine skips them.
-struct CancelOnDrop(Arc<AtomicBool>);
+/// client disconnected marks its queued sequences so the engine skips them,
+/// and stops its media fetching and decoding.
+pub(crate) struct CancelOnDrop(pub(crate) Arc<AtomicBool>);
 
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {

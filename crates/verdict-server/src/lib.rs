@@ -32,6 +32,9 @@ use crate::execution::TokenizerPool;
 use crate::metrics::ServerMetrics;
 use crate::state::{AppState, SharedState};
 
+/// Requests with media allowed to wait per media thread before more are refused with 503.
+const MEDIA_QUEUE_PER_WORKER: usize = 8;
+
 /// How the server listens and what it allows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerConfig {
@@ -48,6 +51,12 @@ pub struct ServerConfig {
     pub enable_request_id_headers: bool,
     /// Tokenizer threads; 0 means one per core.
     pub tokenizer_workers: usize,
+    /// Threads that fetch and decode images and videos (multimodal models),
+    /// apart from the tokenizer threads so media never delays text requests.
+    pub media_workers: usize,
+    /// Most tokens `/tokenize` returns for one prompt; 0 means
+    /// `max(65536, 2 * max_model_len)`.
+    pub max_tokenize_tokens: usize,
     /// Open client connections at most; past it the connection that has gone
     /// longest without finishing a request (and has none in flight) is closed,
     /// or, when all are busy, the newcomer gets a 503.
@@ -77,6 +86,8 @@ impl Default for ServerConfig {
             trust_request_chat_template: false,
             enable_request_id_headers: false,
             tokenizer_workers: 0,
+            media_workers: 2,
+            max_tokenize_tokens: 0,
             max_connections: 2048,
             header_read_timeout: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(30),
@@ -95,7 +106,7 @@ pub enum ServerError {
         #[source]
         source: std::io::Error,
     },
-    #[error("starting the tokenizer threads: {0}")]
+    #[error("starting the tokenizer or media threads: {0}")]
     Threads(#[source] std::io::Error),
     #[error("the server task failed: {0}")]
     Task(String),
@@ -144,22 +155,15 @@ pub async fn spawn(
         addr: bind_addr,
         source,
     })?;
-    let metrics = Arc::new(ServerMetrics::new(engine.stats()));
-    let tokenizers = TokenizerPool::new(config.tokenizer_workers).map_err(ServerError::Threads)?;
-    let tokenizer_workers = tokenizers.workers();
     let limits = ConnectionLimits {
         max_connections: config.max_connections,
         header_read_timeout: config.header_read_timeout,
         keep_alive_timeout: config.keep_alive_timeout,
         shutdown_timeout: config.shutdown_timeout,
     };
-    let state = Arc::new(AppState {
-        info: engine.info().clone(),
-        engine: engine.clone(),
-        metrics: metrics.clone(),
-        tokenizers,
-        config,
-    });
+    let state = app_state(engine.clone(), config)?;
+    let metrics = state.metrics.clone();
+    let tokenizer_workers = state.tokenizers.workers();
     let app = router(state);
 
     let upkeep = tokio::spawn(async move {
@@ -185,6 +189,43 @@ pub async fn spawn(
         stop: Some(stop),
         task,
     })
+}
+
+/// Everything a request needs: the engine, its metrics and the worker threads.
+fn app_state(engine: Arc<Engine>, config: ServerConfig) -> Result<SharedState, ServerError> {
+    let metrics = Arc::new(ServerMetrics::new(engine.stats()));
+    let tokenizers = TokenizerPool::new("verdict-tokenizer", config.tokenizer_workers, None)
+        .map_err(ServerError::Threads)?;
+    // Only multimodal models get media threads; each may have a few requests waiting.
+    let media = match engine.info().multimodal {
+        Some(_) => {
+            let workers = config.media_workers.max(1);
+            Some(
+                TokenizerPool::new(
+                    "verdict-media",
+                    workers,
+                    Some(workers * MEDIA_QUEUE_PER_WORKER),
+                )
+                .map_err(ServerError::Threads)?,
+            )
+        }
+        None => None,
+    };
+    let state = Arc::new(AppState {
+        info: engine.info().clone(),
+        engine,
+        metrics: metrics.clone(),
+        tokenizers,
+        media,
+        config,
+    });
+    Ok(state)
+}
+
+/// Every route and middleware as one service, without a listener: for driving
+/// requests in-process (the fuzz targets; embedding behind another server).
+pub fn app(engine: Arc<Engine>, config: ServerConfig) -> Result<Router, ServerError> {
+    Ok(router(app_state(engine, config)?))
 }
 
 /// Serves until SIGINT or SIGTERM, then stops accepting, finishes in-flight requests and returns.

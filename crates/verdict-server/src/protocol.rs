@@ -1,18 +1,21 @@
 //! Request fields shared by the pooling endpoints (spec §6.2–§6.3), turning
 //! them into engine prompts, and the response pieces they share.
 
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use serde_json::{Map, Value};
-use verdict_engine::tokenize::{ChatTemplate, TokenizedPrompt};
+use verdict_engine::tokenize::{media_parts, ChatTemplate, TokenizedPrompt};
 use verdict_engine::{
     ChatMessage, ChatOptions, EngineError, Prompt, SequenceInput, StepParams, TokenizeOptions,
     TruncationSide,
 };
 
 use crate::error::{ApiError, SchemaIssue};
-use crate::execution::{admit, run_sequences, SequenceOutput};
+use crate::execution::{admit, run_sequences, CancelOnDrop, SequenceOutput};
 use crate::fields::{as_i64, Body};
 use crate::state::AppState;
 
@@ -72,6 +75,7 @@ impl CommonFields {
             truncation_side: self.truncation_side,
             add_special_tokens: Some(add_special_tokens),
             mm_processor_kwargs: self.mm_processor_kwargs.clone(),
+            cancel: None,
         }
     }
 }
@@ -290,20 +294,34 @@ pub async fn tokenize_prompts(
                 .await
         }
         PromptInput::Chat(chat) => {
-            state
-                .tokenizers
-                .tokenize_all(&state.engine, vec![chat], move |engine, chat| {
-                    let template = request_template(engine, &chat)?;
-                    engine.processor().process_chat(
-                        &chat.messages,
-                        &chat.options,
-                        template.as_ref(),
-                        &opts,
-                    )
-                })
-                .await
+            // Images and videos are fetched and decoded on the media threads, so
+            // a slow image host never holds a tokenizer thread that text requests
+            // need; the work stops when the client goes (this future is dropped).
+            let (pool, mut opts) = match (&state.media, has_media(&chat.messages)) {
+                (Some(media), true) => (media, opts),
+                _ => (&state.tokenizers, opts),
+            };
+            let cancel = Arc::new(AtomicBool::new(false));
+            let _cancel_on_drop = CancelOnDrop(cancel.clone());
+            opts.cancel = Some(cancel);
+            pool.tokenize_all(&state.engine, vec![chat], move |engine, chat| {
+                let template = request_template(engine, &chat)?;
+                engine.processor().process_chat(
+                    &chat.messages,
+                    &chat.options,
+                    template.as_ref(),
+                    &opts,
+                )
+            })
+            .await
         }
     }
+}
+
+/// Does the conversation carry images or videos? A malformed media part
+/// counts: its error is reported where media is processed.
+fn has_media(messages: &[ChatMessage]) -> bool {
+    media_parts(messages).map_or(true, |parts| !parts.is_empty())
 }
 
 /// The request's own chat template, compiled, if it brought one.

@@ -22,6 +22,8 @@ pub struct AppState {
     pub config: ServerConfig,
     pub metrics: Arc<ServerMetrics>,
     pub tokenizers: TokenizerPool,
+    /// Fetches and decodes media (multimodal models only).
+    pub media: Option<TokenizerPool>,
 }
 
 pub type SharedState = Arc<AppState>;

@@ -25,6 +25,28 @@ async fn server() -> TestServer {
     start(engine(), local_config()).await
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_is_bounded() {
+    let config = verdict_server::ServerConfig {
+        max_tokenize_tokens: 20,
+        ..local_config()
+    };
+    let s = start(engine(), config).await;
+    let twenty = "hello ".repeat(20);
+    let body = s
+        .post("/tokenize", &json!({"prompt": twenty.trim_end()}))
+        .await;
+    assert_eq!(body.ok()["count"], 20);
+    // Megabytes of text are refused after tokenizing only past the limit.
+    let huge = "hello ".repeat(1 << 20);
+    let started = std::time::Instant::now();
+    s.post("/tokenize", &json!({"prompt": huge}))
+        .await
+        .expect_error(400, "BadRequestError", "more than 20 tokens");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2));
+    s.stop().await;
+}
+
 #[track_caller]
 fn check_item(item: &Value, index: usize, case: &Case, reference: &Reference) {
     assert_eq!(item["index"], index, "{item}");

@@ -72,13 +72,34 @@ pub struct EngineFlags {
     #[arg(long, num_args = 1..)]
     pub served_model_name: Vec<String>,
 
-    /// Multimodal models: most images/videos per prompt, as JSON, e.g. '{"image": 4, "video": 1}'.
+    /// Multimodal models: most images/videos per prompt, as JSON, e.g. '{"image": 4, "video": 1}'
+    /// (default: 8 images, 1 video).
     #[arg(long)]
     pub limit_mm_per_prompt: Option<String>,
 
-    /// Multimodal models: hosts that http(s) image/video URLs may point to (default: any).
+    /// Multimodal models: hosts that http(s) image/video URLs may point to (default: any
+    /// public host).
     #[arg(long, num_args = 1..)]
     pub allowed_media_domains: Vec<String>,
+
+    /// Multimodal models: let media URLs reach loopback, private, link-local and cloud
+    /// metadata addresses (refused by default, after DNS resolution and on every redirect).
+    #[arg(long)]
+    pub allow_private_media_hosts: bool,
+
+    /// Multimodal models: seconds all of one request's media fetches may take together.
+    #[arg(long, default_value_t = 10.0)]
+    pub media_fetch_timeout: f64,
+
+    /// Multimodal models: most pixels one image or video frame may declare; checked from
+    /// the header before decoding.
+    #[arg(long, default_value_t = verdict_engine::multimodal::DEFAULT_MAX_IMAGE_PIXELS)]
+    pub max_image_pixels: u64,
+
+    /// Multimodal models: most decoded pixels of all images and sampled video frames of
+    /// one request.
+    #[arg(long, default_value_t = verdict_engine::multimodal::DEFAULT_MAX_REQUEST_PIXELS)]
+    pub max_media_pixels_per_request: u64,
 
     /// Multimodal models: `file://` media is read only under this directory (default: never).
     #[arg(long)]
@@ -169,6 +190,13 @@ impl EngineFlags {
             args.allowed_media_domains = Some(self.allowed_media_domains.clone());
         }
         args.allowed_local_media_path = self.allowed_local_media_path.clone();
+        args.allow_private_media_hosts = self.allow_private_media_hosts;
+        args.media_fetch_timeout = std::time::Duration::try_from_secs_f64(self.media_fetch_timeout)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .context("--media-fetch-timeout must be a positive number of seconds")?;
+        args.max_image_pixels = self.max_image_pixels;
+        args.max_media_pixels_per_request = self.max_media_pixels_per_request;
         Ok(args)
     }
 }

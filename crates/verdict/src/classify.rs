@@ -77,7 +77,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
             .as_deref()
             .and_then(TruncationSide::parse),
         add_special_tokens: args.no_special_tokens.then_some(false),
-        mm_processor_kwargs: None,
+        ..TokenizeOptions::default()
     };
     let use_activation = !args.no_activation && engine.info().default_use_activation;
 

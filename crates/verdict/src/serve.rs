@@ -48,6 +48,15 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 0)]
     pub tokenizer_workers: usize,
 
+    /// Multimodal models: threads that fetch and decode images and videos, apart
+    /// from the tokenizer threads (requests beyond 8 per thread waiting get 503).
+    #[arg(long, default_value_t = 2)]
+    pub media_workers: usize,
+
+    /// Most tokens /tokenize returns for one prompt (0: max(65536, 2 x max-model-len)).
+    #[arg(long, default_value_t = 0)]
+    pub max_tokenize_tokens: usize,
+
     /// Most open client connections. Past it the connection that has gone longest
     /// without finishing a request makes room; when all are busy the newcomer gets 503.
     /// Lowered to fit the open-file limit.
@@ -118,6 +127,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
         trust_request_chat_template: args.trust_request_chat_template,
         enable_request_id_headers: true,
         tokenizer_workers: args.tokenizer_workers,
+        media_workers: args.media_workers,
+        max_tokenize_tokens: args.max_tokenize_tokens,
         max_connections: args.max_connections,
         header_read_timeout: args.header_read_timeout,
         body_read_timeout: args.body_read_timeout,

@@ -119,6 +119,11 @@ impl Weights {
         self.names.contains_key(name)
     }
 
+    /// Every tensor name the checkpoint's headers declare.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.keys().map(String::as_str)
+    }
+
     pub fn shape_of(&self, name: &str) -> Option<&[usize]> {
         let idx = *self.names.get(name)?;
         Some(self.files[idx].tensors[name].shape.as_slice())
@@ -177,6 +182,9 @@ impl Weights {
     pub fn load_transposed_f32(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
         use rayon::prelude::*;
         let (file, info) = self.entry(name, Some(&[rows, cols]))?;
+        if rows == 0 || cols == 0 {
+            return Ok(Tensor::zeros((cols, rows), DType::F32, &Device::Cpu)?);
+        }
         let (start, end) = info.data_offsets;
         let bytes = &file.mmap[file.data_start + start..file.data_start + end];
         let read: fn(&[u8], usize) -> f32 = match info.dtype {

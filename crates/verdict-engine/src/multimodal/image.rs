@@ -7,6 +7,7 @@ use std::io::Cursor;
 
 use image::{DynamicImage, ImageDecoder, ImageReader, Limits};
 
+use super::PixelBudget;
 use crate::error::{EngineError, Result};
 
 /// An interleaved RGB8 image.
@@ -21,7 +22,8 @@ pub(crate) struct Rgb8 {
 /// decompression bombs; so do we.
 const MAX_IMAGE_PIXELS: u64 = 2 * 89_478_485;
 
-pub(crate) fn decode_rgb8(bytes: &[u8]) -> Result<Rgb8> {
+/// Decodes `bytes`, first charging the size its header declares to `budget`.
+pub(crate) fn decode_rgb8(bytes: &[u8], budget: &mut PixelBudget) -> Result<Rgb8> {
     let bad = |e: &dyn std::fmt::Display| {
         EngineError::validation(format!("could not decode the image: {e}"))
     };
@@ -49,6 +51,7 @@ pub(crate) fn decode_rgb8(bytes: &[u8]) -> Result<Rgb8> {
             "image of {w}x{h} pixels is too large (at most {MAX_IMAGE_PIXELS} pixels)"
         )));
     }
+    budget.charge("image", w as usize, h as usize, 1)?;
     let orientation = decoder
         .orientation()
         .unwrap_or(image::metadata::Orientation::NoTransforms);
@@ -124,7 +127,7 @@ mod tests {
             b"not an image at all",
             b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR",
         ] {
-            let e = decode_rgb8(bytes).unwrap_err();
+            let e = decode_rgb8(bytes, &mut PixelBudget::unlimited()).unwrap_err();
             assert!(matches!(e, EngineError::Validation { .. }), "{e}");
             assert!(e.to_string().contains("could not decode the image"), "{e}");
         }

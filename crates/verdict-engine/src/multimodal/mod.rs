@@ -35,7 +35,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use config::{CommonConfig, VideoConfig};
-pub use fetch::fetch_media;
+pub use fetch::{fetch_all, fetch_media, fetch_media_until, is_public_address};
 pub use resize::{smart_resize, Filter};
 
 use crate::error::{EngineError, Result};
@@ -237,7 +237,13 @@ impl VisionProcessor {
 
     /// An encoded image (PNG, JPEG, WebP, GIF, BMP) to patches.
     pub fn image(&self, bytes: &[u8]) -> Result<VisualInput> {
-        let img = image::decode_rgb8(bytes)?;
+        self.image_within(bytes, &mut PixelBudget::unlimited())
+    }
+
+    /// [`Self::image`], refused before decoding when its header declares more
+    /// pixels than `budget` has left.
+    pub fn image_within(&self, bytes: &[u8], budget: &mut PixelBudget) -> Result<VisualInput> {
+        let img = image::decode_rgb8(bytes, budget)?;
         let cfg = &self.image;
         let (h, w) = target_size(img.height, img.width, cfg, cfg.max_pixels)?;
         let img = resize_frame(img, h, w, cfg)?;
@@ -255,6 +261,12 @@ impl VisionProcessor {
     /// An encoded video (any container/codec ffmpeg reads) to patches. The bytes
     /// go to a temporary file for ffmpeg.
     pub fn video(&self, bytes: &[u8]) -> Result<VisualInput> {
+        self.video_within(bytes, &mut PixelBudget::unlimited())
+    }
+
+    /// [`Self::video`], refused before decoding when its sampled frames have
+    /// more pixels than `budget` has left.
+    pub fn video_within(&self, bytes: &[u8], budget: &mut PixelBudget) -> Result<VisualInput> {
         if bytes.is_empty() {
             return Err(EngineError::validation("could not read the video: no data"));
         }
@@ -266,13 +278,27 @@ impl VisionProcessor {
         std::io::Write::write_all(&mut file, bytes)
             .and_then(|()| std::io::Write::flush(&mut file))
             .map_err(|e| EngineError::io("writing a temporary file for a video", e))?;
-        self.video_file(&ffmpeg, file.path())
+        self.video_file(&ffmpeg, file.path(), budget)
     }
 
-    fn video_file(&self, ffmpeg: &Path, file: &Path) -> Result<VisualInput> {
+    fn video_file(
+        &self,
+        ffmpeg: &Path,
+        file: &Path,
+        budget: &mut PixelBudget,
+    ) -> Result<VisualInput> {
         let cfg = &self.video.common;
         let info = video::probe(ffmpeg, file, self.ffmpeg_timeout)?;
         let indices = video::sample_indices(&self.video, info.total_frames, info.fps)?;
+        if indices.len() > video::MAX_DECODED_FRAMES {
+            return Err(EngineError::validation(format!(
+                "video sampling asks for {} frames; at most {} are decoded per video \
+                 (sample fewer with mm_processor_kwargs fps / num_frames / max_frames)",
+                indices.len(),
+                video::MAX_DECODED_FRAMES
+            )));
+        }
+        budget.charge("video frame", info.width, info.height, indices.len())?;
         let factor = cfg.patch_size * cfg.merge_size;
         // `cap_pixels_per_frame` (unset = off in transformers 5.24): the per-frame
         // cap also bounded by an even share of `max_video_tokens`' pixels.
@@ -468,15 +494,45 @@ fn patchify(frames: &[&[u8]], h: usize, w: usize, cfg: &CommonConfig) -> Result<
 }
 
 /// Where media may come from, as vLLM's `--allowed-media-domains` and
-/// `--allowed-local-media-path`.
+/// `--allowed-local-media-path`, and how much work one request's media may cost.
 #[derive(Debug, Clone)]
 pub struct MediaPolicy {
     /// None: any host; otherwise the URL's host must be one of these.
     pub allowed_domains: Option<Vec<String>>,
     /// None: no `file://` URLs; otherwise only files under this folder.
     pub allowed_local_path: Option<PathBuf>,
+    /// Fetch from hosts that resolve to loopback, private, link-local or
+    /// metadata addresses (`--allow-private-media-hosts`). Off, such hosts are
+    /// refused unless the address itself is on `allowed_domains`.
+    pub allow_private_hosts: bool,
+    /// Deadline for all of one request's fetches together (`--media-fetch-timeout`).
     pub timeout: Duration,
     pub max_bytes: usize,
+    /// Decoded pixels one image (or video frame) may have, read from its
+    /// header before decoding (`--max-image-pixels`).
+    pub max_image_pixels: u64,
+    /// Decoded pixels all images and sampled video frames of one request may
+    /// have together (`--max-media-pixels-per-request`).
+    pub max_request_pixels: u64,
+}
+
+impl MediaPolicy {
+    /// May `url` (already on the domain list, if there is one) reach a
+    /// non-public address? Only with the flag, or when the list names the
+    /// address itself: a listed *name* can be re-pointed by its DNS.
+    fn private_host_allowed(&self, url: &url::Url) -> bool {
+        self.allow_private_hosts
+            || (self.allowed_domains.is_some()
+                && matches!(url.host(), Some(url::Host::Ipv4(_) | url::Host::Ipv6(_))))
+    }
+
+    /// The decoded-pixel allowance of one request under this policy.
+    pub fn pixel_budget(&self) -> PixelBudget {
+        PixelBudget {
+            per_image: self.max_image_pixels,
+            left: self.max_request_pixels,
+        }
+    }
 }
 
 impl Default for MediaPolicy {
@@ -484,9 +540,62 @@ impl Default for MediaPolicy {
         MediaPolicy {
             allowed_domains: None,
             allowed_local_path: None,
+            allow_private_hosts: false,
             timeout: Duration::from_secs(10),
             max_bytes: 64 << 20,
+            max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
+            max_request_pixels: DEFAULT_MAX_REQUEST_PIXELS,
         }
+    }
+}
+
+/// Default `--max-image-pixels`: an 8000x8000 image; decoding one takes
+/// about 200 MB and under a second.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 64_000_000;
+/// Default `--max-media-pixels-per-request`: four such images, or about two
+/// minutes of 1080p video sampled at 2 fps.
+pub const DEFAULT_MAX_REQUEST_PIXELS: u64 = 256_000_000;
+
+/// Decoded pixels a request may still spend. Each image or video is charged
+/// from its header (image) or stream facts (video) before it is decoded, so an
+/// image declaring 13000x13000 in a few bytes is refused without decoding.
+#[derive(Debug, Clone)]
+pub struct PixelBudget {
+    per_image: u64,
+    left: u64,
+}
+
+impl PixelBudget {
+    /// No limit beyond the decoder's own (offline use, tests).
+    pub fn unlimited() -> Self {
+        PixelBudget {
+            per_image: u64::MAX,
+            left: u64::MAX,
+        }
+    }
+
+    /// Charges `frames` images of `width` x `height`, or refuses them.
+    fn charge(&mut self, what: &str, width: usize, height: usize, frames: usize) -> Result<()> {
+        let pixels = (width as u64).saturating_mul(height as u64);
+        if pixels > self.per_image {
+            return Err(EngineError::validation(format!(
+                "{what} of {width}x{height} pixels is larger than the server's limit of {} pixels \
+                 per image (--max-image-pixels)",
+                self.per_image
+            )));
+        }
+        let total = pixels.saturating_mul(frames as u64);
+        if total > self.left {
+            return Err(EngineError::validation(format!(
+                "the request's images and videos have more decoded pixels than the server allows \
+                 per request (--max-media-pixels-per-request): {what} of {width}x{height}{} needs {total}, \
+                 {} are left",
+                if frames > 1 { format!(" x {frames} frames") } else { String::new() },
+                self.left
+            )));
+        }
+        self.left -= total;
+        Ok(())
     }
 }
 

@@ -34,6 +34,11 @@ use crate::error::{EngineError, Result};
 pub(crate) const MISSING_FFMPEG: &str =
     "video input needs ffmpeg; run scripts/setup-ffmpeg.sh (or set VERDICT_FFMPEG to an ffmpeg binary)";
 
+/// Most frames decoded from one video. Bounds the work one video can ask for and
+/// keeps the frame-selection filter well inside the kernel's 128 KiB limit on
+/// one argument (about 17 bytes per selected frame).
+pub(crate) const MAX_DECODED_FRAMES: usize = 2048;
+
 /// Where the ffmpeg binary is: `explicit` (set on the processor), then
 /// `$VERDICT_FFMPEG`, then the copy scripts/setup-ffmpeg.sh installs under
 /// `${VERDICT_HOME:-$HOME/.cache/verdict}/ffmpeg/bin/ffmpeg`, then `PATH`.
@@ -113,12 +118,7 @@ fn run_ffmpeg(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| {
-            EngineError::validation(format!(
-                "{MISSING_FFMPEG} (could not run {}: {e})",
-                ffmpeg.display()
-            ))
-        })?;
+        .map_err(|e| spawn_error(ffmpeg, args, &e))?;
     let (Some(stdout), Some(mut stderr)) = (child.stdout.take(), child.stderr.take()) else {
         let _ = child.kill();
         let _ = child.wait();
@@ -178,6 +178,28 @@ fn run_ffmpeg(
                 "could not read the video: {last}"
             )))
         }
+    }
+}
+
+/// Why ffmpeg could not be started, in words that point at the real cause: only
+/// a missing or non-executable binary means "install ffmpeg".
+fn spawn_error(ffmpeg: &Path, args: &[&std::ffi::OsStr], e: &std::io::Error) -> EngineError {
+    use std::io::ErrorKind;
+    match e.kind() {
+        ErrorKind::NotFound | ErrorKind::PermissionDenied => EngineError::validation(format!(
+            "{MISSING_FFMPEG} (could not run {}: {e})",
+            ffmpeg.display()
+        )),
+        ErrorKind::ArgumentListTooLong => {
+            let bytes: usize = args.iter().map(|a| a.len() + 1).sum();
+            EngineError::validation(format!(
+                "could not read the video: the ffmpeg command line is too long for the system \
+                 ({bytes} bytes of arguments; sample fewer frames)"
+            ))
+        }
+        _ => EngineError::validation(format!(
+            "could not read the video: starting ffmpeg failed: {e}"
+        )),
     }
 }
 
@@ -524,6 +546,32 @@ mod tests {
         let stderr = "  Stream #0:0: Video: vp9 (Profile 0), yuv420p(tv, progressive), 64x48, SAR 1:1 DAR 4:3, 24 fps, 24 tbr, 1k tbn\n";
         assert_eq!(parse_probe(&packets, stderr).unwrap().fps, Some(24.0));
         assert!(parse_probe("", "").is_err());
+    }
+
+    #[test]
+    fn an_oversized_command_line_is_reported_as_such() {
+        // Any executable will do: the kernel refuses the argument before running it.
+        let huge = "x".repeat(256 * 1024);
+        let args = [std::ffi::OsStr::new(huge.as_str())];
+        let e = run_ffmpeg(
+            Path::new("/bin/sh"),
+            &args,
+            Duration::from_secs(5),
+            &mut |_| Ok(()),
+        )
+        .unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("command line is too long"), "{msg}");
+        assert!(!msg.contains("needs ffmpeg"), "{msg}");
+    }
+
+    #[test]
+    fn the_largest_frame_selection_fits_one_argument() {
+        let terms: Vec<String> = (0..MAX_DECODED_FRAMES)
+            .map(|i| format!("not(n-{})", 9_999_999 - i))
+            .collect();
+        // Linux's MAX_ARG_STRLEN: 32 pages.
+        assert!(balanced_sum(&terms).len() + "select=".len() < 128 * 1024);
     }
 
     #[test]

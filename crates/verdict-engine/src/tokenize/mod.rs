@@ -214,7 +214,9 @@ impl TextTokenizer {
 
     /// Tokenizes one text. `max_tokens` truncates like transformers
     /// (`truncation=True, max_length=N`): on the right the special tokens are
-    /// kept and content is cut; on the left the full encoding is sliced.
+    /// kept and content is cut; on the left the full encoding is sliced. Only
+    /// a window of the text large enough for the kept tokens is tokenized (see
+    /// [`Self::head_encoding`]), so a huge text costs what its kept part does.
     pub fn encode(
         &self,
         text: &str,
@@ -223,8 +225,15 @@ impl TextTokenizer {
         side: TruncationSide,
     ) -> Result<TokenizedPrompt> {
         let enc = match (max_tokens, side) {
-            (Some(max), TruncationSide::Right) if add_special_tokens => {
-                let mut content = self.raw_encode(text, false)?;
+            (Some(max), TruncationSide::Right) => {
+                let (mut content, _) =
+                    self.head_encoding(text, max, |t| self.raw_encode(t, false))?;
+                if !add_special_tokens {
+                    if content.len() > max {
+                        content.truncate(max, 0, TruncationDirection::Right);
+                    }
+                    return Ok(self.to_prompt(&content));
+                }
                 let specials = self.num_special_tokens(false);
                 if content.len() + specials > max {
                     content.truncate(max.saturating_sub(specials), 0, TruncationDirection::Right);
@@ -238,14 +247,10 @@ impl TextTokenizer {
                 }
                 enc
             }
-            (Some(max), side) => {
-                let mut enc = self.raw_encode(text, add_special_tokens)?;
+            (Some(max), TruncationSide::Left) => {
+                let mut enc = self.tail_encoding(text, max, add_special_tokens)?;
                 if enc.len() > max {
-                    let dir = match side {
-                        TruncationSide::Right => TruncationDirection::Right,
-                        TruncationSide::Left => TruncationDirection::Left,
-                    };
-                    enc.truncate(max, 0, dir);
+                    enc.truncate(max, 0, TruncationDirection::Left);
                 }
                 enc
             }
@@ -254,16 +259,79 @@ impl TextTokenizer {
         Ok(self.to_prompt(&enc))
     }
 
+    /// The content tokens (no special tokens, as `encode` makes them), and
+    /// the prefix's length in bytes, of a prefix of `text` whose first `need` tokens are the full text's first
+    /// `need` tokens: the prefix is cut at a whitespace run where there is one
+    /// near the window's end, and trusted only when it yields
+    /// [`WINDOW_SLACK_TOKENS`] more tokens than needed, so the tokens a cut can
+    /// change are never kept. The window doubles until that holds or covers the text.
+    fn head_encoding(
+        &self,
+        text: &str,
+        need: usize,
+        encode: impl Fn(&str) -> Result<Encoding>,
+    ) -> Result<(Encoding, usize)> {
+        let want = need.saturating_add(WINDOW_SLACK_TOKENS);
+        let mut chars = want.saturating_mul(WINDOW_CHARS_PER_TOKEN);
+        loop {
+            let Some(cut) = head_cut(text, chars) else {
+                return Ok((encode(text)?, text.len()));
+            };
+            let enc = encode(&text[..cut])?;
+            if enc.len() >= want {
+                return Ok((enc, cut));
+            }
+            chars = chars.saturating_mul(2);
+        }
+    }
+
+    /// As [`Self::head_encoding`] from the other end, for left truncation:
+    /// the encoding (with special tokens when asked) of a suffix of `text`
+    /// whose last `need` tokens are the full encoding's last `need`.
+    fn tail_encoding(&self, text: &str, need: usize, add_special_tokens: bool) -> Result<Encoding> {
+        let specials = if add_special_tokens {
+            self.num_special_tokens(false)
+        } else {
+            0
+        };
+        let want = need.saturating_add(WINDOW_SLACK_TOKENS);
+        let mut chars = want.saturating_mul(WINDOW_CHARS_PER_TOKEN);
+        loop {
+            let Some(start) = tail_cut(text, chars) else {
+                return self.raw_encode(text, add_special_tokens);
+            };
+            let enc = self.raw_encode(&text[start..], add_special_tokens)?;
+            if enc.len() >= want.saturating_add(specials) {
+                return Ok(enc);
+            }
+            chars = chars.saturating_mul(2);
+        }
+    }
+
     /// Encodes a (query, document) pair the way transformers does
     /// `tokenizer(a, text_pair=b)`, truncating `longest_first` to `max_tokens`.
+    /// The outcome of `longest_first` depends on each side's length only up to
+    /// the budget, so each side is tokenized only that far.
     pub fn encode_pair(
         &self,
         first: &str,
         second: &str,
         max_tokens: Option<usize>,
     ) -> Result<TokenizedPrompt> {
-        let mut a = self.raw_encode(first, false)?;
-        let mut b = self.raw_encode(second, false)?;
+        let (mut a, mut b) = match max_tokens {
+            Some(max) => {
+                let budget = max.saturating_sub(self.num_special_tokens(true));
+                let side = |t: &str| {
+                    self.head_encoding(t, budget, |w| self.raw_encode(w, false))
+                        .map(|(enc, _)| enc)
+                };
+                (side(first)?, side(second)?)
+            }
+            None => (
+                self.raw_encode(first, false)?,
+                self.raw_encode(second, false)?,
+            ),
+        };
         if let Some(max) = max_tokens {
             let budget = max.saturating_sub(self.num_special_tokens(true));
             let (mut la, mut lb) = (a.len(), b.len());
@@ -291,11 +359,11 @@ impl TextTokenizer {
     /// Cuts `text` after its first `max_tokens` content tokens (by character offsets),
     /// as vLLM's `max_tokens_per_query` / `max_tokens_per_doc` do.
     pub fn truncate_text(&self, text: &str, max_tokens: usize) -> Result<String> {
-        let prepared = self.prepare(text);
-        let enc = self
-            .inner
-            .encode(prepared.as_ref(), false)
-            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let (enc, window) = self.head_encoding(text, max_tokens.saturating_add(1), |w| {
+            self.inner
+                .encode(self.prepare(w).as_ref(), false)
+                .map_err(|e| EngineError::Tokenizer(e.to_string()))
+        })?;
         if enc.len() <= max_tokens {
             return Ok(text.to_string());
         }
@@ -303,6 +371,8 @@ impl TextTokenizer {
             return Ok(String::new());
         }
         let end = enc.get_offsets()[max_tokens - 1].1;
+        // The offsets are into the prepared (lower-cased) window.
+        let prepared = self.prepare(&text[..window]);
         Ok(prepared.get(..end).unwrap_or(prepared.as_ref()).to_string())
     }
 
@@ -325,6 +395,78 @@ impl TextTokenizer {
     pub fn id_to_token(&self, id: u32) -> Option<String> {
         self.inner.id_to_token(id)
     }
+}
+
+/// Tokens past the kept ones a partial encoding must reach before it is
+/// trusted: cutting a text changes at most the tokens beside the cut.
+const WINDOW_SLACK_TOKENS: usize = 16;
+/// First guess at characters per token for the window (doubled as needed).
+const WINDOW_CHARS_PER_TOKEN: usize = 8;
+
+/// Byte index to cut `text` at so that the head keeps at most `chars`
+/// characters; None when the whole text fits. The cut goes where tokenizers
+/// split words anyway, so the head's tokens are the full text's: before the
+/// last whitespace run in the window's second half, else before its last
+/// ASCII punctuation run, else (one giant word) mid-word, where the slack
+/// tokens absorb the difference.
+fn head_cut(text: &str, chars: usize) -> Option<usize> {
+    let (end, _) = text.char_indices().nth(chars)?;
+    // Half the bytes may fall inside a multi-byte character: step back to its start.
+    let floor = (0..=end / 2)
+        .rev()
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(0);
+    let half: Vec<(usize, char)> = text[floor..end]
+        .char_indices()
+        .map(|(i, c)| (floor + i, c))
+        .collect();
+    let run_starts = |is_run: fn(char) -> bool| {
+        let mut prev: Option<char> = None;
+        let mut last = None;
+        for &(i, c) in &half {
+            if is_run(c) && !prev.is_some_and(is_run) {
+                last = Some(i);
+            }
+            prev = Some(c);
+        }
+        last
+    };
+    let cut = run_starts(char::is_whitespace)
+        .or_else(|| run_starts(|c| c.is_ascii_punctuation()))
+        .filter(|&i| i > 0)
+        .unwrap_or(end);
+    Some(cut)
+}
+
+/// Byte index where a tail of at most `chars` characters of `text` starts;
+/// None when the whole text fits. As [`head_cut`], at the first whitespace run
+/// (else ASCII punctuation run) in the window's first half.
+fn tail_cut(text: &str, chars: usize) -> Option<usize> {
+    let (start, _) = text.char_indices().rev().nth(chars.checked_sub(1)?)?;
+    if start == 0 {
+        return None;
+    }
+    let limit = start + (text.len() - start) / 2;
+    let mut prev = text[..start].chars().next_back();
+    let mut whitespace = None;
+    let mut punctuation = None;
+    for (i, c) in text[start..].char_indices().map(|(i, c)| (start + i, c)) {
+        if i > limit {
+            break;
+        }
+        if whitespace.is_none() && c.is_whitespace() && !prev.is_some_and(char::is_whitespace) {
+            whitespace = Some(i);
+            break;
+        }
+        if punctuation.is_none()
+            && c.is_ascii_punctuation()
+            && !prev.is_some_and(|p| p.is_ascii_punctuation())
+        {
+            punctuation = Some(i);
+        }
+        prev = Some(c);
+    }
+    Some(whitespace.or(punctuation).unwrap_or(start))
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -356,5 +498,157 @@ fn template_from_config(config: &Value) -> Option<String> {
             })
         }
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture_tokenizers() -> Vec<(&'static str, TextTokenizer)> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fixtures/tokenizers");
+        ["bert", "gpt2", "qwen3", "roberta"]
+            .into_iter()
+            .map(|name| (name, TextTokenizer::load(&dir.join(name), None).unwrap()))
+            .collect()
+    }
+
+    /// Deterministic text mixing words, numbers, punctuation runs, whitespace
+    /// runs, accents, CJK and long unbroken words.
+    fn mixed_text(seed: u64, words: usize) -> String {
+        const PIECES: &[&str] = &[
+            "the", "Quick", "brown", "fox", "jumps", "over", "lazy", "dog", "1234", "3.14",
+            "naïve", "café", "e\u{301}t\u{e9}", "日本語のテキスト", "你好，世界。", "?!", "...",
+            "---", "(x)", "don't", "URL:https://example.org/a?b=c", "\u{1F600}",
+            "supercalifragilisticexpialidociousantidisestablishmentarianism",
+            "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        ];
+        const GAPS: &[&str] = &[" ", " ", " ", "  ", "\n", "\t", "", " \n\n "];
+        let mut state = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let mut next = |n: usize| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            (state >> 33) as usize % n
+        };
+        let mut out = String::new();
+        for _ in 0..words {
+            out.push_str(PIECES[next(PIECES.len())]);
+            out.push_str(GAPS[next(GAPS.len())]);
+        }
+        out
+    }
+
+    /// Truncation as defined: everything tokenized, then cut.
+    fn reference(
+        tokenizer: &TextTokenizer,
+        text: &str,
+        specials: bool,
+        max: usize,
+        side: TruncationSide,
+    ) -> Vec<u32> {
+        let inner = tokenizer.inner();
+        match (side, specials) {
+            (TruncationSide::Right, true) => {
+                let mut content = inner.encode_fast(text, false).unwrap();
+                let budget = max.saturating_sub(tokenizer.num_special_tokens(false));
+                if content.len() > budget {
+                    content.truncate(budget, 0, TruncationDirection::Right);
+                }
+                let mut ids = inner
+                    .post_process(content, None, true)
+                    .unwrap()
+                    .get_ids()
+                    .to_vec();
+                ids.truncate(max);
+                ids
+            }
+            (TruncationSide::Right, false) => {
+                let mut ids = inner.encode_fast(text, false).unwrap().get_ids().to_vec();
+                ids.truncate(max);
+                ids
+            }
+            (TruncationSide::Left, _) => {
+                let ids = inner
+                    .encode_fast(text, specials)
+                    .unwrap()
+                    .get_ids()
+                    .to_vec();
+                ids[ids.len().saturating_sub(max)..].to_vec()
+            }
+        }
+    }
+
+    #[test]
+    fn windowed_truncation_equals_tokenizing_everything() {
+        for (name, tokenizer) in fixture_tokenizers() {
+            for seed in 0..12u64 {
+                let text = mixed_text(seed, 40 + 90 * seed as usize);
+                for max in [1, 2, 7, 31, 128, 400] {
+                    for side in [TruncationSide::Right, TruncationSide::Left] {
+                        for specials in [false, true] {
+                            let got = tokenizer.encode(&text, specials, Some(max), side).unwrap();
+                            let want = reference(&tokenizer, &text, specials, max, side);
+                            assert_eq!(
+                                got.ids, want,
+                                "{name} seed {seed} max {max} {side:?} specials {specials}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pairs_and_text_cuts_tokenize_only_a_window_and_agree() {
+        for (name, tokenizer) in fixture_tokenizers() {
+            let a = mixed_text(3, 300);
+            let b = mixed_text(4, 500);
+            for max in [8, 64, 300] {
+                let got = tokenizer.encode_pair(&a, &b, Some(max)).unwrap();
+                let (mut ea, mut eb) = (
+                    tokenizer.inner().encode_fast(a.as_str(), false).unwrap(),
+                    tokenizer.inner().encode_fast(b.as_str(), false).unwrap(),
+                );
+                let budget = max - tokenizer.num_special_tokens(true);
+                let (mut la, mut lb) = (ea.len(), eb.len());
+                while la + lb > budget {
+                    if la > lb {
+                        la -= 1;
+                    } else {
+                        lb -= 1;
+                    }
+                }
+                ea.truncate(la, 0, TruncationDirection::Right);
+                eb.truncate(lb, 0, TruncationDirection::Right);
+                let want = tokenizer.inner().post_process(ea, Some(eb), true).unwrap();
+                assert_eq!(got.ids, want.get_ids(), "{name} pair max {max}");
+            }
+            for n in [1, 10, 100] {
+                let cut = tokenizer.truncate_text(&b, n).unwrap();
+                let enc = tokenizer.inner().encode(b.as_str(), false).unwrap();
+                let end = enc.get_offsets()[n - 1].1;
+                assert_eq!(cut, b[..end], "{name} truncate_text {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_huge_text_costs_only_its_kept_tokens() {
+        // 8 MB: tokenizing all of it takes seconds and gigabytes.
+        let huge = mixed_text(7, 20_000).repeat(64);
+        assert!(huge.len() > 8 << 20);
+        for (name, tokenizer) in fixture_tokenizers() {
+            let started = std::time::Instant::now();
+            for side in [TruncationSide::Right, TruncationSide::Left] {
+                let got = tokenizer.encode(&huge, true, Some(512), side).unwrap();
+                assert_eq!(got.ids.len(), 512, "{name}");
+            }
+            let took = started.elapsed();
+            assert!(took < std::time::Duration::from_secs(2), "{name}: {took:?}");
+        }
     }
 }

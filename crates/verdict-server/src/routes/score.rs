@@ -134,7 +134,7 @@ async fn score_pairs(
         truncate_prompt_tokens: fields.common.truncate_prompt_tokens,
         truncation_side: fields.common.truncation_side,
         add_special_tokens: Some(true),
-        mm_processor_kwargs: None,
+        ..TokenizeOptions::default()
     };
     state.engine.processor().truncation_len(&opts)?;
     let limits = fields.limits;

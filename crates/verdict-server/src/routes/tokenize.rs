@@ -43,6 +43,10 @@ pub async fn tokenize_route(
 
     let engine = state.engine.clone();
     let max_model_len = state.info.max_model_len;
+    let limit = match state.config.max_tokenize_tokens {
+        0 => max_model_len.saturating_mul(2).max(65_536),
+        n => n,
+    };
     let response = state
         .tokenizers
         .run(move || -> verdict_engine::Result<TokenizeResponse> {
@@ -51,9 +55,24 @@ pub async fn tokenize_route(
                 Source::Chat(chat) => render_chat(&engine, &chat)?,
             };
             let tokenizer = engine.processor().tokenizer();
+            // Tokenize one past the limit: enough to tell, and bounded however long the text.
             let tokens = tokenizer
-                .encode(&text, add_special_tokens, None, TruncationSide::Right)?
+                .encode(
+                    &text,
+                    add_special_tokens,
+                    Some(limit + 1),
+                    TruncationSide::Right,
+                )?
                 .ids;
+            if tokens.len() > limit {
+                return Err(verdict_engine::EngineError::validation_param(
+                    format!(
+                        "The prompt has more than {limit} tokens, the most /tokenize returns \
+                         for one prompt (the server's --max-tokenize-tokens)."
+                    ),
+                    "prompt",
+                ));
+            }
             let token_strs = return_token_strs
                 .then(|| tokens.iter().map(|&id| tokenizer.id_to_token(id)).collect());
             Ok(TokenizeResponse {
