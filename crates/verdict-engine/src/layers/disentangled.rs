@@ -101,7 +101,6 @@ pub fn disentangled_attention(
     proj: &PositionProjections,
     scale: f64,
 ) -> Result<Tensor> {
-    let (_, heads, d) = q.dims3()?;
     let seq_rows: Vec<(Vec<usize>, usize, usize)> = cu_seqlens
         .windows(2)
         .map(|w| positions.sequence_rows((w[1] - w[0]).max(1)))
@@ -109,55 +108,174 @@ pub fn disentangled_attention(
     if let Some(out) = cpu_f32(q, k, v, cu_seqlens, &seq_rows, proj, scale as f32)? {
         return Ok(out);
     }
-    let mut outs = Vec::with_capacity(seq_rows.len());
-    for (w, (rows, first, count)) in cu_seqlens.windows(2).zip(&seq_rows) {
-        let (start, len) = (w[0], w[1] - w[0]);
-        if len == 0 {
-            continue;
-        }
-        // [len, heads, d] -> [heads, len, d]
-        let per_head = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.narrow(0, start, len)?.transpose(0, 1)?.contiguous()?)
-        };
-        let (qs, ks, vs) = (per_head(q)?, per_head(k)?, per_head(v)?);
-        // [count, heads * d] -> [heads, d, count]
-        let table = |t: &Tensor| -> Result<Tensor> {
-            Ok(t.narrow(0, *first, *count)?
-                .reshape((*count, heads, d))?
-                .permute((1, 2, 0))?
-                .contiguous()?)
-        };
-        let mut scores = qs.matmul(&ks.t()?)?;
-        // index[i][j]: the row offset of distance i - j.
-        let index: Vec<u32> = (0..len)
-            .flat_map(|i| (0..len).map(move |j| (i, j)))
-            .map(|(i, j)| rows[len - 1 + i - j] as u32)
-            .collect();
-        let index = Tensor::from_vec(index, (1, len, len), q.device())?
-            .broadcast_as((heads, len, len))?
-            .contiguous()?;
-        if let Some(key) = &proj.key {
-            let c2p = qs.matmul(&table(key)?)?.gather(&index, 2)?;
-            scores = (scores + c2p)?;
-        }
-        if let Some(query) = &proj.query {
-            // p2c[i][j] = k_j . posq[row(i - j)]: gathered along the keys' rows, then transposed.
-            let index_t = index.transpose(1, 2)?.contiguous()?;
-            let p2c = ks
-                .matmul(&table(query)?)?
-                .gather(&index_t, 2)?
-                .transpose(1, 2)?;
-            scores = (scores + p2c)?;
-        }
-        let scores = (scores.to_dtype(DType::F32)? * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
-        let out = probs
-            .matmul(&vs)?
-            .transpose(0, 1)?
-            .reshape((len, heads * d))?;
-        outs.push(out);
+    grouped_by_length(q, k, v, cu_seqlens, positions, proj, scale)
+}
+
+/// How much padding a group of sequences may carry: its padded tokens stay within
+/// this factor of its real ones. Lower costs more launches, higher more wasted work.
+const PADDING_SLACK: f64 = 1.5;
+/// Most score elements (heads x sequences x longest^2) one group materialises.
+const MAX_GROUP_SCORES: usize = 1 << 27;
+
+/// Every other device and dtype (the GPU): each term as a few batched matmuls and
+/// gathers over padded sequences, rather than a dozen small launches per sequence.
+/// Padding every sequence to the batch's longest would cost `count x longest^2` where
+/// packing costs the sum of squares, so the sequences are sorted by length and cut
+/// into groups of similar length first.
+fn grouped_by_length(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[usize],
+    positions: &RelativePositions,
+    proj: &PositionProjections,
+    scale: f64,
+) -> Result<Tensor> {
+    let (total, heads, d) = q.dims3()?;
+    // (start, len), shortest first.
+    let mut order: Vec<(usize, usize)> = cu_seqlens
+        .windows(2)
+        .map(|w| (w[0], w[1] - w[0]))
+        .filter(|&(_, len)| len > 0)
+        .collect();
+    if order.is_empty() {
+        return Ok(Tensor::zeros((total, heads * d), q.dtype(), q.device())?);
     }
-    Ok(Tensor::cat(&outs, 0)?)
+    order.sort_by_key(|&(_, len)| len);
+    let mut outputs = Vec::new();
+    let (mut begin, mut tokens) = (0, 0);
+    for (i, &(_, len)) in order.iter().enumerate() {
+        let count = i + 1 - begin;
+        let padded = count * len;
+        if count > 1
+            && (padded as f64 > PADDING_SLACK * (tokens + len) as f64
+                || heads * padded * len > MAX_GROUP_SCORES)
+        {
+            outputs.push(padded_group(
+                q,
+                k,
+                v,
+                &order[begin..i],
+                positions,
+                proj,
+                scale,
+            )?);
+            (begin, tokens) = (i, 0);
+        }
+        tokens += len;
+    }
+    outputs.push(padded_group(
+        q,
+        k,
+        v,
+        &order[begin..],
+        positions,
+        proj,
+        scale,
+    )?);
+    // The groups' rows follow `order`; put each back at its packed position.
+    let mut placement = vec![0u32; total];
+    let mut at = 0;
+    for &(start, len) in &order {
+        for (i, slot) in placement[start..start + len].iter_mut().enumerate() {
+            *slot = (at + i) as u32;
+        }
+        at += len;
+    }
+    let placement = Tensor::from_vec(placement, total, q.device())?;
+    Ok(Tensor::cat(&outputs, 0)?.index_select(&placement, 0)?)
+}
+
+/// Disentangled attention over `sequences` (packed `(start, len)`) padded to the
+/// longest of them; returns their rows `[sum of len, heads * d]` in that order.
+/// Padded keys are masked; padded query rows are computed and dropped.
+fn padded_group(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    sequences: &[(usize, usize)],
+    positions: &RelativePositions,
+    proj: &PositionProjections,
+    scale: f64,
+) -> Result<Tensor> {
+    let (total, heads, d) = q.dims3()?;
+    let batch = sequences.len();
+    let longest = sequences.iter().map(|&(_, len)| len).max().unwrap_or(0);
+    let device = q.device();
+    // Padded slot b * longest + i takes packed row start_b + i; padding reads row
+    // `total`, a zero row appended below.
+    let mut gather = vec![total as u32; batch * longest];
+    let mut keep = Vec::with_capacity(batch * longest);
+    let mut mask = vec![0f32; batch * longest];
+    for (b, &(start, len)) in sequences.iter().enumerate() {
+        for i in 0..longest {
+            if i < len {
+                gather[b * longest + i] = (start + i) as u32;
+                keep.push((b * longest + i) as u32);
+            } else {
+                mask[b * longest + i] = f32::NEG_INFINITY;
+            }
+        }
+    }
+    let kept = keep.len();
+    let gather = Tensor::from_vec(gather, batch * longest, device)?;
+    let keep = Tensor::from_vec(keep, kept, device)?;
+    let zero_row = Tensor::zeros((1, heads * d), q.dtype(), device)?;
+    // [T, heads, d] -> [heads, batch * longest, d]
+    let pad = |t: &Tensor| -> Result<Tensor> {
+        let flat = Tensor::cat(&[&t.reshape((total, heads * d))?, &zero_row], 0)?;
+        Ok(flat
+            .index_select(&gather, 0)?
+            .reshape((batch * longest, heads, d))?
+            .transpose(0, 1)?
+            .contiguous()?)
+    };
+    let (qp, kp, vp) = (pad(q)?, pad(k)?, pad(v)?);
+    let per_sequence = |t: &Tensor, cols: usize| t.reshape((heads * batch, longest, cols));
+    let mut scores = per_sequence(&qp, d)?.matmul(&per_sequence(&kp, d)?.t()?)?;
+
+    // Distance rows for the longest sequence cover every shorter one: a row depends
+    // on the distance only. index[i][j] = the row of distance i - j.
+    let (rows, first, count) = positions.sequence_rows(longest);
+    let index: Vec<u32> = (0..longest)
+        .flat_map(|i| (0..longest).map(move |j| (i, j)))
+        .map(|(i, j)| rows[longest - 1 + i - j] as u32)
+        .collect();
+    let index = Tensor::from_vec(index, (1, longest, longest), device)?
+        .broadcast_as((heads * batch, longest, longest))?
+        .contiguous()?;
+    // [count, heads * d] -> [heads, d, count]
+    let table = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.narrow(0, first, count)?
+            .reshape((count, heads, d))?
+            .permute((1, 2, 0))?
+            .contiguous()?)
+    };
+    if let Some(key) = &proj.key {
+        // c2p[i][j] = q_i . posk[row(i - j)]
+        let c2p = per_sequence(&qp.matmul(&table(key)?)?, count)?.gather(&index, 2)?;
+        scores = (scores + c2p)?;
+    }
+    if let Some(query) = &proj.query {
+        // p2c[i][j] = k_j . posq[row(i - j)]: gathered along the keys' rows, then transposed.
+        let index_t = index.transpose(1, 2)?.contiguous()?;
+        let p2c = per_sequence(&kp.matmul(&table(query)?)?, count)?
+            .gather(&index_t, 2)?
+            .transpose(1, 2)?;
+        scores = (scores + p2c)?;
+    }
+    let mask = Tensor::from_vec(mask, (1, batch, 1, longest), device)?;
+    let scores = (scores.to_dtype(DType::F32)? * scale)?
+        .reshape((heads, batch, longest, longest))?
+        .broadcast_add(&mask)?
+        .reshape((heads * batch, longest, longest))?;
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+    Ok(probs
+        .matmul(&per_sequence(&vp, d)?)?
+        .reshape((heads, batch * longest, d))?
+        .transpose(0, 1)?
+        .reshape((batch * longest, heads * d))?
+        .index_select(&keep, 0)?)
 }
 
 /// The CPU f32 path: the packed attention kernel with the two position terms added
@@ -330,5 +448,51 @@ mod tests {
         assert_eq!(weighted, 454_494);
         assert_eq!(p.row(299), 15);
         assert_eq!(p.row(-299), 0);
+    }
+
+    #[test]
+    fn grouped_padding_matches_the_cpu_kernel() {
+        // Sequences of different lengths (in three length groups, one longer than the
+        // bucket span) with both position terms: the GPU's padded groups, run here in
+        // f32, against the CPU kernel.
+        use candle_core::Device;
+        let (heads, d) = (2, 4);
+        let cu_seqlens = [0usize, 5, 6, 27, 47];
+        let total = cu_seqlens[4];
+        let positions = RelativePositions::new(4, Some((4, 16))).unwrap();
+        let rows = positions.table_rows();
+        let values = |n: usize, salt: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| (i as f32 * 0.37 + salt).sin() * 0.8)
+                .collect()
+        };
+        let dev = Device::Cpu;
+        let tensor = |salt: f32| {
+            Tensor::from_vec(values(total * heads * d, salt), (total, heads, d), &dev).unwrap()
+        };
+        let (q, k, v) = (tensor(0.1), tensor(1.3), tensor(2.7));
+        let proj = PositionProjections {
+            key: Some(
+                Tensor::from_vec(values(rows * heads * d, 3.1), (rows, heads * d), &dev).unwrap(),
+            ),
+            query: Some(
+                Tensor::from_vec(values(rows * heads * d, 4.2), (rows, heads * d), &dev).unwrap(),
+            ),
+        };
+        let scale = 1.0 / (3.0 * d as f64).sqrt();
+        let kernel =
+            disentangled_attention(&q, &k, &v, &cu_seqlens, &positions, &proj, scale).unwrap();
+        let padded = grouped_by_length(&q, &k, &v, &cu_seqlens, &positions, &proj, scale).unwrap();
+        let gap = (kernel - padded)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(gap < 1e-5, "largest difference {gap}");
     }
 }
