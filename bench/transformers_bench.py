@@ -146,6 +146,8 @@ def main():
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--attn", default=None, help="attn_implementation (eager, sdpa)")
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--repeat", type=int, default=2,
+                    help="timed runs of the whole workload after the warm-up; the best is reported too")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if args.threads:
@@ -154,25 +156,30 @@ def main():
     tokens = sum(len(p) for p in prompts)
     model, pad = build_model(args.shape, getattr(torch, args.dtype), args.device, args.attn)
     run(model, pad, prompts[:8], args.mode, args.budget, args.batch_size, args.device)  # warm-up
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    run(model, pad, prompts, args.mode, args.budget, args.batch_size, args.device)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-    secs = time.perf_counter() - start
+    runs = []
+    for _ in range(max(1, args.repeat)):
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        run(model, pad, prompts, args.mode, args.budget, args.batch_size, args.device)
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        runs.append(time.perf_counter() - start)
+    # As `verdict bench`: the first run's rate, and the best run's (past any autotuning).
+    secs, best = runs[0], min(runs)
     report = {
         "system": "transformers", "torch": torch.__version__, "transformers": transformers.__version__,
         "shape": args.shape, "mode": args.mode, "prompts": len(prompts), "tokens": tokens,
-        "seconds": secs, "tokens_per_s": tokens / secs, "requests_per_s": len(prompts) / secs,
+        "seconds": runs, "tokens_per_s": tokens / secs, "best_tokens_per_s": tokens / best,
+        "requests_per_s": len(prompts) / secs,
         "threads": torch.get_num_threads(),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"transformers {args.shape} {args.mode}: {secs:.2f} s, {tokens / secs:.0f} tokens/s, "
-              f"{len(prompts) / secs:.1f} requests/s, threads={torch.get_num_threads()}, "
+        print(f"transformers {args.shape} {args.mode}: {best:.2f} s (best of {len(runs)}), {tokens / best:.0f} tokens/s, "
+              f"{len(prompts) / best:.1f} requests/s, threads={torch.get_num_threads()}, "
               f"peak RSS {report['peak_rss_mb']:.0f} MB ({tokens} tokens)")
 
 

@@ -208,6 +208,9 @@ fn tensor_shapes(cfg: &serde_json::Value) -> Vec<(String, Vec<usize>)> {
         add("model.final_norm.weight".into(), vec![h]);
         add("head.dense.weight".into(), vec![h, h]);
         add("head.norm.weight".into(), vec![h]);
+        // `classifier_bias` is the head's dense layer; the classifier always has one.
+        add("classifier.weight".into(), vec![2, h]);
+        add("classifier.bias".into(), vec![2]);
     } else if cfg["model_type"] == "deberta-v2" {
         add(
             "deberta.embeddings.word_embeddings.weight".into(),
@@ -689,6 +692,50 @@ fn run_short_latency(engine: Arc<Engine>) -> Result<(f64, f64)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every shape's checkpoint, shrunk to a few hidden units, loads and classifies:
+    /// a weight the writer forgets fails here, not on the GPU machine.
+    #[test]
+    fn every_shape_loads_and_runs() {
+        let names = [
+            "minilm-l6",
+            "bert-base",
+            "deberta-v3-base",
+            "modernbert-base",
+            "qwen2.5-0.5b",
+            "qwen2.5-1.5b",
+            "qwen2.5-7b",
+            "gemma2-2b",
+        ];
+        let root =
+            std::env::temp_dir().join(format!("verdict-bench-shapes-{}", std::process::id()));
+        for name in names {
+            let mut shape = shape(name).unwrap();
+            let config = shape.config.as_object_mut().unwrap();
+            for (key, small) in [
+                ("num_hidden_layers", 2),
+                ("num_attention_heads", 2),
+                ("hidden_size", 16),
+                ("intermediate_size", 24),
+                ("vocab_size", 64),
+            ] {
+                config.insert(key.into(), small.into());
+            }
+            for (key, small) in [("num_key_value_heads", 1), ("head_dim", 8)] {
+                if config.contains_key(key) {
+                    config.insert(key.into(), small.into());
+                }
+            }
+            let dir = root.join(name);
+            ensure_checkpoint(&dir, &shape, false).unwrap();
+            let mut args = EngineArgs::new(dir.to_string_lossy());
+            args.device = DeviceArg::Cpu;
+            let engine = Engine::new(&args).unwrap_or_else(|e| panic!("{name}: {e}"));
+            let prompts = [vec![1u32, 5, 9, 13, 2], vec![3, 4]];
+            run_offline(&engine, &prompts).unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let _ = std::fs::remove_dir_all(&root);
+    }
 
     #[test]
     fn workload_is_deterministic_and_in_range() {
