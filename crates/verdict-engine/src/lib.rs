@@ -11,6 +11,7 @@ pub mod llm;
 pub mod models;
 pub mod multimodal;
 pub mod pooling;
+pub mod priority;
 pub mod scheduler;
 pub mod tokenize;
 

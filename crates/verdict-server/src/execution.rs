@@ -53,19 +53,22 @@ impl TokenizerPool {
             let receiver = receiver.clone();
             std::thread::Builder::new()
                 .name(format!("{name}-{i}"))
-                .spawn(move || loop {
-                    // Hold the lock only to take a job, not while running it.
-                    let job = {
-                        let rx = receiver.lock().unwrap_or_else(|e| e.into_inner());
-                        rx.recv()
-                    };
-                    match job {
-                        // A panicking job must not take the worker with it; its
-                        // caller sees the dropped reply channel as an error.
-                        Ok(job) => {
-                            let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                .spawn(move || {
+                    verdict_engine::priority::lower_current_thread();
+                    loop {
+                        // Hold the lock only to take a job, not while running it.
+                        let job = {
+                            let rx = receiver.lock().unwrap_or_else(|e| e.into_inner());
+                            rx.recv()
+                        };
+                        match job {
+                            // A panicking job must not take the worker with it; its
+                            // caller sees the dropped reply channel as an error.
+                            Ok(job) => {
+                                let _ = std::panic::catch_unwind(AssertUnwindSafe(job));
+                            }
+                            Err(_) => return, // the pool is gone
                         }
-                        Err(_) => return, // the pool is gone
                     }
                 })?;
         }

@@ -85,6 +85,12 @@ pub struct ServeArgs {
     /// measured throughput); 0 turns the check off.
     #[arg(long, default_value = "5", value_parser = parse_seconds)]
     pub max_queue_wait: Duration,
+
+    /// How much lower than the HTTP threads the model and tokenizer threads run
+    /// (niceness 0-19; 0 keeps one priority), so that `/health` and new connections
+    /// are answered promptly while compute saturates every core.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    pub compute_niceness: i32,
 }
 
 /// Seconds as a (possibly fractional) non-negative number.
@@ -108,6 +114,8 @@ fn parse_positive_seconds(text: &str) -> Result<Duration, String> {
 pub fn run(args: ServeArgs) -> Result<()> {
     let mut engine_args = args.engine.to_engine_args()?;
     engine_args.max_queued_sequences = args.max_queued_requests;
+    // Before the engine exists: its threads and the matrix-product pool take this on start.
+    verdict_engine::priority::set_compute_niceness(args.compute_niceness);
     let started = std::time::Instant::now();
     let engine = Arc::new(Engine::new(&engine_args).context("loading the model")?);
     tracing::info!(

@@ -280,6 +280,7 @@ impl Drop for Scheduler {
 }
 
 fn build_batches(shared: &Shared, tx: SyncSender<Batch>) {
+    crate::priority::lower_current_thread();
     loop {
         let batch = {
             let mut q = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -337,6 +338,7 @@ fn build_batches(shared: &Shared, tx: SyncSender<Batch>) {
 }
 
 fn run_batches(runner: &ModelRunner, rx: Receiver<Batch>, stats: &SchedulerStats) {
+    crate::priority::lower_current_thread();
     while let Ok(batch) = rx.recv() {
         let started = Instant::now();
         let n = batch.items.len();
