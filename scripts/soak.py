@@ -19,6 +19,7 @@ Exit status 1 when a goal is missed.
 
 import http.client
 import json
+import multiprocessing
 import os
 import random
 import socket
@@ -286,21 +287,44 @@ def connection_flood_worker(stats, stop, burst=300):
             s.close()
 
 
-def health_worker(stats, stop):
-    """A fresh connection every 250 ms, like a load balancer's probe."""
+def health_probe(conn, stop):
+    """A fresh connection every 250 ms, like a load balancer's probe.
+
+    Runs in its own process: in the client threads' process a probe would wait
+    for the GIL, and that wait would be counted as the server's latency.
+    """
     while not stop.wait(0.25):
         started = time.monotonic()
         ok = False
         try:
-            conn = http.client.HTTPConnection(HOST, PORT, timeout=5)
-            conn.request("GET", "/health")
-            response = conn.getresponse()
+            http_conn = http.client.HTTPConnection(HOST, PORT, timeout=5)
+            http_conn.request("GET", "/health")
+            response = http_conn.getresponse()
             response.read()
             ok = response.status == 200
-            conn.close()
+            http_conn.close()
         except (OSError, http.client.HTTPException):
             pass
-        stats.record_health((time.monotonic() - started) * 1000.0, ok)
+        conn.send(((time.monotonic() - started) * 1000.0, ok))
+    conn.close()
+
+
+def health_worker(stats, stop):
+    """Starts the probe process and records what it measures."""
+    receiver, sender = multiprocessing.Pipe(duplex=False)
+    probe_stop = multiprocessing.Event()
+    probe = multiprocessing.Process(target=health_probe, args=(sender, probe_stop), daemon=True)
+    probe.start()
+    sender.close()
+    while not stop.is_set():
+        if receiver.poll(0.5):
+            try:
+                ms, ok = receiver.recv()
+            except EOFError:
+                break
+            stats.record_health(ms, ok)
+    probe_stop.set()
+    probe.join(timeout=10)
 
 
 # ---- main ------------------------------------------------------------------
