@@ -497,16 +497,22 @@ async fn chat_template_renders_score_pairs() {
     s.stop().await;
 }
 
-// DistilBERT and GTE "new": /classify, /pooling, /score and /rerank on their
-// fixtures (scripts/make_encoder_fixtures_distil_gte.py).
+// The encoder families' cross-encoders (num_labels 1) and classifiers through
+// the server, against transformers (scripts/make_encoder_fixtures_distil_gte.py,
+// make_modernbert_fixtures.py, make_deberta_fixtures.py).
 
-/// A num_labels 1 cross-encoder fixture through every scoring route.
-async fn check_cross_encoder_routes(fixture: &str) {
-    let s = start(
+fn started(fixture: &'static str) -> impl std::future::Future<Output = TestServer> {
+    start(
         shared_engine(fixture, || engine_args(fixture)),
         local_config(),
     )
-    .await;
+}
+
+/// A num_labels 1 cross-encoder fixture through /classify, /pooling, /score and
+/// /rerank: every text alone, every pair N:N, then one query reranked over every
+/// document, each score as /score gives it.
+async fn check_cross_encoder_routes(fixture: &'static str) {
+    let s = started(fixture).await;
     let reference = reference(fixture);
     let model = format!("test/{fixture}");
     for case in reference.cases_of("text") {
@@ -516,24 +522,23 @@ async fn check_cross_encoder_routes(fixture: &str) {
         let item = &body.ok()["data"][0];
         assert_close(&case.name, &floats(&item["probs"]), &case.probs, ATOL);
         assert_eq!(item["label"], "LABEL_0");
+        assert_eq!(item["num_classes"], 1);
+        let body = s
+            .post(
+                "/pooling",
+                &json!({"input": case.text, "task": "classify", "use_activation": false}),
+            )
+            .await;
+        assert_close(
+            &format!("{} /pooling logits", case.name),
+            &floats(&body.ok()["data"][0]["data"]),
+            &case.logits,
+            ATOL,
+        );
     }
-    let long = reference.case("long");
-    let body = s
-        .post(
-            "/pooling",
-            &json!({"input": long.text, "task": "classify", "use_activation": false}),
-        )
-        .await;
-    assert_close(
-        "pooling logits",
-        &floats(&body.ok()["data"][0]["data"]),
-        &long.logits,
-        ATOL,
-    );
 
-    // Pairs: N:N scores against transformers, then one query reranked over
-    // every document, each score as /score gives it alone.
-    let pairs = reference.cases_of("pair");
+    // Pairs: models without token types ignore the template's type ids.
+    let pairs = pair_cases(&reference);
     let queries: Vec<&str> = pairs.iter().map(|c| c.text.as_deref().unwrap()).collect();
     let documents: Vec<&str> = pairs
         .iter()
@@ -547,6 +552,8 @@ async fn check_cross_encoder_routes(fixture: &str) {
         )
         .await;
     assert_close("score N:N", &scores(body.ok()), &want, ATOL);
+    let tokens: usize = pairs.iter().map(|c| c.input_ids.len()).sum();
+    assert_eq!(body.ok()["usage"]["prompt_tokens"], tokens);
     let one_to_n = scores(
         s.post(
             "/score",
@@ -593,33 +600,33 @@ async fn gte_new_cross_encoder_routes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn distilbert_classifier_labels_and_no_scoring() {
-    let fixture = "distilbert-cls";
-    let s = start(
-        shared_engine(fixture, || engine_args(fixture)),
-        local_config(),
-    )
-    .await;
+async fn modernbert_cross_encoder_routes() {
+    // Mean pooling from the config's classifier_pooling.
+    check_cross_encoder_routes("modernbert-rerank").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deberta_v3_cross_encoder_routes() {
+    check_cross_encoder_routes("deberta-v3-rerank").await;
+}
+
+/// A multi-label classifier fixture: every text in one /classify batch, with
+/// transformers' probabilities and labels; no /score (404, as vLLM registers none).
+async fn check_classifier_labels(fixture: &'static str) {
+    let s = started(fixture).await;
     let reference = reference(fixture);
-    let texts: Vec<&str> = reference
-        .cases_of("text")
-        .iter()
-        .map(|c| c.text.as_deref().unwrap())
-        .collect();
+    let cases = reference.cases_of("text");
+    let texts: Vec<&str> = cases.iter().map(|c| c.text.as_deref().unwrap()).collect();
     let body = s.post("/classify", &json!({"input": texts})).await;
-    for (item, case) in body.ok()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(reference.cases_of("text"))
-    {
+    let items = body.ok()["data"].as_array().unwrap();
+    assert_eq!(items.len(), cases.len());
+    for (item, case) in items.iter().zip(&cases) {
         assert_close(&case.name, &floats(&item["probs"]), &case.probs, ATOL);
         assert_eq!(
             item["label"].as_str(),
             reference.label_of(&case.probs).as_deref()
         );
     }
-    // Three labels: not a cross-encoder, so there is no /score (404, as vLLM).
     let answer = s
         .post("/score", &json!({"queries": "a", "documents": "b"}))
         .await;
@@ -627,112 +634,16 @@ async fn distilbert_classifier_labels_and_no_scoring() {
     s.stop().await;
 }
 
-// ModernBERT through the server: the mean-pooled cross-encoder on /classify,
-// /pooling, /score and /rerank; the CLS classifier's labels; the token classifier
-// on /pooling.
-
-fn modernbert(name: &'static str) -> Arc<Engine> {
-    shared_engine(name, || engine_args(name))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn modernbert_cross_encoder_endpoints() {
-    let s = start(modernbert("modernbert-rerank"), local_config()).await;
-    let reference = reference("modernbert-rerank");
-    for case in reference.cases_of("text") {
-        let body = s.post("/classify", &json!({"input": case.text})).await;
-        let item = &body.ok()["data"][0];
-        assert_close(&case.name, &floats(&item["probs"]), &case.probs, ATOL);
-        assert_eq!(item["num_classes"], 1);
-        let body = s
-            .post(
-                "/pooling",
-                &json!({"input": case.text, "task": "classify", "use_activation": false}),
-            )
-            .await;
-        assert_close(
-            &format!("{} /pooling logits", case.name),
-            &floats(&body.ok()["data"][0]["data"]),
-            &case.logits,
-            ATOL,
-        );
-    }
-    // Pairs: [CLS] A [SEP] B [SEP]; the template's type ids are not passed on.
-    let pairs = reference.cases_of("pair");
-    let queries: Vec<&str> = pairs.iter().map(|c| c.text.as_deref().unwrap()).collect();
-    let documents: Vec<&str> = pairs
-        .iter()
-        .map(|c| c.text_pair.as_deref().unwrap())
-        .collect();
-    let want: Vec<f64> = pairs.iter().map(|c| c.probs[0]).collect();
-    let body = s
-        .post(
-            "/score",
-            &json!({"queries": queries, "documents": documents}),
-        )
-        .await;
-    let tokens: usize = pairs.iter().map(|c| c.input_ids.len()).sum();
-    assert_eq!(body.ok()["usage"]["prompt_tokens"], tokens);
-    assert_close("score", &scores(body.ok()), &want, ATOL);
-    let body = s
-        .post(
-            "/rerank",
-            &json!({"query": queries[0], "documents": [documents[2], documents[0]]}),
-        )
-        .await;
-    let results = body.ok()["results"].as_array().unwrap();
-    assert_eq!(results.len(), 2);
-    let other = s
-        .post(
-            "/score",
-            &json!({"queries": queries[0], "documents": documents[2]}),
-        )
-        .await;
-    // Document 1 is the first reference pair's; document 0 scores as /score does.
-    let expected = [scores(other.ok())[0], pairs[0].probs[0]];
-    for r in results {
-        let index = r["index"].as_u64().unwrap() as usize;
-        assert_close(
-            &format!("rerank document {index}"),
-            &[r["relevance_score"].as_f64().unwrap()],
-            &expected[index..=index],
-            ATOL,
-        );
-    }
-    let got: Vec<f64> = results
-        .iter()
-        .map(|r| r["relevance_score"].as_f64().unwrap())
-        .collect();
-    assert!(got.windows(2).all(|w| w[0] >= w[1]), "{got:?}");
-    s.stop().await;
+async fn distilbert_classifier_labels_and_no_scoring() {
+    check_classifier_labels("distilbert-cls").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modernbert_classifier_and_token_classifier() {
-    let s = start(modernbert("modernbert-cls"), local_config()).await;
-    let classifier = reference("modernbert-cls");
-    let texts: Vec<&str> = classifier
-        .cases_of("text")
-        .iter()
-        .map(|c| c.text.as_deref().unwrap())
-        .collect();
-    let body = s.post("/classify", &json!({"input": texts})).await;
-    for (item, case) in body.ok()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .zip(classifier.cases_of("text"))
-    {
-        let probs = floats(&item["probs"]);
-        assert_close(&case.name, &probs, &case.probs, ATOL);
-        assert_eq!(
-            item["label"].as_str(),
-            classifier.label_of(&case.probs).as_deref()
-        );
-    }
-    s.stop().await;
+    check_classifier_labels("modernbert-cls").await;
 
-    let s = start(modernbert("modernbert-ner"), local_config()).await;
+    let s = started("modernbert-ner").await;
     let tagger = reference("modernbert-ner");
     for case in tagger.cases_of("text") {
         let body = s.post("/pooling", &json!({"input": case.text})).await;
@@ -746,60 +657,5 @@ async fn modernbert_classifier_and_token_classifier() {
     // A token classifier serves no /classify route (as vLLM registers none).
     let answer = s.post("/classify", &json!({"input": "a"})).await;
     assert_eq!(answer.status, 404, "{}", answer.body);
-    s.stop().await;
-}
-
-// DeBERTa-v3 cross-encoder (deberta-v3-rerank: num_labels 1, pairs with token types):
-// /score and /rerank against transformers.
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn deberta_v3_cross_encoder_scores_and_reranks() {
-    let engine = shared_engine("deberta-v3-rerank", || engine_args("deberta-v3-rerank"));
-    let s = start(engine, local_config()).await;
-    let reference = reference("deberta-v3-rerank");
-    let pairs = pair_cases(&reference);
-    let queries: Vec<&str> = pairs.iter().map(|c| c.text.as_deref().unwrap()).collect();
-    let documents: Vec<&str> = pairs
-        .iter()
-        .map(|c| c.text_pair.as_deref().unwrap())
-        .collect();
-    let want: Vec<f64> = pairs.iter().map(|c| c.probs[0]).collect();
-    let body = s
-        .post(
-            "/score",
-            &json!({"queries": queries, "documents": documents}),
-        )
-        .await;
-    assert_close("score N:N", &scores(body.ok()), &want, ATOL);
-    let tokens: usize = pairs.iter().map(|c| c.input_ids.len()).sum();
-    assert_eq!(body.ok()["usage"]["prompt_tokens"], tokens);
-
-    // One query against every document: the matching pair's score, sorted.
-    let query = queries[0];
-    let expected = scores(
-        s.post("/score", &json!({"queries": query, "documents": documents}))
-            .await
-            .ok(),
-    );
-    assert_close("1:N first", &expected[..1], &want[..1], ATOL);
-    let body = s
-        .post("/rerank", &json!({"query": query, "documents": documents}))
-        .await;
-    let results = body.ok()["results"].as_array().unwrap().clone();
-    assert_eq!(results.len(), documents.len());
-    let got: Vec<f64> = results
-        .iter()
-        .map(|r| r["relevance_score"].as_f64().unwrap())
-        .collect();
-    assert!(got.windows(2).all(|w| w[0] >= w[1]), "{got:?}");
-    for r in &results {
-        let index = r["index"].as_u64().unwrap() as usize;
-        assert_close(
-            "rerank",
-            &[r["relevance_score"].as_f64().unwrap()],
-            &expected[index..=index],
-            BATCH_TOL,
-        );
-    }
     s.stop().await;
 }
