@@ -38,6 +38,8 @@ def run_fixture(binary, fixture, dtype):
         args += ["--convert", ea["convert"]]
     if ea.get("hf_overrides"):
         args += ["--hf-overrides", json.dumps(ea["hf_overrides"])]
+    if ea.get("pooler_config"):
+        args += ["--pooler-config", json.dumps(ea["pooler_config"])]
     media = fixture / "media"
     if media.is_dir():
         args += ["--allowed-local-media-path", str(media)]
@@ -62,8 +64,18 @@ def run_fixture(binary, fixture, dtype):
         got = json.loads(line)
         if "error" in got:
             return None, [got["error"]["message"]]
-        worst = max(worst, max(abs(a - b) for a, b in zip(got["probs"], case["probs"])))
+        # Sequence probabilities, else the rows a token or STEP pooler returns.
+        want = next((case[k] for k in ("probs", "token_probs", "step_probs") if case.get(k)), [])
+        have = flatten(got.get("probs") or got.get("data") or [])
+        want = flatten(want)
+        if len(have) != len(want):
+            return None, [f"{case['name']}: {len(have)} values, the reference has {len(want)}"]
+        worst = max([worst] + [abs(a - b) for a, b in zip(have, want)])
     return worst, []
+
+
+def flatten(values):
+    return [x for v in values for x in (flatten(v) if isinstance(v, list) else [v])]
 
 
 def main():
