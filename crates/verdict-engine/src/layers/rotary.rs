@@ -259,11 +259,14 @@ impl RotaryEmbedding {
         if !fresh {
             let rows = need.next_multiple_of(4096);
             let all: Vec<u32> = (0..rows as u32).collect();
-            let (cos, sin) = self.cos_sin_host(&all, dtype, device)?;
+            let half = self.inv_freq.len();
+            // The short rows by position alone: read as one sequence, positions
+            // past LongRoPE's original context would pick the long frequencies.
+            let (cos, sin) = self.cos_sin_rows(&all, None)?;
+            let (cos, sin) = upload_tables(cos, sin, (rows, half), dtype, device)?;
             *tables = Some(match &self.long {
                 Some(_) => {
                     let (lcos, lsin) = self.cos_sin_rows(&all, Some(&vec![true; rows]))?;
-                    let half = self.inv_freq.len();
                     let (lcos, lsin) = upload_tables(lcos, lsin, (rows, half), dtype, device)?;
                     (Tensor::cat(&[cos, lcos], 0)?, Tensor::cat(&[sin, lsin], 0)?)
                 }
