@@ -9,7 +9,9 @@
 //! of the projected table its distances can reach, then a gather by distance: the
 //! work per sequence grows with its own length, never with the table size.
 
-use candle_core::{DType, Tensor};
+use std::sync::OnceLock;
+
+use candle_core::{DType, Device, Tensor};
 
 use super::cpu::{self, ScoreBlock};
 use crate::error::{EngineError, Result};
@@ -90,25 +92,65 @@ pub struct PositionProjections {
     pub query: Option<Tensor>,
 }
 
-/// Disentangled attention: `q`, `k`, `v` `[T, heads, d]` packed by `cu_seqlens`;
+/// What every layer's disentangled attention over one batch shares: each sequence's
+/// distance rows and, for the padded path, the length groups' index tensors. Built
+/// once per batch: an upload to the GPU waits for the work queued before it, so one
+/// per layer would stall the device between layers.
+pub struct DisentangledPlan {
+    cu_seqlens: Vec<usize>,
+    positions: RelativePositions,
+    seq_rows: Vec<(Vec<usize>, usize, usize)>,
+    groups: OnceLock<GroupedPlan>,
+}
+
+impl DisentangledPlan {
+    pub fn new(cu_seqlens: &[usize], positions: &RelativePositions) -> Self {
+        let seq_rows = cu_seqlens
+            .windows(2)
+            .map(|w| positions.sequence_rows((w[1] - w[0]).max(1)))
+            .collect();
+        DisentangledPlan {
+            cu_seqlens: cu_seqlens.to_vec(),
+            positions: *positions,
+            seq_rows,
+            groups: OnceLock::new(),
+        }
+    }
+
+    fn grouped(&self, device: &Device) -> Result<&GroupedPlan> {
+        if let Some(plan) = self.groups.get() {
+            return Ok(plan);
+        }
+        let plan = GroupedPlan::new(&self.cu_seqlens, &self.positions, device)?;
+        Ok(self.groups.get_or_init(|| plan))
+    }
+}
+
+/// Disentangled attention: `q`, `k`, `v` `[T, heads, d]` packed as the plan's batch;
 /// returns `[T, heads * d]`. `scale` multiplies the sum of all score terms.
 pub fn disentangled_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    cu_seqlens: &[usize],
-    positions: &RelativePositions,
+    plan: &DisentangledPlan,
     proj: &PositionProjections,
     scale: f64,
 ) -> Result<Tensor> {
-    let seq_rows: Vec<(Vec<usize>, usize, usize)> = cu_seqlens
-        .windows(2)
-        .map(|w| positions.sequence_rows((w[1] - w[0]).max(1)))
-        .collect();
-    if let Some(out) = cpu_f32(q, k, v, cu_seqlens, &seq_rows, proj, scale as f32)? {
+    let cu_seqlens = &plan.cu_seqlens;
+    if let Some(out) = cpu_f32(q, k, v, cu_seqlens, &plan.seq_rows, proj, scale as f32)? {
         return Ok(out);
     }
-    grouped_by_length(q, k, v, cu_seqlens, positions, proj, scale)
+    let grouped = plan.grouped(q.device())?;
+    let (total, heads, d) = q.dims3()?;
+    if grouped.groups.is_empty() {
+        return Ok(Tensor::zeros((total, heads * d), q.dtype(), q.device())?);
+    }
+    let outputs = grouped
+        .groups
+        .iter()
+        .map(|group| group.attention(q, k, v, proj, scale))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&outputs, 0)?.index_select(&grouped.placement, 0)?)
 }
 
 /// How much padding a group of sequences may carry: its padded tokens stay within
@@ -116,166 +158,185 @@ pub fn disentangled_attention(
 const PADDING_SLACK: f64 = 1.5;
 /// Most score elements (heads x sequences x longest^2) one group materialises.
 const MAX_GROUP_SCORES: usize = 1 << 27;
+/// Heads assumed when bounding a group's scores before the heads are known.
+const GROUP_HEADS_BOUND: usize = 16;
 
 /// Every other device and dtype (the GPU): each term as a few batched matmuls and
 /// gathers over padded sequences, rather than a dozen small launches per sequence.
 /// Padding every sequence to the batch's longest would cost `count x longest^2` where
 /// packing costs the sum of squares, so the sequences are sorted by length and cut
-/// into groups of similar length first.
-fn grouped_by_length(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    cu_seqlens: &[usize],
-    positions: &RelativePositions,
-    proj: &PositionProjections,
-    scale: f64,
-) -> Result<Tensor> {
-    let (total, heads, d) = q.dims3()?;
-    // (start, len), shortest first.
-    let mut order: Vec<(usize, usize)> = cu_seqlens
-        .windows(2)
-        .map(|w| (w[0], w[1] - w[0]))
-        .filter(|&(_, len)| len > 0)
-        .collect();
-    if order.is_empty() {
-        return Ok(Tensor::zeros((total, heads * d), q.dtype(), q.device())?);
-    }
-    order.sort_by_key(|&(_, len)| len);
-    let mut outputs = Vec::new();
-    let (mut begin, mut tokens) = (0, 0);
-    for (i, &(_, len)) in order.iter().enumerate() {
-        let count = i + 1 - begin;
-        let padded = count * len;
-        if count > 1
-            && (padded as f64 > PADDING_SLACK * (tokens + len) as f64
-                || heads * padded * len > MAX_GROUP_SCORES)
-        {
-            outputs.push(padded_group(
-                q,
-                k,
-                v,
-                &order[begin..i],
-                positions,
-                proj,
-                scale,
-            )?);
-            (begin, tokens) = (i, 0);
-        }
-        tokens += len;
-    }
-    outputs.push(padded_group(
-        q,
-        k,
-        v,
-        &order[begin..],
-        positions,
-        proj,
-        scale,
-    )?);
-    // The groups' rows follow `order`; put each back at its packed position.
-    let mut placement = vec![0u32; total];
-    let mut at = 0;
-    for &(start, len) in &order {
-        for (i, slot) in placement[start..start + len].iter_mut().enumerate() {
-            *slot = (at + i) as u32;
-        }
-        at += len;
-    }
-    let placement = Tensor::from_vec(placement, total, q.device())?;
-    Ok(Tensor::cat(&outputs, 0)?.index_select(&placement, 0)?)
+/// into groups of similar length.
+struct GroupedPlan {
+    groups: Vec<PaddedGroup>,
+    /// For each packed row, its row in the groups' concatenated output.
+    placement: Tensor,
 }
 
-/// Disentangled attention over `sequences` (packed `(start, len)`) padded to the
-/// longest of them; returns their rows `[sum of len, heads * d]` in that order.
-/// Padded keys are masked; padded query rows are computed and dropped.
-fn padded_group(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    sequences: &[(usize, usize)],
-    positions: &RelativePositions,
-    proj: &PositionProjections,
-    scale: f64,
-) -> Result<Tensor> {
-    let (total, heads, d) = q.dims3()?;
-    let batch = sequences.len();
-    let longest = sequences.iter().map(|&(_, len)| len).max().unwrap_or(0);
-    let device = q.device();
-    // Padded slot b * longest + i takes packed row start_b + i; padding reads row
-    // `total`, a zero row appended below.
-    let mut gather = vec![total as u32; batch * longest];
-    let mut keep = Vec::with_capacity(batch * longest);
-    let mut mask = vec![0f32; batch * longest];
-    for (b, &(start, len)) in sequences.iter().enumerate() {
-        for i in 0..longest {
-            if i < len {
-                gather[b * longest + i] = (start + i) as u32;
-                keep.push((b * longest + i) as u32);
-            } else {
-                mask[b * longest + i] = f32::NEG_INFINITY;
+impl GroupedPlan {
+    fn new(cu_seqlens: &[usize], positions: &RelativePositions, device: &Device) -> Result<Self> {
+        let total = cu_seqlens.last().copied().unwrap_or(0);
+        // (start, len), shortest first.
+        let mut order: Vec<(usize, usize)> = cu_seqlens
+            .windows(2)
+            .map(|w| (w[0], w[1] - w[0]))
+            .filter(|&(_, len)| len > 0)
+            .collect();
+        order.sort_by_key(|&(_, len)| len);
+        let mut groups = Vec::new();
+        let (mut begin, mut tokens) = (0, 0);
+        for (i, &(_, len)) in order.iter().enumerate() {
+            let count = i + 1 - begin;
+            let padded = count * len;
+            if count > 1
+                && (padded as f64 > PADDING_SLACK * (tokens + len) as f64
+                    || GROUP_HEADS_BOUND * padded * len > MAX_GROUP_SCORES)
+            {
+                groups.push(PaddedGroup::new(
+                    &order[begin..i],
+                    total,
+                    positions,
+                    device,
+                )?);
+                (begin, tokens) = (i, 0);
+            }
+            tokens += len;
+        }
+        if begin < order.len() {
+            groups.push(PaddedGroup::new(&order[begin..], total, positions, device)?);
+        }
+        // The groups' rows follow `order`; each goes back to its packed position.
+        let mut placement = vec![0u32; total];
+        let mut at = 0;
+        for &(start, len) in &order {
+            for (i, slot) in placement[start..start + len].iter_mut().enumerate() {
+                *slot = (at + i) as u32;
+            }
+            at += len;
+        }
+        let placement = Tensor::from_vec(placement, total, device)?;
+        Ok(GroupedPlan { groups, placement })
+    }
+}
+
+/// Sequences padded to the longest of them, with what their attention reads.
+struct PaddedGroup {
+    batch: usize,
+    longest: usize,
+    /// Packed row of each padded slot; padding reads row T, a zero row.
+    gather: Tensor,
+    /// The padded slots that hold tokens, in order.
+    keep: Tensor,
+    /// `[1, batch, 1, longest]`: 0 for keys, -inf for padding.
+    mask: Tensor,
+    /// `[1, longest, longest]`: the table row (from `first`) of distance i - j.
+    index: Tensor,
+    first: usize,
+    count: usize,
+}
+
+impl PaddedGroup {
+    fn new(
+        sequences: &[(usize, usize)],
+        total: usize,
+        positions: &RelativePositions,
+        device: &Device,
+    ) -> Result<Self> {
+        let batch = sequences.len();
+        let longest = sequences.iter().map(|&(_, len)| len).max().unwrap_or(0);
+        let mut gather = vec![total as u32; batch * longest];
+        let mut keep = Vec::with_capacity(batch * longest);
+        let mut mask = vec![0f32; batch * longest];
+        for (b, &(start, len)) in sequences.iter().enumerate() {
+            for i in 0..longest {
+                if i < len {
+                    gather[b * longest + i] = (start + i) as u32;
+                    keep.push((b * longest + i) as u32);
+                } else {
+                    mask[b * longest + i] = f32::NEG_INFINITY;
+                }
             }
         }
+        // Distance rows for the longest sequence cover every shorter one: a row
+        // depends on the distance only.
+        let (rows, first, count) = positions.sequence_rows(longest);
+        let index: Vec<u32> = (0..longest)
+            .flat_map(|i| (0..longest).map(move |j| (i, j)))
+            .map(|(i, j)| rows[longest - 1 + i - j] as u32)
+            .collect();
+        let kept = keep.len();
+        Ok(PaddedGroup {
+            batch,
+            longest,
+            gather: Tensor::from_vec(gather, batch * longest, device)?,
+            keep: Tensor::from_vec(keep, kept, device)?,
+            mask: Tensor::from_vec(mask, (1, batch, 1, longest), device)?,
+            index: Tensor::from_vec(index, (1, longest, longest), device)?,
+            first,
+            count,
+        })
     }
-    let kept = keep.len();
-    let gather = Tensor::from_vec(gather, batch * longest, device)?;
-    let keep = Tensor::from_vec(keep, kept, device)?;
-    let zero_row = Tensor::zeros((1, heads * d), q.dtype(), device)?;
-    // [T, heads, d] -> [heads, batch * longest, d]
-    let pad = |t: &Tensor| -> Result<Tensor> {
-        let flat = Tensor::cat(&[&t.reshape((total, heads * d))?, &zero_row], 0)?;
-        Ok(flat
-            .index_select(&gather, 0)?
-            .reshape((batch * longest, heads, d))?
-            .transpose(0, 1)?
-            .contiguous()?)
-    };
-    let (qp, kp, vp) = (pad(q)?, pad(k)?, pad(v)?);
-    let per_sequence = |t: &Tensor, cols: usize| t.reshape((heads * batch, longest, cols));
-    let mut scores = per_sequence(&qp, d)?.matmul(&per_sequence(&kp, d)?.t()?)?;
 
-    // Distance rows for the longest sequence cover every shorter one: a row depends
-    // on the distance only. index[i][j] = the row of distance i - j.
-    let (rows, first, count) = positions.sequence_rows(longest);
-    let index: Vec<u32> = (0..longest)
-        .flat_map(|i| (0..longest).map(move |j| (i, j)))
-        .map(|(i, j)| rows[longest - 1 + i - j] as u32)
-        .collect();
-    let index = Tensor::from_vec(index, (1, longest, longest), device)?
-        .broadcast_as((heads * batch, longest, longest))?
-        .contiguous()?;
-    // [count, heads * d] -> [heads, d, count]
-    let table = |t: &Tensor| -> Result<Tensor> {
-        Ok(t.narrow(0, first, count)?
-            .reshape((count, heads, d))?
-            .permute((1, 2, 0))?
-            .contiguous()?)
-    };
-    if let Some(key) = &proj.key {
-        // c2p[i][j] = q_i . posk[row(i - j)]
-        let c2p = per_sequence(&qp.matmul(&table(key)?)?, count)?.gather(&index, 2)?;
-        scores = (scores + c2p)?;
+    /// This group's rows of the attention output, `[sum of len, heads * d]`.
+    /// Padded query rows are computed and dropped.
+    fn attention(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        proj: &PositionProjections,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let (total, heads, d) = q.dims3()?;
+        let (batch, longest, count) = (self.batch, self.longest, self.count);
+        let zero_row = Tensor::zeros((1, heads * d), q.dtype(), q.device())?;
+        // [T, heads, d] -> [heads, batch * longest, d]
+        let pad = |t: &Tensor| -> Result<Tensor> {
+            let flat = Tensor::cat(&[&t.reshape((total, heads * d))?, &zero_row], 0)?;
+            Ok(flat
+                .index_select(&self.gather, 0)?
+                .reshape((batch * longest, heads, d))?
+                .transpose(0, 1)?
+                .contiguous()?)
+        };
+        let (qp, kp, vp) = (pad(q)?, pad(k)?, pad(v)?);
+        let per_sequence = |t: &Tensor, cols: usize| t.reshape((heads * batch, longest, cols));
+        let mut scores = per_sequence(&qp, d)?.matmul(&per_sequence(&kp, d)?.t()?)?;
+        let index = self
+            .index
+            .broadcast_as((heads * batch, longest, longest))?
+            .contiguous()?;
+        // [count, heads * d] -> [heads, d, count]
+        let table = |t: &Tensor| -> Result<Tensor> {
+            Ok(t.narrow(0, self.first, count)?
+                .reshape((count, heads, d))?
+                .permute((1, 2, 0))?
+                .contiguous()?)
+        };
+        if let Some(key) = &proj.key {
+            // c2p[i][j] = q_i . posk[row(i - j)]
+            let c2p = per_sequence(&qp.matmul(&table(key)?)?, count)?.gather(&index, 2)?;
+            scores = (scores + c2p)?;
+        }
+        if let Some(query) = &proj.query {
+            // p2c[i][j] = k_j . posq[row(i - j)]: gathered along the keys' rows, then transposed.
+            let index_t = index.transpose(1, 2)?.contiguous()?;
+            let p2c = per_sequence(&kp.matmul(&table(query)?)?, count)?
+                .gather(&index_t, 2)?
+                .transpose(1, 2)?;
+            scores = (scores + p2c)?;
+        }
+        let scores = (scores.to_dtype(DType::F32)? * scale)?
+            .reshape((heads, batch, longest, longest))?
+            .broadcast_add(&self.mask)?
+            .reshape((heads * batch, longest, longest))?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
+        Ok(probs
+            .matmul(&per_sequence(&vp, d)?)?
+            .reshape((heads, batch * longest, d))?
+            .transpose(0, 1)?
+            .reshape((batch * longest, heads * d))?
+            .index_select(&self.keep, 0)?)
     }
-    if let Some(query) = &proj.query {
-        // p2c[i][j] = k_j . posq[row(i - j)]: gathered along the keys' rows, then transposed.
-        let index_t = index.transpose(1, 2)?.contiguous()?;
-        let p2c = per_sequence(&kp.matmul(&table(query)?)?, count)?
-            .gather(&index_t, 2)?
-            .transpose(1, 2)?;
-        scores = (scores + p2c)?;
-    }
-    let mask = Tensor::from_vec(mask, (1, batch, 1, longest), device)?;
-    let scores = (scores.to_dtype(DType::F32)? * scale)?
-        .reshape((heads, batch, longest, longest))?
-        .broadcast_add(&mask)?
-        .reshape((heads * batch, longest, longest))?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(q.dtype())?;
-    Ok(probs
-        .matmul(&per_sequence(&vp, d)?)?
-        .reshape((heads, batch * longest, d))?
-        .transpose(0, 1)?
-        .reshape((batch * longest, heads * d))?
-        .index_select(&keep, 0)?)
 }
 
 /// The CPU f32 path: the packed attention kernel with the two position terms added
@@ -480,9 +541,21 @@ mod tests {
             ),
         };
         let scale = 1.0 / (3.0 * d as f64).sqrt();
-        let kernel =
-            disentangled_attention(&q, &k, &v, &cu_seqlens, &positions, &proj, scale).unwrap();
-        let padded = grouped_by_length(&q, &k, &v, &cu_seqlens, &positions, &proj, scale).unwrap();
+        let plan = DisentangledPlan::new(&cu_seqlens, &positions);
+        let kernel = disentangled_attention(&q, &k, &v, &plan, &proj, scale).unwrap();
+        let grouped = plan.grouped(&dev).unwrap();
+        assert_eq!(grouped.groups.len(), 3);
+        let padded = Tensor::cat(
+            &grouped
+                .groups
+                .iter()
+                .map(|g| g.attention(&q, &k, &v, &proj, scale).unwrap())
+                .collect::<Vec<_>>(),
+            0,
+        )
+        .unwrap()
+        .index_select(&grouped.placement, 0)
+        .unwrap();
         let gap = (kernel - padded)
             .unwrap()
             .abs()

@@ -13,7 +13,9 @@ mod rotary;
 mod simd;
 
 pub use attention::{packed_attention, packed_attention_capped, AttentionMask};
-pub use disentangled::{disentangled_attention, PositionProjections, RelativePositions};
+pub use disentangled::{
+    disentangled_attention, DisentangledPlan, PositionProjections, RelativePositions,
+};
 pub use qkv::QkvProjection;
 pub use rotary::RotaryEmbedding;
 

@@ -19,8 +19,8 @@ use super::{Backbone, PackedBatch};
 use crate::checkpoint::{HfConfig, WeightPath, Weights};
 use crate::error::{EngineError, Result};
 use crate::layers::{
-    disentangled_attention, in_row_chunks, packed_attention, AttentionMask, HiddenAct, LayerNorm,
-    Linear, NamedAct, PositionProjections, RelativePositions,
+    disentangled_attention, in_row_chunks, packed_attention, AttentionMask, DisentangledPlan,
+    HiddenAct, LayerNorm, Linear, NamedAct, PositionProjections, RelativePositions,
 };
 use crate::pooling::ClassifierHead;
 
@@ -434,20 +434,19 @@ impl Backbone for DebertaModel {
         let embeddings = self.embed(batch)?;
         let (heads, d) = (self.heads, self.head_dim);
         let mut x = embeddings.clone();
+        // Every layer attends over the same batch: its distance rows and index tensors once.
+        let plan = self
+            .relative
+            .as_ref()
+            .map(|relative| DisentangledPlan::new(&batch.cu_seqlens, relative));
         for (i, layer) in self.layers.iter().enumerate() {
             let q = layer.query.forward(&x)?.reshape((t, heads, d))?;
             let k = layer.key.forward(&x)?.reshape((t, heads, d))?;
             let v = layer.value.forward(&x)?.reshape((t, heads, d))?;
-            let ctx = match (&self.relative, &layer.positions) {
-                (Some(relative), Some(positions)) => disentangled_attention(
-                    &q,
-                    &k,
-                    &v,
-                    &batch.cu_seqlens,
-                    relative,
-                    positions,
-                    self.scale,
-                )?,
+            let ctx = match (&plan, &layer.positions) {
+                (Some(plan), Some(positions)) => {
+                    disentangled_attention(&q, &k, &v, plan, positions, self.scale)?
+                }
                 _ => packed_attention(
                     &q,
                     &k,
