@@ -4,6 +4,7 @@ committed transformers references (fp32 within 1e-4, bf16 within 1e-2).
 Standard library only, so it runs on the GPU machine as it is.
 
   python3 scripts/gpu_parity.py target-cuda/release/verdict
+  VERDICT_PARITY_DEVICE=cpu python3 scripts/gpu_parity.py target/release/verdict
 """
 import json
 import os
@@ -15,6 +16,8 @@ import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
+# VERDICT_PARITY_DEVICE=cpu runs the same table with the CPU binary (to check this script).
+DEVICE = os.environ.get("VERDICT_PARITY_DEVICE", "cuda")
 # bf16 is held to 1e-2 on the fixtures the CPU bf16 test holds (tests/parity.rs); the
 # others have hidden sizes of 4 or 8, where one bf16 rounding can move a probability
 # by more, so their bf16 gaps are shown for information ("info").
@@ -31,7 +34,7 @@ def run_fixture(binary, fixture, dtype):
     if not has_ffmpeg():
         # Video needs an ffmpeg binary; without one only the other cases run.
         ref["cases"] = [c for c in ref["cases"] if "video_url" not in json.dumps(c.get("messages"))]
-    args = [binary, "classify", "--model", str(fixture), "--device", "cuda", "--dtype", dtype,
+    args = [binary, "classify", "--model", str(fixture), "--device", DEVICE, "--dtype", dtype,
             "--format", "jsonl", "--no-progress", "--log-level", "warn"]
     ea = ref["engine_args"]
     if ea.get("convert"):
@@ -64,10 +67,13 @@ def run_fixture(binary, fixture, dtype):
         got = json.loads(line)
         if "error" in got:
             return None, [got["error"]["message"]]
-        # Sequence probabilities, else the rows a token or STEP pooler returns.
-        want = next((case[k] for k in ("probs", "token_probs", "step_probs") if case.get(k)), [])
-        have = flatten(got.get("probs") or got.get("data") or [])
-        want = flatten(want)
+        if "probs" in got:
+            want = case["probs"]
+        elif "sequence_reward" in case:  # a reward model's rows are raw rewards
+            want = case["token_logits"]
+        else:  # the rows a token or STEP pooler returns
+            want = case["step_probs"] if "step_probs" in case else case["token_probs"]
+        have, want = flatten(got.get("probs") or got.get("data") or []), flatten(want)
         if len(have) != len(want):
             return None, [f"{case['name']}: {len(have)} values, the reference has {len(want)}"]
         worst = max([worst] + [abs(a - b) for a, b in zip(have, want)])
