@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """GPU parity: every fixture through the verdict binary on CUDA, against the
-committed transformers references (fp32 within 1e-4, bf16 within 1e-2).
+committed transformers references (fp32 within 1e-4, bf16 within 1e-2), and
+every LoRA adapter under fixtures/lora/ on its base (`classify --lora`) against
+PEFT's (fp32 within 1e-4; bf16 for information).
 Standard library only, so it runs on the GPU machine as it is.
 
   python3 scripts/gpu_parity.py target-cuda/release/verdict
@@ -26,8 +28,8 @@ def has_ffmpeg():
                 or (pathlib.Path.home() / ".cache/verdict/ffmpeg").exists())
 
 
-def run_fixture(binary, fixture, dtype):
-    ref = json.loads((fixture / "reference.json").read_text())
+def run_fixture(binary, fixture, dtype, lora=None):
+    ref = json.loads(((lora or fixture) / "reference.json").read_text())
     if not has_ffmpeg():
         # Video needs an ffmpeg binary; without one only the other cases run.
         ref["cases"] = [c for c in ref["cases"] if "video_url" not in json.dumps(c.get("messages"))]
@@ -38,6 +40,8 @@ def run_fixture(binary, fixture, dtype):
         args += ["--convert", ea["convert"]]
     if ea.get("hf_overrides"):
         args += ["--hf-overrides", json.dumps(ea["hf_overrides"])]
+    if lora is not None:
+        args += ["--lora", str(lora)]
     media = fixture / "media"
     if media.is_dir():
         args += ["--allowed-local-media-path", str(media)]
@@ -83,6 +87,19 @@ def main():
                 failures += 0 if ok or not gated else 1
                 cells.append(f"{worst:.2e} {'ok' if ok else ('FAIL' if gated else 'info')}")
         print(f"{fixture.name:<22} {cells[0]:>16} {cells[1]:>17}")
+    for adapter in sorted((ROOT / "fixtures/lora").iterdir()):
+        base = ROOT / "fixtures/models" / json.loads((adapter / "reference.json").read_text())["base"]
+        cells = []
+        for dtype, tol in TOLERANCE.items():
+            worst, err = run_fixture(binary, base, dtype, lora=adapter)
+            if worst is None:
+                failures += 1
+                cells.append(f"ERROR {err[0][:40]}")
+            else:
+                ok = worst <= tol
+                failures += 0 if ok or dtype != "float32" else 1
+                cells.append(f"{worst:.2e} {'ok' if ok else ('FAIL' if dtype == 'float32' else 'info')}")
+        print(f"{'lora/' + adapter.name:<22} {cells[0]:>16} {cells[1]:>17}")
     print(f"{'all within tolerance' if failures == 0 else f'{failures} failures'}")
     sys.exit(1 if failures else 0)
 

@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 use verdict_engine::scheduler::WorkItem;
 use verdict_engine::{
-    ChatMessage, ChatOptions, Engine, EngineError, PooledData, Prompt, SequenceInput,
+    ChatMessage, ChatOptions, Engine, EngineError, LoraRequest, PooledData, Prompt, SequenceInput,
     TokenizeOptions, TruncationSide,
 };
 
@@ -62,14 +62,31 @@ pub struct ClassifyArgs {
     /// Never show the progress bar (it shows on stderr for long inputs otherwise).
     #[arg(long)]
     pub no_progress: bool,
+
+    /// Classify through this PEFT LoRA adapter directory (turns on --enable-lora).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
 }
 
 /// Prompts kept in flight between the reader and the writer.
 const IN_FLIGHT: usize = 8192;
 
 pub fn run(args: ClassifyArgs) -> Result<()> {
-    let engine_args = args.engine.to_engine_args()?;
+    let mut engine_args = args.engine.to_engine_args()?;
+    if args.lora.is_some() {
+        engine_args.enable_lora = true;
+    }
     let engine = Arc::new(Engine::new(&engine_args).context("loading the model")?);
+    let lora = match &args.lora {
+        Some(path) => Some(
+            engine
+                .lora_adapter(&LoraRequest::from_path(path))
+                .context("loading the LoRA adapter")?,
+        ),
+        None => None,
+    };
+    // An adapter with its own head has its own labels.
+    let lora_labels = lora.as_ref().map(|a| a.info().clone());
     let tokenize = TokenizeOptions {
         truncate_prompt_tokens: args.truncate_prompt_tokens,
         truncation_side: args
@@ -140,7 +157,8 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
                 Ok(tok) => {
                     let n = tok.ids.len();
                     let reply = tx.clone();
-                    let item = WorkItem::new(SequenceInput::new(tok, use_activation), move |r| {
+                    let input = SequenceInput::new(tok, use_activation).with_lora(lora.clone());
+                    let item = WorkItem::new(input, move |r| {
                         let _ = reply.send((index, r.map(|(d, _)| (d, n))));
                     });
                     if let Err(e) = reader_engine.submit(vec![item]) {
@@ -162,7 +180,10 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
             let record = match result {
                 Ok((PooledData::Vector(probs), tokens)) => json!({
                     "index": next,
-                    "label": info.label_of(&probs),
+                    "label": match &lora_labels {
+                        Some(adapter) => adapter.label_of(&probs),
+                        None => info.label_of(&probs),
+                    },
                     "num_classes": probs.len(),
                     "probs": probs,
                     "prompt_tokens": tokens,

@@ -85,6 +85,11 @@ pub struct ServeArgs {
     /// measured throughput); 0 turns the check off.
     #[arg(long, default_value = "5", value_parser = parse_seconds)]
     pub max_queue_wait: Duration,
+
+    /// Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's
+    /// VLLM_ALLOW_RUNTIME_LORA_UPDATING); needs --enable-lora.
+    #[arg(long)]
+    pub allow_runtime_lora_updating: bool,
 }
 
 /// Seconds as a (possibly fractional) non-negative number.
@@ -135,6 +140,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         keep_alive_timeout: args.keep_alive_timeout,
         shutdown_timeout: args.shutdown_timeout,
         max_queue_wait: Some(args.max_queue_wait).filter(|wait| !wait.is_zero()),
+        allow_runtime_lora_updating: args.allow_runtime_lora_updating,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -21,6 +21,7 @@ use candle_core::{DType, Module, Tensor};
 
 use crate::checkpoint::WeightPath;
 use crate::error::{EngineError, Result};
+use crate::lora::TargetId;
 
 /// Prepares a device for serving (see `cuda_ops::configure_device`); nothing on the CPU.
 pub fn configure_device(device: &candle_core::Device) -> Result<()> {
@@ -39,6 +40,8 @@ pub struct Linear {
     bias: Option<Tensor>,
     /// The bias as plain floats for the CPU fast path.
     cpu_bias: Option<Vec<f32>>,
+    /// Set when LoRA adapters may adapt this layer (see `crate::lora`).
+    lora: Option<TargetId>,
 }
 
 #[derive(Debug, Clone)]
@@ -69,7 +72,14 @@ impl Linear {
             weight,
             bias,
             cpu_bias,
+            lora: None,
         }
+    }
+
+    /// Marks the layer as a LoRA target (a no-op for `None`).
+    pub fn with_lora(mut self, target: Option<TargetId>) -> Self {
+        self.lora = target;
+        self
     }
 
     pub fn load(wp: &WeightPath, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
@@ -79,12 +89,13 @@ impl Linear {
             None
         };
         let w = wp.weights();
+        let lora = wp.lora_target(in_dim, out_dim);
         if w.device().is_cpu() && w.dtype() == DType::F32 {
             let wt = wp.get_transposed_f32("weight", out_dim, in_dim)?;
-            return Ok(Self::with_weight(LinearWeight::InOut(wt), bias));
+            return Ok(Self::with_weight(LinearWeight::InOut(wt), bias).with_lora(lora));
         }
         let weight = wp.get("weight", &[out_dim, in_dim])?;
-        Ok(Linear::new(weight, bias))
+        Ok(Linear::new(weight, bias).with_lora(lora))
     }
 
     /// Two layers stored as one (Phi-3's `gate_up_proj`): the first `out_dim` rows
@@ -107,7 +118,8 @@ impl Linear {
                 None => None,
             };
             let w = weight.narrow(0, i * out_dim, out_dim)?.contiguous()?;
-            Ok(Linear::new(w, b))
+            let rows = i * out_dim..(i + 1) * out_dim;
+            Ok(Linear::new(w, b).with_lora(wp.lora_target_rows(in_dim, rows)))
         };
         Ok((half(0)?, half(1)?))
     }
@@ -155,13 +167,30 @@ impl Linear {
         self.forward_inner(x, None)
     }
 
-    /// `x W^T` without the bias, for callers that fuse the bias into a later pass.
+    /// `x W^T` (plus the adapters' update) without the bias, for callers that fuse
+    /// the bias into a later pass.
     #[cfg(feature = "cuda")]
     pub(crate) fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.matmul(x)?;
+        match self.lora_delta(x)? {
+            Some(delta) => Ok((y + delta)?),
+            None => Ok(y),
+        }
+    }
+
+    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.weight {
             LinearWeight::InOut(wt) => x.matmul(wt)?,
             LinearWeight::OutIn(w) => x.matmul(&w.t()?)?,
         })
+    }
+
+    /// The update of the adapters of the rows being run, if any adapts this layer.
+    fn lora_delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        match self.lora {
+            Some(target) => crate::lora::delta(target, x),
+            None => Ok(None),
+        }
     }
 
     #[cfg(feature = "cuda")]
@@ -175,15 +204,24 @@ impl Linear {
     }
 
     fn forward_inner(&self, x: &Tensor, act: Option<HiddenAct>) -> Result<Tensor> {
-        let y = match &self.weight {
-            LinearWeight::InOut(wt) => {
-                if let Some(y) = cpu::linear_f32(x, wt, self.cpu_bias.as_deref(), act)? {
-                    return Ok(y);
-                }
-                x.matmul(wt)?
+        // Adapted rows: the plain layer, plus the update before the activation.
+        if let Some(delta) = self.lora_delta(x)? {
+            let y = (self.forward_plain(x, None)? + delta)?;
+            return match act {
+                Some(a) => a.forward(&y),
+                None => Ok(y),
+            };
+        }
+        self.forward_plain(x, act)
+    }
+
+    fn forward_plain(&self, x: &Tensor, act: Option<HiddenAct>) -> Result<Tensor> {
+        if let LinearWeight::InOut(wt) = &self.weight {
+            if let Some(y) = cpu::linear_f32(x, wt, self.cpu_bias.as_deref(), act)? {
+                return Ok(y);
             }
-            LinearWeight::OutIn(w) => x.matmul(&w.t()?)?,
-        };
+        }
+        let y = self.matmul(x)?;
         #[cfg(feature = "cuda")]
         if y.device().is_cuda() && (self.bias.is_some() || act.is_some()) {
             if let Some(out) = cuda_ops::bias_act(&y, self.bias.as_ref(), act)? {
@@ -352,7 +390,9 @@ pub fn in_row_chunks(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Resul
     }
     let mut outs = Vec::with_capacity(rows.div_ceil(MLP_ROWS));
     for start in (0..rows).step_by(MLP_ROWS) {
-        outs.push(f(&x.narrow(0, start, MLP_ROWS.min(rows - start))?)?);
+        let chunk = x.narrow(0, start, MLP_ROWS.min(rows - start))?;
+        // LoRA updates find their rows by position in the batch.
+        outs.push(crate::lora::offset_rows(start, || f(&chunk))?);
     }
     Ok(Tensor::cat(&outs, 0)?)
 }
