@@ -10,7 +10,7 @@ use serde_json::Value;
 
 use crate::checkpoint::{resolve_model_dir, HfConfig, ModelFiles, Weights};
 use crate::error::{EngineError, Result};
-use crate::lora::{self, LoraLimits, LoraModuleArg, LoraRef, LoraRegistry, Segment};
+use crate::lora::{self, BatchAdapters, LoraLimits, LoraModuleArg, LoraRef, LoraRegistry};
 use crate::models::qwen2_5_vl::VlTokens;
 use crate::models::Family;
 use crate::models::{
@@ -368,43 +368,11 @@ pub struct ModelRunner {
 impl ModelRunner {
     /// Runs a batch in one forward pass. Inputs must already be validated.
     pub fn run(&self, seqs: &[SequenceInput]) -> Result<Vec<PooledData>> {
-        if seqs.iter().all(|s| s.lora.is_none()) {
-            return self.run_packed(seqs, Vec::new());
-        }
-        // Each adapter's sequences side by side, so its tokens are one row range.
-        let mut order: Vec<usize> = (0..seqs.len()).collect();
-        order.sort_by_key(|&i| seqs[i].lora.as_ref().map(|a| a.id()));
-        let sorted: Vec<SequenceInput> = order.iter().map(|&i| seqs[i].clone()).collect();
-        let mut segments: Vec<Segment> = Vec::new();
-        let mut row = 0;
-        for s in &sorted {
-            let len = s.ids.len();
-            if let Some(adapter) = &s.lora {
-                match segments.last_mut() {
-                    Some(last) if last.adapter.id() == adapter.id() && last.rows.end == row => {
-                        last.rows.end += len;
-                    }
-                    _ => segments.push(Segment {
-                        adapter: adapter.0.clone(),
-                        rows: row..row + len,
-                    }),
-                }
-            }
-            row += len;
-        }
-        let outputs = self.run_packed(&sorted, segments)?;
-        let mut results: Vec<Option<PooledData>> = vec![None; seqs.len()];
-        for (&slot, out) in order.iter().zip(outputs) {
-            results[slot] = Some(out);
-        }
-        results
-            .into_iter()
-            .map(|r| {
-                r.ok_or_else(|| {
-                    EngineError::Tensor(candle_core::Error::Msg("a result is missing".into()))
-                })
-            })
-            .collect()
+        let adapters = BatchAdapters::for_sequences(
+            seqs.iter()
+                .map(|s| (s.lora.as_ref().map(|a| &a.0), s.ids.len())),
+        );
+        self.run_packed(seqs, adapters)
     }
 
     /// The head and activation a sequence's results come from: its adapter's, when
@@ -508,7 +476,7 @@ impl ModelRunner {
     fn run_packed(
         &self,
         seqs: &[SequenceInput],
-        segments: Vec<Segment>,
+        adapters: Option<BatchAdapters>,
     ) -> Result<Vec<PooledData>> {
         let mut batch = PackedBatch::from_sequences(
             seqs.iter()
@@ -518,7 +486,7 @@ impl ModelRunner {
             batch.visuals = seqs.iter().map(|s| s.visuals.clone()).collect();
         }
         let started = std::time::Instant::now();
-        let hidden = lora::scoped(segments, || self.backbone.forward(&batch))?;
+        let hidden = lora::scoped(adapters, || self.backbone.forward(&batch))?;
         let queued = started.elapsed();
         let own_heads = seqs
             .iter()

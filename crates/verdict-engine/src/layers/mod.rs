@@ -21,7 +21,7 @@ use candle_core::{DType, Module, Tensor};
 
 use crate::checkpoint::WeightPath;
 use crate::error::{EngineError, Result};
-use crate::lora::TargetId;
+use crate::lora::{TargetId, WeightRef};
 
 /// Prepares a device for serving (see `cuda_ops::configure_device`); nothing on the CPU.
 pub fn configure_device(device: &candle_core::Device) -> Result<()> {
@@ -171,10 +171,9 @@ impl Linear {
     /// the bias into a later pass.
     #[cfg(feature = "cuda")]
     pub(crate) fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.matmul(x)?;
-        match self.lora_delta(x)? {
-            Some(delta) => Ok((y + delta)?),
-            None => Ok(y),
+        match self.adapted(x)? {
+            Some(y) => Ok(y),
+            None => self.matmul(x),
         }
     }
 
@@ -185,12 +184,17 @@ impl Linear {
         })
     }
 
-    /// The update of the adapters of the rows being run, if any adapts this layer.
-    fn lora_delta(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        match self.lora {
-            Some(target) => crate::lora::delta(target, x),
-            None => Ok(None),
-        }
+    /// `x W^T` with the updates of the adapters of the rows being run, when one
+    /// adapts this layer.
+    fn adapted(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(target) = self.lora else {
+            return Ok(None);
+        };
+        let weight = match &self.weight {
+            LinearWeight::InOut(wt) => WeightRef::InOut(wt),
+            LinearWeight::OutIn(w) => WeightRef::OutIn(w),
+        };
+        crate::lora::adapted_matmul(target, x, weight)
     }
 
     #[cfg(feature = "cuda")]
@@ -204,24 +208,19 @@ impl Linear {
     }
 
     fn forward_inner(&self, x: &Tensor, act: Option<HiddenAct>) -> Result<Tensor> {
-        // Adapted rows: the plain layer, plus the update before the activation.
-        if let Some(delta) = self.lora_delta(x)? {
-            let y = (self.forward_plain(x, None)? + delta)?;
-            return match act {
-                Some(a) => a.forward(&y),
-                None => Ok(y),
-            };
+        if let Some(y) = self.adapted(x)? {
+            return self.bias_act(y, act);
         }
-        self.forward_plain(x, act)
-    }
-
-    fn forward_plain(&self, x: &Tensor, act: Option<HiddenAct>) -> Result<Tensor> {
         if let LinearWeight::InOut(wt) = &self.weight {
             if let Some(y) = cpu::linear_f32(x, wt, self.cpu_bias.as_deref(), act)? {
                 return Ok(y);
             }
         }
-        let y = self.matmul(x)?;
+        self.bias_act(self.matmul(x)?, act)
+    }
+
+    /// `act(y + b)`, in one pass on CUDA.
+    fn bias_act(&self, y: Tensor, act: Option<HiddenAct>) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if y.device().is_cuda() && (self.bias.is_some() || act.is_some()) {
             if let Some(out) = cuda_ops::bias_act(&y, self.bias.as_ref(), act)? {

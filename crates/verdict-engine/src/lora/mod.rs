@@ -7,23 +7,22 @@
 //! adapter is loaded against that list into one low-rank pair per layer, `x A^T B^T`
 //! with the scaling folded into `B`.
 //!
-//! A batch may mix adapters and the base model: the runner orders its sequences so
-//! each adapter's tokens are one contiguous row range, and scopes the forward pass
-//! with those ranges ([`scoped`]). Each targeted layer then adds, per range, the
-//! product of that range's rows with its adapter's pair; rows of the base model and
-//! of adapters that leave the layer alone get nothing. The scope is the engine
-//! thread's own, so the model code keeps its signatures.
+//! A batch may mix adapters and the base model: the runner scopes the forward pass
+//! with the adapter of every token row ([`scoped`]). Each targeted layer then runs
+//! one gathered product for all of them ([`adapted_matmul`]): rows of the base
+//! model, and of adapters that leave the layer alone, get no update. The scope is
+//! the engine thread's own, so the model code keeps its signatures.
 
 mod config;
 mod registry;
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use candle_core::Tensor;
+use candle_core::{DType, Device, Tensor};
 
 pub use config::{AdapterConfig, TargetModules};
 pub(crate) use registry::BaseModel;
@@ -99,11 +98,21 @@ impl TargetCollector {
     }
 }
 
-/// `x A^T B^T` for one layer: `a_t` `[in, R]`, `b_t` `[R, out]` with the scaling in it.
+/// `x A^T B^T` for one layer: `a_t` `[in, R]`, and B with the scaling in it in both
+/// layouts a layer's weight may have (`b` `[out, R]`, `b_t` `[R, out]`).
 #[derive(Debug, Clone)]
 struct LowRank {
     a_t: Tensor,
+    b: Tensor,
     b_t: Tensor,
+}
+
+/// A layer's weight as it is stored.
+pub(crate) enum WeightRef<'a> {
+    /// `[out, in]`.
+    OutIn(&'a Tensor),
+    /// `[in, out]`.
+    InOut(&'a Tensor),
 }
 
 /// A classification head an adapter brings (`modules_to_save`).
@@ -201,17 +210,76 @@ impl std::ops::Deref for LoraRef {
     }
 }
 
-/// Rows of a packed batch that run with one adapter.
+/// Marks rows that run with the base model.
+const BASE_ROW: u32 = u32::MAX;
+
+/// The adapters of a packed batch: which adapter each token row runs with.
 #[derive(Debug, Clone)]
-pub struct Segment {
-    pub adapter: Arc<LoraAdapter>,
-    pub rows: Range<usize>,
+pub struct BatchAdapters {
+    /// The distinct adapters, in order of first appearance.
+    adapters: Vec<Arc<LoraAdapter>>,
+    /// Per batch row: its adapter's index in `adapters`, or `BASE_ROW`.
+    row_slots: Vec<u32>,
 }
 
+impl BatchAdapters {
+    /// From each sequence's adapter and token count; `None` when no sequence has one.
+    pub fn for_sequences<'a>(
+        seqs: impl IntoIterator<Item = (Option<&'a Arc<LoraAdapter>>, usize)>,
+    ) -> Option<Self> {
+        let mut adapters: Vec<Arc<LoraAdapter>> = Vec::new();
+        let mut row_slots = Vec::new();
+        for (adapter, rows) in seqs {
+            let slot = match adapter {
+                None => BASE_ROW,
+                Some(a) => match adapters.iter().position(|b| b.id == a.id) {
+                    Some(i) => i as u32,
+                    None => {
+                        adapters.push(a.clone());
+                        (adapters.len() - 1) as u32
+                    }
+                },
+            };
+            row_slots.extend(std::iter::repeat_n(slot, rows));
+        }
+        (!adapters.is_empty()).then_some(BatchAdapters {
+            adapters,
+            row_slots,
+        })
+    }
+}
+
+/// Column layout of a layer's gathered low-rank factors: (adapter slot, rank) in order.
+type Layout = Vec<(u32, usize)>;
+
 struct Scope {
-    segments: Vec<Segment>,
+    batch: BatchAdapters,
     /// Row of the batch that row 0 of the current layer input is (row-chunked MLPs).
     row_offset: usize,
+    /// `[T, sum of ranks]` 0/1 masks, one per column layout and dtype: row r keeps
+    /// only the columns of its own adapter.
+    masks: RefCell<HashMap<(Layout, DType), Tensor>>,
+}
+
+impl Scope {
+    fn mask(&self, layout: &Layout, dtype: DType, device: &Device) -> Result<Tensor> {
+        let key = (layout.clone(), dtype);
+        if let Some(mask) = self.masks.borrow().get(&key) {
+            return Ok(mask.clone());
+        }
+        let columns: Vec<u32> = layout
+            .iter()
+            .flat_map(|&(slot, rank)| std::iter::repeat_n(slot, rank))
+            .collect();
+        let rows = self.batch.row_slots.len();
+        let mut values = Vec::with_capacity(rows * columns.len());
+        for &slot in &self.batch.row_slots {
+            values.extend(columns.iter().map(|&c| if c == slot { 1f32 } else { 0f32 }));
+        }
+        let mask = Tensor::from_vec(values, (rows, columns.len()), device)?.to_dtype(dtype)?;
+        self.masks.borrow_mut().insert(key, mask.clone());
+        Ok(mask)
+    }
 }
 
 thread_local! {
@@ -228,16 +296,17 @@ impl Drop for Restore {
     }
 }
 
-/// Runs `f` (a forward pass over a packed batch) with `segments` applied; with no
-/// segments it runs as the plain model.
-pub fn scoped<R>(segments: Vec<Segment>, f: impl FnOnce() -> R) -> R {
-    if segments.is_empty() {
+/// Runs `f` (a forward pass over a packed batch) with the batch's adapters
+/// applied; with `None` it runs as the plain model.
+pub fn scoped<R>(batch: Option<BatchAdapters>, f: impl FnOnce() -> R) -> R {
+    let Some(batch) = batch else {
         return f();
-    }
+    };
     let previous = ACTIVE.with(|a| {
         a.borrow_mut().replace(Scope {
-            segments,
+            batch,
             row_offset: 0,
+            masks: RefCell::new(HashMap::new()),
         })
     });
     let _restore = Restore(previous);
@@ -264,53 +333,188 @@ pub(crate) fn offset_rows<R>(start: usize, f: impl FnOnce() -> R) -> R {
     result
 }
 
-/// The adapters' update of layer `target` for input rows `x` `[n, in]`, or `None`
-/// when no row of the current scope is adapted there.
-pub(crate) fn delta(target: TargetId, x: &Tensor) -> Result<Option<Tensor>> {
+/// `x W^T` plus each row's adapter update for layer `target`, or `None` when no
+/// row of `x` is adapted there (the caller runs the plain layer).
+///
+/// One gathered product for all the batch's adapters: `U = (x A_all) * mask`
+/// (`A_all` the adapters' A stacked, the mask keeping each row's own columns),
+/// then `[x | U] [W | B_all]^T`, so the update lands in the layer's own matmul
+/// instead of a second pass over its output, and the kernel count does not grow
+/// with the number of adapters.
+pub(crate) fn adapted_matmul(
+    target: TargetId,
+    x: &Tensor,
+    weight: WeightRef,
+) -> Result<Option<Tensor>> {
     ACTIVE.with(|a| {
         let active = a.borrow();
         let Some(scope) = active.as_ref() else {
             return Ok(None);
         };
-        let n = x.dim(0)?;
-        let (lo, hi) = (scope.row_offset, scope.row_offset + n);
-        let mut pieces: Vec<Tensor> = Vec::new();
-        let mut cursor = lo;
-        let mut out_dim = 0;
-        for seg in &scope.segments {
-            let Some(pair) = seg.adapter.layers.get(target.0).and_then(Option::as_ref) else {
-                continue;
-            };
-            let (start, end) = (seg.rows.start.max(lo), seg.rows.end.min(hi));
-            if start >= end {
-                continue;
+        let mut layout: Layout = Vec::new();
+        let mut a_parts = Vec::new();
+        let mut b_parts = Vec::new();
+        for (slot, adapter) in scope.batch.adapters.iter().enumerate() {
+            if let Some(pair) = adapter.layers.get(target.0).and_then(Option::as_ref) {
+                layout.push((slot as u32, pair.b_t.dim(0)?));
+                a_parts.push(&pair.a_t);
+                b_parts.push(match weight {
+                    WeightRef::OutIn(_) => &pair.b,
+                    WeightRef::InOut(_) => &pair.b_t,
+                });
             }
-            out_dim = pair.b_t.dim(1)?;
-            if start > cursor {
-                pieces.push(Tensor::zeros(
-                    (start - cursor, out_dim),
-                    x.dtype(),
-                    x.device(),
-                )?);
-            }
-            let rows = x.narrow(0, start - lo, end - start)?;
-            pieces.push(rows.matmul(&pair.a_t)?.matmul(&pair.b_t)?);
-            cursor = end;
         }
-        if pieces.is_empty() {
+        let n = x.dim(0)?;
+        let rows = scope
+            .batch
+            .row_slots
+            .get(scope.row_offset..scope.row_offset + n)
+            .ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "internal: LoRA rows {}..{} outside the batch's {}",
+                    scope.row_offset,
+                    scope.row_offset + n,
+                    scope.batch.row_slots.len()
+                ))
+            })?;
+        if !rows
+            .iter()
+            .any(|r| layout.iter().any(|(slot, _)| slot == r))
+        {
             return Ok(None);
         }
-        if cursor < hi {
-            pieces.push(Tensor::zeros(
-                (hi - cursor, out_dim),
-                x.dtype(),
-                x.device(),
-            )?);
-        }
-        Ok(Some(if pieces.len() == 1 {
-            pieces.swap_remove(0)
-        } else {
-            Tensor::cat(&pieces, 0)?
+        let mask = scope
+            .mask(&layout, x.dtype(), x.device())?
+            .narrow(0, scope.row_offset, n)?;
+        let a_all = Tensor::cat(&a_parts, 1)?;
+        let u = (x.matmul(&a_all)? * mask)?;
+        let x_aug = Tensor::cat(&[x, &u], 1)?;
+        // Both concatenations join contiguous blocks, in the weight's own layout.
+        Ok(Some(match weight {
+            WeightRef::OutIn(w) => {
+                let w_aug = Tensor::cat(&[w, &Tensor::cat(&b_parts, 1)?], 1)?;
+                x_aug.matmul(&w_aug.t()?)?
+            }
+            WeightRef::InOut(wt) => {
+                let w_aug = Tensor::cat(&[wt, &Tensor::cat(&b_parts, 0)?], 0)?;
+                x_aug.matmul(&w_aug)?
+            }
         }))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(rows: usize, cols: usize, seed: f32) -> Tensor {
+        let values = (0..rows * cols)
+            .map(|i| (i as f32 * 0.37 + seed).sin() * 0.5)
+            .collect();
+        Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    fn adapter(id: u64, rank: usize, layers: Vec<Option<(Tensor, Tensor)>>) -> Arc<LoraAdapter> {
+        let layers = layers
+            .into_iter()
+            .map(|l| {
+                l.map(|(a, b)| LowRank {
+                    a_t: a.t().unwrap().contiguous().unwrap(),
+                    b_t: b.t().unwrap().contiguous().unwrap(),
+                    b,
+                })
+            })
+            .collect();
+        Arc::new(LoraAdapter {
+            id,
+            info: LoraInfo {
+                name: format!("a{id}"),
+                path: PathBuf::new(),
+                rank,
+                adapted_layers: 1,
+                num_labels: 2,
+                id2label: None,
+                has_head: false,
+            },
+            layers,
+            head: None,
+        })
+    }
+
+    /// Rows of base, adapter 1, adapter 2 (other ranks; no update on layer 1) and
+    /// adapter 1 again, in both weight layouts and in row chunks: each row gets
+    /// `x W^T` plus its own adapter's `x A^T B^T`.
+    #[test]
+    fn each_row_gets_its_own_adapters_update() {
+        let (inp, out) = (5, 3);
+        let x = tensor(7, inp, 0.1);
+        let w = tensor(out, inp, 0.7);
+        let (a1, b1) = (tensor(2, inp, 1.1), tensor(out, 2, 1.9));
+        let (a2, b2) = (tensor(3, inp, 2.3), tensor(out, 3, 2.9));
+        let one = adapter(1, 2, vec![Some((a1.clone(), b1.clone())), None]);
+        let two = adapter(2, 3, vec![Some((a2.clone(), b2.clone())), None]);
+        let seqs = [(None, 2), (Some(&one), 2), (Some(&two), 2), (Some(&one), 1)];
+        let batch = BatchAdapters::for_sequences(seqs).expect("adapters");
+        let base = x.matmul(&w.t().unwrap()).unwrap();
+        let update = |rows: std::ops::Range<usize>, a: &Tensor, b: &Tensor| {
+            x.narrow(0, rows.start, rows.len())
+                .unwrap()
+                .matmul(&a.t().unwrap())
+                .unwrap()
+                .matmul(&b.t().unwrap())
+                .unwrap()
+        };
+        let zeros = Tensor::zeros((2, out), DType::F32, &Device::Cpu).unwrap();
+        let want = (base
+            + Tensor::cat(
+                &[
+                    zeros,
+                    update(2..4, &a1, &b1),
+                    update(4..6, &a2, &b2),
+                    update(6..7, &a1, &b1),
+                ],
+                0,
+            )
+            .unwrap())
+        .unwrap()
+        .to_vec2::<f32>()
+        .unwrap();
+        let w_t = w.t().unwrap().contiguous().unwrap();
+        scoped(Some(batch), || {
+            for weight in [WeightRef::OutIn(&w), WeightRef::InOut(&w_t)] {
+                let got = adapted_matmul(TargetId(0), &x, weight)
+                    .unwrap()
+                    .expect("adapted rows");
+                let got = got.to_vec2::<f32>().unwrap();
+                for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                    assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+                }
+            }
+            // Rows 4.. as a chunk of their own.
+            let chunk = x.narrow(0, 4, 3).unwrap();
+            let got = offset_rows(4, || {
+                adapted_matmul(TargetId(0), &chunk, WeightRef::OutIn(&w))
+            })
+            .unwrap()
+            .expect("adapted rows")
+            .to_vec2::<f32>()
+            .unwrap();
+            for (g, w) in got.iter().flatten().zip(want[4..].iter().flatten()) {
+                assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+            }
+            // Only the base rows, or a layer no adapter targets: the plain layer.
+            let base_rows = x.narrow(0, 0, 2).unwrap();
+            assert!(
+                adapted_matmul(TargetId(0), &base_rows, WeightRef::OutIn(&w))
+                    .unwrap()
+                    .is_none()
+            );
+            assert!(adapted_matmul(TargetId(1), &x, WeightRef::OutIn(&w))
+                .unwrap()
+                .is_none());
+        });
+        assert!(adapted_matmul(TargetId(0), &x, WeightRef::OutIn(&w))
+            .unwrap()
+            .is_none());
+    }
 }

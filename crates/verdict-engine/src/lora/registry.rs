@@ -333,12 +333,15 @@ impl LoraRegistry {
             col += rank;
         }
         let a = Tensor::cat(&a_rows, 0)?;
+        let b_t = Tensor::from_vec(b_t, (total_rank, spec.out_dim), &Device::Cpu)?;
         let (dtype, device) = (self.base.dtype, &self.base.device);
+        let on_device = |t: Tensor| -> Result<Tensor> {
+            Ok(t.contiguous()?.to_dtype(dtype)?.to_device(device)?)
+        };
         Ok(LowRank {
-            a_t: a.t()?.contiguous()?.to_dtype(dtype)?.to_device(device)?,
-            b_t: Tensor::from_vec(b_t, (total_rank, spec.out_dim), &Device::Cpu)?
-                .to_dtype(dtype)?
-                .to_device(device)?,
+            a_t: on_device(a.t()?)?,
+            b: on_device(b_t.t()?)?,
+            b_t: on_device(b_t)?,
         })
     }
 
