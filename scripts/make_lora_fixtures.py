@@ -20,6 +20,7 @@ visibly moves the logits. Adapters stay in float32 (they are a few KB).
 | qwen2-all | qwen2-cls | all-linear, rsLoRA | 4 / 16 | score, 2 labels |
 | qwen2-qv | qwen2-cls | q_proj, v_proj (k not: a packed QKV must leave its rows alone) | 2 / 4 | score, 3 labels |
 | xlmr-rerank | xlmr-rerank | query, value | 2 / 4 | classifier (dense + out_proj), 1 label: a reranker |
+| distilbert-ner | distilbert-tokens | q_lin, v_lin, lin1 | 2 / 4 | token classifier, 3 labels (per-token references) |
 """
 
 import json
@@ -32,7 +33,7 @@ import torch
 import transformers
 import peft
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoModelForTokenClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -59,6 +60,9 @@ ADAPTERS = [
          targets=["q_proj", "v_proj"], save=["score"], labels=["low", "medium", "high"]),
     dict(name="xlmr-rerank", base="xlmr-rerank", seed=15, r=2, alpha=4, rslora=False,
          targets=["query", "value"], save=["classifier"], labels=None),
+    dict(name="distilbert-ner", base="distilbert-tokens", seed=16, r=2, alpha=4, rslora=False,
+         targets=["q_lin", "v_lin", "lin1"], save=["classifier"], labels=["O", "B-ORG", "I-ORG"],
+         token=True),
 ]
 
 
@@ -66,12 +70,13 @@ def write_json(path, obj):
     path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
-def base_model(base, labels):
+def base_model(base, labels, token=False):
+    auto = AutoModelForTokenClassification if token else AutoModelForSequenceClassification
     kwargs = dict(dtype=torch.float32, attn_implementation="eager")
     if labels is not None:
         kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
                       label2id={l: i for i, l in enumerate(labels)}, ignore_mismatched_sizes=True)
-    return AutoModelForSequenceClassification.from_pretrained(str(MODDIR / base), **kwargs).eval()
+    return auto.from_pretrained(str(MODDIR / base), **kwargs).eval()
 
 
 def randomise(model, seed):
@@ -91,6 +96,11 @@ def randomise(model, seed):
             p.copy_(scale * torch.randn(p.shape, generator=g))
         touched += 1
     assert touched, "no adapter parameters"
+
+
+def token_logits_of(model, case):
+    ids = torch.tensor([case["input_ids"]])
+    return model(input_ids=ids).logits[0]
 
 
 def logits_of(model, case):
@@ -125,8 +135,9 @@ def make(spec):
     out = OUTDIR / spec["name"]
     shutil.rmtree(out, ignore_errors=True)
     base_ref = json.loads((MODDIR / spec["base"] / "reference.json").read_text())
-    model = base_model(spec["base"], spec["labels"])
-    cfg = LoraConfig(task_type=TaskType.SEQ_CLS, r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
+    token = spec.get("token", False)
+    model = base_model(spec["base"], spec["labels"], token)
+    cfg = LoraConfig(task_type=TaskType.TOKEN_CLS if token else TaskType.SEQ_CLS, r=spec["r"], lora_alpha=spec["alpha"], lora_dropout=0.0,
                      use_rslora=spec["rslora"], target_modules=spec["targets"], modules_to_save=spec["save"],
                      bias="none")
     peft_model = get_peft_model(model, cfg).eval()
@@ -137,6 +148,9 @@ def make(spec):
     (out / "README.md").unlink(missing_ok=True)
     adapter_cfg = json.loads((out / "adapter_config.json").read_text())
     adapter_cfg["base_model_name_or_path"] = f"../../models/{spec['base']}"
+    # PEFT writes target_modules from a set: sorted, so a re-run gives the same file.
+    if isinstance(adapter_cfg["target_modules"], list):
+        adapter_cfg["target_modules"] = sorted(adapter_cfg["target_modules"])
     write_json(out / "adapter_config.json", adapter_cfg)
     # The adapter's labels (PEFT saves none): read by the engine for its head.
     config = peft_model.base_model.model.config
@@ -149,22 +163,30 @@ def make(spec):
 
     # References from the adapter as saved, on a fresh base model: the unmerged model,
     # then the merged one must agree.
-    fresh = base_model(spec["base"], spec["labels"])
+    fresh = base_model(spec["base"], spec["labels"], token)
     loaded = PeftModel.from_pretrained(fresh, str(out)).eval()
     act = activation_of(loaded.base_model.model.config)
+    # Token classifiers: per-token rows; `logits`/`probs` are the first token's, as
+    # in the base fixture.
+    logits_of_case = (lambda m, c: token_logits_of(m, c)[0]) if token else logits_of
     cases = []
     with torch.no_grad():
         for case in base_ref["cases"]:
-            logits = logits_of(loaded, case)
+            logits = logits_of_case(loaded, case)
             entry = {k: v for k, v in case.items()
                      if k not in ("logits", "probs", "token_logits", "token_probs")}
             entry["logits"] = [float(v) for v in logits]
             entry["probs"] = [float(v) for v in apply_act(act, logits)]
+            if token:
+                rows = token_logits_of(loaded, case)
+                entry["token_logits"] = [[float(v) for v in r] for r in rows]
+                entry["token_probs"] = [[float(v) for v in r] for r in apply_act(act, rows)]
             cases.append(entry)
-        base_logits = [logits_of(base_model(spec["base"], None), c) for c in base_ref["cases"]]
+        plain_model = base_model(spec["base"], None, token)
+        base_logits = [logits_of_case(plain_model, c) for c in base_ref["cases"]]
         merged = loaded.merge_and_unload().eval()
         for case, entry, plain in zip(base_ref["cases"], cases, base_logits):
-            m = logits_of(merged, case)
+            m = logits_of_case(merged, case)
             diff = (m - torch.tensor(entry["logits"])).abs().max().item()
             assert diff < 1e-5, (spec["name"], case["name"], diff)
             if spec["labels"] is None:

@@ -307,3 +307,43 @@ fn adapters_unload_and_reload_by_name() {
         .expect("reload");
     assert_eq!(registry.list().len(), 1);
 }
+
+/// Per-token heads: a 3-label token-classification adapter and its 5-label base
+/// model in one batch, every token row as PEFT / transformers give it.
+#[test]
+fn token_classification_adapter_with_its_own_labels_in_a_mixed_batch() {
+    let loaded = load_engine(&lora_args("distilbert-tokens", &["distilbert-ner"]));
+    let adapter = verdict_engine::lora::LoraRef(
+        loaded
+            .lora
+            .as_ref()
+            .and_then(|r| r.get("distilbert-ner"))
+            .expect("loaded"),
+    );
+    let base_ref = load_reference(&fixture_dir("distilbert-tokens"));
+    let lora_ref = lora_reference("distilbert-ner");
+    let mut inputs = Vec::new();
+    let mut expected = Vec::new();
+    for (base_case, lora_case) in base_ref.cases.iter().zip(&lora_ref.cases) {
+        inputs.push(sequence(base_case, None));
+        expected.push((format!("base/{}", base_case.name), base_case));
+        inputs.push(sequence(lora_case, Some(&adapter)));
+        expected.push((format!("distilbert-ner/{}", lora_case.name), lora_case));
+    }
+    let mixed = loaded.runner.run(&inputs).expect("mixed batch");
+    for ((input, out), (what, case)) in inputs.iter().zip(&mixed).zip(&expected) {
+        let PooledData::Matrix(rows) = out else {
+            panic!("{what}: expected per-token rows")
+        };
+        let want = case.token_logits.as_ref().expect("token_logits");
+        assert_close_2d(&format!("{what} (mixed)"), rows, want, ATOL);
+        let alone = loaded
+            .runner
+            .run(std::slice::from_ref(input))
+            .expect("alone");
+        let PooledData::Matrix(alone) = &alone[0] else {
+            panic!("{what}: expected per-token rows")
+        };
+        assert_close_2d(&format!("{what} alone vs mixed"), alone, rows, 1e-5);
+    }
+}

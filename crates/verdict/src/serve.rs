@@ -113,6 +113,9 @@ fn parse_positive_seconds(text: &str) -> Result<Duration, String> {
 pub fn run(args: ServeArgs) -> Result<()> {
     let mut engine_args = args.engine.to_engine_args()?;
     engine_args.max_queued_sequences = args.max_queued_requests;
+    if args.allow_runtime_lora_updating && !engine_args.enable_lora {
+        anyhow::bail!("--allow-runtime-lora-updating needs --enable-lora");
+    }
     let started = std::time::Instant::now();
     let engine = Arc::new(Engine::new(&engine_args).context("loading the model")?);
     tracing::info!(

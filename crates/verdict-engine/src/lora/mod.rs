@@ -377,9 +377,14 @@ pub(crate) fn adapted_matmul(
                     scope.batch.row_slots.len()
                 ))
             })?;
-        if !rows
-            .iter()
-            .any(|r| layout.iter().any(|(slot, _)| slot == r))
+        // Every adapter of the batch has rows in it: only a row slice (a CPU MLP
+        // chunk) can miss the layout's adapters.
+        let whole = n == scope.batch.row_slots.len();
+        if layout.is_empty()
+            || (!whole
+                && !rows
+                    .iter()
+                    .any(|r| layout.iter().any(|(slot, _)| slot == r)))
         {
             return Ok(None);
         }
