@@ -847,6 +847,11 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
     };
 
     let activation = Activation::from_config(&config)?;
+    let served_model_names = if args.served_model_name.is_empty() {
+        vec![args.model.clone()]
+    } else {
+        args.served_model_name.clone()
+    };
     let lora = if args.enable_lora {
         let base = lora::BaseModel {
             files: files.clone(),
@@ -860,6 +865,12 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
         };
         let registry = LoraRegistry::new(base, lora_targets, args.lora_limits);
         for module in &args.lora_modules {
+            if served_model_names.contains(&module.name) {
+                return Err(EngineError::Config(format!(
+                    "--lora-modules: `{}` is the base model's name; give the adapter another",
+                    module.name
+                )));
+            }
             registry.load(&module.name, &module.path)?;
         }
         Some(Arc::new(registry))
@@ -867,11 +878,6 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
         None
     };
     let pair_concat = from_token.is_some() || config.bool("use_sep_token") == Some(false);
-    let served_model_names = if args.served_model_name.is_empty() {
-        vec![args.model.clone()]
-    } else {
-        args.served_model_name.clone()
-    };
     let info = ModelInfo {
         model_dir: dir,
         served_model_names,

@@ -486,13 +486,30 @@ impl Llm {
         params: Option<&PoolingParams>,
         tokenization: &TokenizeOptions,
     ) -> Result<Vec<ScoringRequestOutput>> {
+        self.score_with_lora(data_1, data_2, params, tokenization, None)
+    }
+
+    /// `score` through a LoRA adapter (`None`: the base model); the adapter's head,
+    /// when it brings one, must have one label.
+    pub fn score_with_lora(
+        &self,
+        data_1: &[String],
+        data_2: &[String],
+        params: Option<&PoolingParams>,
+        tokenization: &TokenizeOptions,
+        lora: Option<&LoraRequest>,
+    ) -> Result<Vec<ScoringRequestOutput>> {
         let info = self.info();
         if info.task != PoolingTask::Classify {
             return Err(EngineError::validation(
                 "This model does not support the Scoring API.",
             ));
         }
-        if info.num_labels != 1 {
+        let lora = lora.map(|r| self.engine.lora_adapter(r)).transpose()?;
+        let num_labels = lora
+            .as_ref()
+            .map_or(info.num_labels, |a| a.info().num_labels);
+        if num_labels != 1 {
             return Err(EngineError::validation(
                 "Scoring API is only enabled for num_labels == 1.",
             ));
@@ -517,7 +534,7 @@ impl Llm {
             )?));
         }
         let all_params = vec![params; pairs.len()];
-        self.run_tokenized(tokenized, &all_params, None, &|_| {})
+        self.run_tokenized(tokenized, &all_params, lora, &|_| {})
             .into_iter()
             .map(|r| {
                 let r = r?;

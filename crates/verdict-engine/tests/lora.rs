@@ -277,6 +277,11 @@ fn unsupported_adapters_are_refused_with_the_reason() {
     let msg = load_error(&args);
     assert!(msg.contains("LoRA adapters are not supported"), "{msg}");
 
+    let args = lora_args("bert-cls", &[]);
+    let base_name = args.model.clone();
+    let msg = load_error(&with_module(args, &base_name, &lora_dir("bert-sentiment")));
+    assert!(msg.contains("is the base model's name"), "{msg}");
+
     let msg = load_error(&with_module(
         lora_args("qwen2-cls", &[]),
         "wrong base",
@@ -346,4 +351,33 @@ fn token_classification_adapter_with_its_own_labels_in_a_mixed_batch() {
         };
         assert_close_2d(&format!("{what} alone vs mixed"), alone, rows, 1e-5);
     }
+}
+
+#[test]
+fn offline_score_through_a_reranker_adapter() {
+    let llm = Llm::new(lora_args("xlmr-rerank", &[])).expect("load");
+    let reference = lora_reference("xlmr-rerank");
+    let request = LoraRequest::from_path(lora_dir("xlmr-rerank"));
+    for case in reference.cases.iter().filter(|c| c.kind == "pair") {
+        let q = vec![case.text.clone().expect("text")];
+        let d = vec![case.text_pair.clone().expect("text_pair")];
+        let scored = llm
+            .score_with_lora(&q, &d, None, &TokenizeOptions::default(), Some(&request))
+            .expect("score");
+        assert_eq!(scored[0].prompt_token_ids, case.input_ids, "{}", case.name);
+        assert_close(&case.name, &[scored[0].score], &case.probs, ATOL);
+    }
+    // A 3-label head cannot score.
+    let llm = Llm::new(lora_args("bert-cls", &[])).expect("load");
+    let request = LoraRequest::from_path(lora_dir("bert-sentiment"));
+    let err = llm
+        .score_with_lora(
+            &["a".into()],
+            &["b".into()],
+            None,
+            &TokenizeOptions::default(),
+            Some(&request),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("num_labels == 1"), "{err}");
 }

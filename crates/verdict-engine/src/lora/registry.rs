@@ -442,3 +442,23 @@ impl LoraModuleArg {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lora_modules_take_both_of_vllms_forms() {
+        let want = LoraModuleArg {
+            name: "sql".into(),
+            path: PathBuf::from("/adapters/sql"),
+        };
+        assert_eq!(LoraModuleArg::parse("sql=/adapters/sql").unwrap(), want);
+        let json = r#"{"name": "sql", "path": "/adapters/sql", "base_model_name": "m"}"#;
+        assert_eq!(LoraModuleArg::parse(json).unwrap(), want);
+        for bad in ["sql", "=/p", "sql=", r#"{"name": "sql"}"#, "{nope"] {
+            let msg = LoraModuleArg::parse(bad).unwrap_err().to_string();
+            assert!(msg.contains("--lora-modules"), "{bad}: {msg}");
+        }
+    }
+}
