@@ -417,7 +417,8 @@ impl ModelRunner {
             if rows.is_empty() {
                 continue;
             }
-            let index = candle_core::Tensor::from_vec(rows.clone(), rows.len(), source.device())?;
+            let count = rows.len();
+            let index = candle_core::Tensor::from_vec(rows, count, source.device())?;
             let selected = source.index_select(&index, 0)?;
             let logits = if per_token {
                 head.forward_tokens(&selected)?
