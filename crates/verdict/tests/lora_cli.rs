@@ -89,3 +89,37 @@ fn classify_through_a_lora_adapter() {
         assert_eq!(got["label"], labels[best.to_string()], "{name}");
     }
 }
+
+#[test]
+fn score_through_a_reranker_adapter() {
+    let adapter = repo().join("fixtures/lora/xlmr-rerank");
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("reference.json")).expect("reference.json"),
+    )
+    .expect("parse");
+    let case = reference["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .find(|c| c["kind"] == "pair")
+        .expect("a pair case");
+    let out = Command::new(env!("CARGO_BIN_EXE_verdict"))
+        .args(["score", "--device", "cpu"])
+        .arg("--model")
+        .arg(repo().join("fixtures/models/xlmr-rerank"))
+        .arg("--lora")
+        .arg(&adapter)
+        .arg(case["text"].as_str().expect("text"))
+        .arg(case["text_pair"].as_str().expect("text_pair"))
+        .output()
+        .expect("running verdict");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Value = serde_json::from_slice(&out.stdout).expect("one JSON line");
+    let score = got["score"].as_f64().expect("score");
+    let want = case["probs"][0].as_f64().expect("probs");
+    assert!((score - want).abs() <= 1e-4, "{score} vs {want}");
+}
