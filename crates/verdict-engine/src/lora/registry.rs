@@ -241,7 +241,7 @@ impl LoraRegistry {
                 continue;
             }
             adapted_layers += 1;
-            layers.push(Some(self.low_rank(spec, parts)?));
+            layers.push(Some(low_rank(spec, parts, base.dtype, &base.device)?));
         }
 
         let head = if head_tensors.is_empty() {
@@ -310,41 +310,6 @@ impl LoraRegistry {
         names.join("`, `")
     }
 
-    /// One pair for a layer from its modules' pieces: A stacked over the pieces'
-    /// ranks, B block-structured so each piece writes only its own output rows.
-    fn low_rank(&self, spec: &TargetSpec, parts: Vec<(usize, Tensor, Tensor)>) -> Result<LowRank> {
-        let total_rank: usize = parts
-            .iter()
-            .map(|(_, a, _)| a.dim(0))
-            .sum::<candle_core::Result<_>>()?;
-        let mut b_t = vec![0f32; total_rank * spec.out_dim];
-        let mut a_rows = Vec::with_capacity(parts.len());
-        let mut col = 0;
-        for (p, a, b) in parts {
-            let rank = a.dim(0)?;
-            let offset = spec.parts[p].offset;
-            let b = b.to_vec2::<f32>()?;
-            for (row, values) in b.iter().enumerate() {
-                for (k, v) in values.iter().enumerate() {
-                    b_t[(col + k) * spec.out_dim + offset + row] = *v;
-                }
-            }
-            a_rows.push(a);
-            col += rank;
-        }
-        let a = Tensor::cat(&a_rows, 0)?;
-        let b_t = Tensor::from_vec(b_t, (total_rank, spec.out_dim), &Device::Cpu)?;
-        let (dtype, device) = (self.base.dtype, &self.base.device);
-        let on_device = |t: Tensor| -> Result<Tensor> {
-            Ok(t.contiguous()?.to_dtype(dtype)?.to_device(device)?)
-        };
-        Ok(LowRank {
-            a_t: on_device(a.t()?)?,
-            b: on_device(b_t.t()?)?,
-            b_t: on_device(b_t)?,
-        })
-    }
-
     /// The adapter's head (weights it saved over the model's), with its labels from
     /// an optional `config.json` beside the adapter.
     fn adapter_head(
@@ -379,6 +344,44 @@ impl LoraRegistry {
         };
         Ok((AdapterHead { head, activation }, id2label))
     }
+}
+
+/// One pair for a layer from its modules' pieces: A stacked over the pieces'
+/// ranks, B block-structured so each piece writes only its own output rows.
+fn low_rank(
+    spec: &TargetSpec,
+    parts: Vec<(usize, Tensor, Tensor)>,
+    dtype: DType,
+    device: &Device,
+) -> Result<LowRank> {
+    let total_rank: usize = parts
+        .iter()
+        .map(|(_, a, _)| a.dim(0))
+        .sum::<candle_core::Result<_>>()?;
+    let mut b_t = vec![0f32; total_rank * spec.out_dim];
+    let mut a_rows = Vec::with_capacity(parts.len());
+    let mut col = 0;
+    for (p, a, b) in parts {
+        let rank = a.dim(0)?;
+        let offset = spec.parts[p].offset;
+        let b = b.to_vec2::<f32>()?;
+        for (row, values) in b.iter().enumerate() {
+            for (k, v) in values.iter().enumerate() {
+                b_t[(col + k) * spec.out_dim + offset + row] = *v;
+            }
+        }
+        a_rows.push(a);
+        col += rank;
+    }
+    let a = Tensor::cat(&a_rows, 0)?;
+    let b_t = Tensor::from_vec(b_t, (total_rank, spec.out_dim), &Device::Cpu)?;
+    let on_device =
+        |t: Tensor| -> Result<Tensor> { Ok(t.contiguous()?.to_dtype(dtype)?.to_device(device)?) };
+    Ok(LowRank {
+        a_t: on_device(a.t()?)?,
+        b: on_device(b_t.t()?)?,
+        b_t: on_device(b_t)?,
+    })
 }
 
 /// The model's labels when the head keeps their number, else transformers' `LABEL_i`.
@@ -446,6 +449,67 @@ impl LoraModuleArg {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lora::TargetPart;
+
+    fn tensor(rows: usize, cols: usize, seed: f32) -> Tensor {
+        let values = (0..rows * cols)
+            .map(|i| (i as f32 * 0.61 + seed).cos())
+            .collect();
+        Tensor::from_vec(values, (rows, cols), &Device::Cpu).unwrap()
+    }
+
+    /// A packed q/k/v layer adapted on q and v only: the pair writes q's and v's
+    /// rows of the output and leaves k's at zero.
+    #[test]
+    fn packed_layers_get_each_modules_rows() {
+        let part = |module: &str, rows: usize, offset: usize| TargetPart {
+            module: module.into(),
+            module_rows: 0..rows,
+            offset,
+        };
+        let spec = TargetSpec {
+            in_dim: 3,
+            out_dim: 8,
+            parts: vec![part("q", 4, 0), part("k", 2, 4), part("v", 2, 6)],
+        };
+        let (aq, bq) = (tensor(2, 3, 0.1), tensor(4, 2, 0.2));
+        let (av, bv) = (tensor(1, 3, 0.3), tensor(2, 1, 0.4));
+        let pair = low_rank(
+            &spec,
+            vec![(0, aq.clone(), bq.clone()), (2, av.clone(), bv.clone())],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let x = tensor(5, 3, 0.5);
+        let got = x.matmul(&pair.a_t).unwrap().matmul(&pair.b_t).unwrap();
+        let via_b = x
+            .matmul(&pair.a_t)
+            .unwrap()
+            .matmul(&pair.b.t().unwrap())
+            .unwrap();
+        let q = x
+            .matmul(&aq.t().unwrap())
+            .unwrap()
+            .matmul(&bq.t().unwrap())
+            .unwrap();
+        let v = x
+            .matmul(&av.t().unwrap())
+            .unwrap()
+            .matmul(&bv.t().unwrap())
+            .unwrap();
+        let k = Tensor::zeros((5, 2), DType::F32, &Device::Cpu).unwrap();
+        let want = Tensor::cat(&[q, k, v], 1)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for got in [got, via_b] {
+            let got = got.to_vec2::<f32>().unwrap();
+            for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+                assert!((g - w).abs() < 1e-6, "{got:?} vs {want:?}");
+            }
+        }
+    }
 
     #[test]
     fn lora_modules_take_both_of_vllms_forms() {
