@@ -259,6 +259,8 @@ struct Scope {
     /// `[T, sum of ranks]` 0/1 masks, one per column layout and dtype: row r keeps
     /// only the columns of its own adapter.
     masks: RefCell<HashMap<(Layout, DType), Tensor>>,
+    /// `row_slots` as a `[T, 1]` tensor on the model's device.
+    device_rows: RefCell<Option<Tensor>>,
 }
 
 impl Scope {
@@ -267,16 +269,26 @@ impl Scope {
         if let Some(mask) = self.masks.borrow().get(&key) {
             return Ok(mask.clone());
         }
+        // Built on the device from the row and column slots (a few KB to copy):
+        // the mask itself is rows x columns.
+        let rows = match self.device_rows.borrow().as_ref() {
+            Some(rows) => rows.clone(),
+            None => {
+                let slots = &self.batch.row_slots;
+                Tensor::from_slice(slots, (slots.len(), 1), device)?
+            }
+        };
+        self.device_rows.replace(Some(rows.clone()));
         let columns: Vec<u32> = layout
             .iter()
             .flat_map(|&(slot, rank)| std::iter::repeat_n(slot, rank))
             .collect();
-        let rows = self.batch.row_slots.len();
-        let mut values = Vec::with_capacity(rows * columns.len());
-        for &slot in &self.batch.row_slots {
-            values.extend(columns.iter().map(|&c| if c == slot { 1f32 } else { 0f32 }));
-        }
-        let mask = Tensor::from_vec(values, (rows, columns.len()), device)?.to_dtype(dtype)?;
+        let width = columns.len();
+        let columns = Tensor::from_vec(columns, (1, width), device)?;
+        let mask = rows
+            .broadcast_eq(&columns)?
+            .to_dtype(DType::F32)?
+            .to_dtype(dtype)?;
         self.masks.borrow_mut().insert(key, mask.clone());
         Ok(mask)
     }
@@ -307,6 +319,7 @@ pub fn scoped<R>(batch: Option<BatchAdapters>, f: impl FnOnce() -> R) -> R {
             batch,
             row_offset: 0,
             masks: RefCell::new(HashMap::new()),
+            device_rows: RefCell::new(None),
         })
     });
     let _restore = Restore(previous);
