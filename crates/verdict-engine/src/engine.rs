@@ -10,6 +10,7 @@ use serde_json::Value;
 
 use crate::checkpoint::{resolve_model_dir, HfConfig, ModelFiles, Weights};
 use crate::error::{EngineError, Result};
+use crate::lora::{self, BatchAdapters, LoraLimits, LoraModuleArg, LoraRef, LoraRegistry};
 use crate::models::qwen2_5_vl::VlTokens;
 use crate::models::Family;
 use crate::models::{
@@ -144,6 +145,12 @@ pub struct EngineArgs {
     pub max_image_pixels: u64,
     /// Decoded pixels of all of one request's media (`--max-media-pixels-per-request`).
     pub max_media_pixels_per_request: u64,
+    /// Serve LoRA adapters on the model (`--enable-lora`).
+    pub enable_lora: bool,
+    /// Adapters loaded at start (`--lora-modules`).
+    pub lora_modules: Vec<LoraModuleArg>,
+    /// `--max-loras`, `--max-lora-rank`.
+    pub lora_limits: LoraLimits,
 }
 
 /// Per-prompt limits on multimodal inputs.
@@ -226,6 +233,9 @@ impl EngineArgs {
             media_fetch_timeout: MediaPolicy::default().timeout,
             max_image_pixels: DEFAULT_MAX_IMAGE_PIXELS,
             max_media_pixels_per_request: DEFAULT_MAX_REQUEST_PIXELS,
+            enable_lora: false,
+            lora_modules: Vec::new(),
+            lora_limits: LoraLimits::default(),
         }
     }
 }
@@ -292,6 +302,8 @@ pub struct SequenceInput {
     pub use_activation: bool,
     /// The request's STEP parameters; unset ones take the engine's defaults.
     pub step: StepParams,
+    /// The LoRA adapter to run with (`None`: the base model).
+    pub lora: Option<LoraRef>,
 }
 
 impl SequenceInput {
@@ -302,11 +314,17 @@ impl SequenceInput {
             visuals: prompt.visuals,
             use_activation,
             step: StepParams::default(),
+            lora: None,
         }
     }
 
     pub fn with_step(mut self, step: StepParams) -> Self {
         self.step = step;
+        self
+    }
+
+    pub fn with_lora(mut self, lora: Option<LoraRef>) -> Self {
+        self.lora = lora;
         self
     }
 }
@@ -350,6 +368,117 @@ pub struct ModelRunner {
 impl ModelRunner {
     /// Runs a batch in one forward pass. Inputs must already be validated.
     pub fn run(&self, seqs: &[SequenceInput]) -> Result<Vec<PooledData>> {
+        let adapters = BatchAdapters::for_sequences(
+            seqs.iter()
+                .map(|s| (s.lora.as_ref().map(|a| &a.0), s.ids.len())),
+        );
+        self.run_packed(seqs, adapters)
+    }
+
+    /// The head and activation a sequence's results come from: its adapter's, when
+    /// the adapter brings a head, else the model's.
+    fn head_of<'a>(&'a self, seq: &'a SequenceInput) -> (&'a ClassifierHead, Activation, u64) {
+        match seq
+            .lora
+            .as_ref()
+            .and_then(|a| a.head().map(|h| (h, a.id())))
+        {
+            Some((h, id)) => (&h.head, h.activation, id),
+            None => (&self.head, self.activation, 0),
+        }
+    }
+
+    /// Logits of each sequence's rows of `source` (`spans[i]`), each head run once
+    /// over the rows of all its sequences; `None` for a sequence without rows.
+    fn logits_by_head(
+        &self,
+        source: &candle_core::Tensor,
+        spans: &[std::ops::Range<usize>],
+        seqs: &[SequenceInput],
+        per_token: bool,
+    ) -> Result<Vec<Option<candle_core::Tensor>>> {
+        let mut out: Vec<Option<candle_core::Tensor>> = vec![None; seqs.len()];
+        let mut done = vec![false; seqs.len()];
+        for first in 0..seqs.len() {
+            if done[first] {
+                continue;
+            }
+            let (head, _, key) = self.head_of(&seqs[first]);
+            let members: Vec<usize> = (first..seqs.len())
+                .filter(|&j| !done[j] && self.head_of(&seqs[j]).2 == key)
+                .collect();
+            let rows: Vec<u32> = members
+                .iter()
+                .flat_map(|&j| spans[j].clone().map(|r| r as u32))
+                .collect();
+            for &j in &members {
+                done[j] = true;
+            }
+            if rows.is_empty() {
+                continue;
+            }
+            let count = rows.len();
+            let index = candle_core::Tensor::from_vec(rows, count, source.device())?;
+            let selected = source.index_select(&index, 0)?;
+            let logits = if per_token {
+                head.forward_tokens(&selected)?
+            } else {
+                head.forward_sequences(&selected)?
+            };
+            let mut at = 0;
+            for &j in &members {
+                let len = spans[j].len();
+                if len > 0 {
+                    out[j] = Some(logits.narrow(0, at, len)?);
+                }
+                at += len;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Results when some sequences bring their adapter's head (classify, or
+    /// token_classify with ALL pooling).
+    fn run_heads(
+        &self,
+        hidden: &candle_core::Tensor,
+        batch: &PackedBatch,
+        seqs: &[SequenceInput],
+    ) -> Result<Vec<PooledData>> {
+        let per_token = self.task == PoolingTask::TokenClassify;
+        let (source, spans): (candle_core::Tensor, Vec<std::ops::Range<usize>>) = if per_token {
+            let spans = batch.cu_seqlens.windows(2).map(|w| w[0]..w[1]).collect();
+            (hidden.to_dtype(DType::F32)?, spans)
+        } else {
+            let pooled = pool_sequences(hidden, &batch.cu_seqlens, self.pooling)?;
+            (pooled, (0..seqs.len()).map(|i| i..i + 1).collect())
+        };
+        let logits = self.logits_by_head(&source, &spans, seqs, per_token)?;
+        seqs.iter()
+            .zip(logits)
+            .map(|(seq, logits)| {
+                let Some(x) = logits else {
+                    return Ok(PooledData::Matrix(Vec::new()));
+                };
+                let mut x = self.calibration.apply(x)?;
+                if seq.use_activation {
+                    x = self.head_of(seq).1.apply(&x)?;
+                }
+                let rows = x.to_vec2::<f32>()?;
+                Ok(if per_token {
+                    PooledData::Matrix(rows)
+                } else {
+                    PooledData::Vector(rows.into_iter().next().unwrap_or_default())
+                })
+            })
+            .collect()
+    }
+
+    fn run_packed(
+        &self,
+        seqs: &[SequenceInput],
+        adapters: Option<BatchAdapters>,
+    ) -> Result<Vec<PooledData>> {
         let mut batch = PackedBatch::from_sequences(
             seqs.iter()
                 .map(|s| (s.ids.as_slice(), s.token_type_ids.as_deref())),
@@ -358,12 +487,16 @@ impl ModelRunner {
             batch.visuals = seqs.iter().map(|s| s.visuals.clone()).collect();
         }
         let started = std::time::Instant::now();
-        let hidden = self.backbone.forward(&batch)?;
+        let hidden = lora::scoped(adapters, || self.backbone.forward(&batch))?;
         let queued = started.elapsed();
+        let own_heads = seqs
+            .iter()
+            .any(|s| s.lora.as_ref().is_some_and(|a| a.head().is_some()));
         match self.task {
             PoolingTask::TokenClassify if self.pooling == PoolingType::Step => {
-                self.step_rows(&hidden, &batch, seqs)
+                self.step_rows(&hidden, &batch, seqs, own_heads)
             }
+            _ if own_heads => self.run_heads(&hidden, &batch, seqs),
             PoolingTask::TokenClassify => {
                 let logits = self.head.forward_tokens(&hidden.to_dtype(DType::F32)?)?;
                 let logits = self.calibration.apply(logits)?;
@@ -429,6 +562,7 @@ impl ModelRunner {
         hidden: &candle_core::Tensor,
         batch: &PackedBatch,
         seqs: &[SequenceInput],
+        own_heads: bool,
     ) -> Result<Vec<PooledData>> {
         let params: Vec<StepParams> = seqs
             .iter()
@@ -446,22 +580,34 @@ impl ModelRunner {
             );
             spans.push(start..rows.len());
         }
-        let labels = self.head.num_labels();
-        let logits = if rows.is_empty() {
-            None
+        let logits: Vec<Option<candle_core::Tensor>> = if rows.is_empty() {
+            vec![None; seqs.len()]
         } else {
             let index = candle_core::Tensor::from_vec(rows.clone(), rows.len(), hidden.device())?;
             let kept = hidden.index_select(&index, 0)?.to_dtype(DType::F32)?;
-            Some(self.head.forward_tokens(&kept)?)
+            if own_heads {
+                self.logits_by_head(&kept, &spans, seqs, true)?
+            } else {
+                let logits = self.head.forward_tokens(&kept)?;
+                spans
+                    .iter()
+                    .map(|span| {
+                        (!span.is_empty())
+                            .then(|| logits.narrow(0, span.start, span.len()))
+                            .transpose()
+                    })
+                    .collect::<candle_core::Result<_>>()?
+            }
         };
         let mut out = Vec::with_capacity(seqs.len());
-        for ((seq, p), span) in seqs.iter().zip(&params).zip(spans) {
+        for ((seq, p), logits) in seqs.iter().zip(&params).zip(logits) {
             let columns = p.returned_token_ids.as_deref().filter(|c| !c.is_empty());
-            let Some(logits) = logits.as_ref().filter(|_| !span.is_empty()) else {
+            let Some(mut x) = logits else {
                 out.push(PooledData::Matrix(Vec::new()));
                 continue;
             };
-            let mut x = logits.narrow(0, span.start, span.len())?;
+            let (head, activation, _) = self.head_of(seq);
+            let labels = head.num_labels();
             if let Some(columns) = columns {
                 // Requests are checked before they queue; this keeps a bad
                 // column from reaching the gather kernel by any other path.
@@ -472,7 +618,7 @@ impl ModelRunner {
             }
             x = self.calibration.apply(x)?;
             if seq.use_activation {
-                x = self.activation.apply(&x)?;
+                x = activation.apply(&x)?;
             }
             out.push(PooledData::Matrix(x.to_vec2::<f32>()?));
         }
@@ -492,6 +638,8 @@ pub struct LoadedEngine {
     pub runner: ModelRunner,
     pub tokenizer: Arc<TextTokenizer>,
     pub info: ModelInfo,
+    /// The adapters, with `--enable-lora`.
+    pub lora: Option<Arc<LoraRegistry>>,
 }
 
 /// Resolves, validates and loads a checkpoint according to `args`.
@@ -581,7 +729,21 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
         && arch.has_lm_head()
         && !matches!(arch.kind, ArchKind::Reward(_));
 
-    let weights = Weights::open(&files, dtype, &device)?;
+    if !args.enable_lora && !args.lora_modules.is_empty() {
+        return Err(EngineError::Config(
+            "--lora-modules needs --enable-lora".into(),
+        ));
+    }
+    if args.enable_lora && !arch.supports_lora() {
+        return Err(EngineError::Config(format!(
+            "LoRA adapters are not supported for {arch_name} \
+             (supported: the BERT family and the Llama-family decoders)"
+        )));
+    }
+    let mut weights = Weights::open(&files, dtype, &device)?;
+    if args.enable_lora {
+        weights.collect_lora_targets();
+    }
     let loaded = load_model(
         &arch,
         &config,
@@ -590,6 +752,7 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
         from_token.as_ref(),
         lm_head_logits,
     )?;
+    let lora_targets = weights.take_lora_targets();
     drop(weights);
     let num_labels = loaded.head.num_labels();
 
@@ -685,12 +848,37 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
     };
 
     let activation = Activation::from_config(&config)?;
-    let pair_concat = from_token.is_some() || config.bool("use_sep_token") == Some(false);
     let served_model_names = if args.served_model_name.is_empty() {
         vec![args.model.clone()]
     } else {
         args.served_model_name.clone()
     };
+    let lora = if args.enable_lora {
+        let base = lora::BaseModel {
+            files: files.clone(),
+            arch: arch.clone(),
+            hidden: backbone.hidden_size(),
+            dtype,
+            device: device.clone(),
+            num_labels,
+            id2label: config.id2label(),
+            activation,
+        };
+        let registry = LoraRegistry::new(base, lora_targets, args.lora_limits);
+        for module in &args.lora_modules {
+            if served_model_names.contains(&module.name) {
+                return Err(EngineError::Config(format!(
+                    "--lora-modules: `{}` is the base model's name; give the adapter another",
+                    module.name
+                )));
+            }
+            registry.load(&module.name, &module.path)?;
+        }
+        Some(Arc::new(registry))
+    } else {
+        None
+    };
+    let pair_concat = from_token.is_some() || config.bool("use_sep_token") == Some(false);
     let info = ModelInfo {
         model_dir: dir,
         served_model_names,
@@ -731,6 +919,7 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
         runner,
         tokenizer: Arc::new(tokenizer),
         info,
+        lora,
     })
 }
 

@@ -8,6 +8,7 @@ pub mod error;
 pub mod input;
 pub mod layers;
 pub mod llm;
+pub mod lora;
 pub mod models;
 pub mod multimodal;
 pub mod pooling;
@@ -22,8 +23,9 @@ pub use engine::{
 pub use error::{EngineError, Result};
 pub use input::{PairLimits, Prompt, TokenizeOptions};
 pub use llm::{
-    ClassificationRequestOutput, Engine, Llm, ParamsArg, PoolingParams, PoolingRequestOutput,
-    ScoringRequestOutput,
+    ClassificationRequestOutput, Engine, Llm, LoraRequest, ParamsArg, PoolingParams,
+    PoolingRequestOutput, ScoringRequestOutput,
 };
+pub use lora::{LoraInfo, LoraLimits, LoraModuleArg, LoraRegistry};
 pub use pooling::{PoolerConfig, PoolingTask, PoolingType, StepParams};
 pub use tokenize::{ChatMessage, ChatOptions, TruncationSide};

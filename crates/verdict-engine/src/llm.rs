@@ -8,6 +8,7 @@ use std::sync::Arc;
 use crate::engine::{self, task_list, EngineArgs, ModelInfo, PooledData, SequenceInput};
 use crate::error::{EngineError, Result};
 use crate::input::{InputProcessor, PairLimits, Prompt, TokenizeOptions};
+use crate::lora::{LoraRef, LoraRegistry};
 use crate::pooling::{PoolingTask, PoolingType, StepParams};
 use crate::scheduler::{BatchLimits, Scheduler, SchedulerStats, SequenceResult, WorkItem};
 use crate::tokenize::TokenizedPrompt;
@@ -17,6 +18,7 @@ pub struct Engine {
     info: Arc<ModelInfo>,
     processor: InputProcessor,
     scheduler: Scheduler,
+    lora: Option<Arc<LoraRegistry>>,
 }
 
 impl Engine {
@@ -33,6 +35,34 @@ impl Engine {
             processor: InputProcessor::new(loaded.tokenizer, info.clone()),
             scheduler: Scheduler::start(loaded.runner, limits),
             info,
+            lora: loaded.lora,
+        })
+    }
+
+    /// The adapters, when LoRA is enabled.
+    pub fn lora(&self) -> Option<&Arc<LoraRegistry>> {
+        self.lora.as_ref()
+    }
+
+    /// The adapter for a LoRA request: the one loaded under its name, else loaded
+    /// from its path now.
+    pub fn lora_adapter(&self, request: &LoraRequest) -> Result<LoraRef> {
+        let registry = self.lora.as_ref().ok_or_else(|| {
+            EngineError::validation("LoRA is not enabled for this model (--enable-lora)")
+        })?;
+        if let Some(adapter) = registry.get(&request.name) {
+            if adapter.info().path != request.path {
+                return Err(EngineError::validation(format!(
+                    "LoRA adapter '{}' is already loaded from {}",
+                    request.name,
+                    adapter.info().path.display()
+                )));
+            }
+            return Ok(LoraRef(adapter));
+        }
+        registry.load(&request.name, &request.path)?;
+        registry.get(&request.name).map(LoraRef).ok_or_else(|| {
+            EngineError::NotFound(format!("LoRA adapter '{}' was unloaded", request.name))
         })
     }
 
@@ -175,6 +205,25 @@ impl Engine {
     }
 }
 
+/// vLLM's `LoRARequest`: an adapter by name, loaded from `path` on first use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoraRequest {
+    pub name: String,
+    pub path: std::path::PathBuf,
+}
+
+impl LoraRequest {
+    /// A request named after the adapter's directory.
+    pub fn from_path(path: impl Into<std::path::PathBuf>) -> Self {
+        let path = path.into();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.to_string_lossy().into_owned());
+        LoraRequest { name, path }
+    }
+}
+
 /// Per-prompt pooling parameters (vLLM's `PoolingParams`).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct PoolingParams {
@@ -282,7 +331,28 @@ impl Llm {
         params: ParamsArg,
         tokenization: &TokenizeOptions,
     ) -> Result<Vec<ClassificationRequestOutput>> {
-        let outputs = self.encode(prompts, params, Some(PoolingTask::Classify), tokenization)?;
+        self.classify_with_lora(prompts, params, tokenization, None)
+    }
+
+    /// `classify` through a LoRA adapter (`None`: the base model).
+    pub fn classify_with_lora(
+        &self,
+        prompts: &[Prompt],
+        params: ParamsArg,
+        tokenization: &TokenizeOptions,
+        lora: Option<&LoraRequest>,
+    ) -> Result<Vec<ClassificationRequestOutput>> {
+        let outputs = self
+            .encode_each(
+                prompts,
+                params,
+                Some(PoolingTask::Classify),
+                tokenization,
+                lora,
+                &|_| {},
+            )?
+            .into_iter()
+            .collect::<Result<Vec<_>>>()?;
         outputs
             .into_iter()
             .map(|o| match o.outputs {
@@ -308,7 +378,19 @@ impl Llm {
         task: Option<PoolingTask>,
         tokenization: &TokenizeOptions,
     ) -> Result<Vec<PoolingRequestOutput>> {
-        self.encode_each(prompts, params, task, tokenization, &|_| {})?
+        self.encode_with_lora(prompts, params, task, tokenization, None)
+    }
+
+    /// `encode` through a LoRA adapter (`None`: the base model).
+    pub fn encode_with_lora(
+        &self,
+        prompts: &[Prompt],
+        params: ParamsArg,
+        task: Option<PoolingTask>,
+        tokenization: &TokenizeOptions,
+        lora: Option<&LoraRequest>,
+    ) -> Result<Vec<PoolingRequestOutput>> {
+        self.encode_each(prompts, params, task, tokenization, lora, &|_| {})?
             .into_iter()
             .collect()
     }
@@ -321,6 +403,7 @@ impl Llm {
         params: ParamsArg,
         task: Option<PoolingTask>,
         tokenization: &TokenizeOptions,
+        lora: Option<&LoraRequest>,
         on_done: &dyn Fn(usize),
     ) -> Result<Vec<Result<PoolingRequestOutput>>> {
         let task = task.ok_or_else(|| {
@@ -335,6 +418,7 @@ impl Llm {
             return Err(EngineError::validation("You must pass at least one prompt"));
         }
         let params = params.expand(prompts.len())?;
+        let lora = lora.map(|r| self.engine.lora_adapter(r)).transpose()?;
         let tokenized: Vec<Result<TokenizedPrompt>> = prompts
             .iter()
             .zip(&params)
@@ -344,13 +428,14 @@ impl Llm {
                 self.engine.processor().process(p, tokenization)
             })
             .collect();
-        Ok(self.run_tokenized(tokenized, &params, on_done))
+        Ok(self.run_tokenized(tokenized, &params, lora, on_done))
     }
 
     fn run_tokenized(
         &self,
         tokenized: Vec<Result<TokenizedPrompt>>,
         params: &[PoolingParams],
+        lora: Option<LoraRef>,
         on_done: &dyn Fn(usize),
     ) -> Vec<Result<PoolingRequestOutput>> {
         let default_act = self.info().default_use_activation;
@@ -362,7 +447,8 @@ impl Llm {
                     slots.push(Ok((inputs.len(), t.ids.clone())));
                     inputs.push(
                         SequenceInput::new(t, p.use_activation.unwrap_or(default_act))
-                            .with_step(p.step.clone()),
+                            .with_step(p.step.clone())
+                            .with_lora(lora.clone()),
                     );
                 }
                 Err(e) => slots.push(Err(e)),
@@ -400,13 +486,30 @@ impl Llm {
         params: Option<&PoolingParams>,
         tokenization: &TokenizeOptions,
     ) -> Result<Vec<ScoringRequestOutput>> {
+        self.score_with_lora(data_1, data_2, params, tokenization, None)
+    }
+
+    /// `score` through a LoRA adapter (`None`: the base model); the adapter's head,
+    /// when it brings one, must have one label.
+    pub fn score_with_lora(
+        &self,
+        data_1: &[String],
+        data_2: &[String],
+        params: Option<&PoolingParams>,
+        tokenization: &TokenizeOptions,
+        lora: Option<&LoraRequest>,
+    ) -> Result<Vec<ScoringRequestOutput>> {
         let info = self.info();
         if info.task != PoolingTask::Classify {
             return Err(EngineError::validation(
                 "This model does not support the Scoring API.",
             ));
         }
-        if info.num_labels != 1 {
+        let lora = lora.map(|r| self.engine.lora_adapter(r)).transpose()?;
+        let num_labels = lora
+            .as_ref()
+            .map_or(info.num_labels, |a| a.info().num_labels);
+        if num_labels != 1 {
             return Err(EngineError::validation(
                 "Scoring API is only enabled for num_labels == 1.",
             ));
@@ -431,7 +534,7 @@ impl Llm {
             )?));
         }
         let all_params = vec![params; pairs.len()];
-        self.run_tokenized(tokenized, &all_params, &|_| {})
+        self.run_tokenized(tokenized, &all_params, lora, &|_| {})
             .into_iter()
             .map(|r| {
                 let r = r?;

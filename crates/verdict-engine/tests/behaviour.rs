@@ -242,6 +242,7 @@ impl EachExt for Llm {
             ParamsArg::Default,
             Some(PoolingTask::Classify),
             &TokenizeOptions::default(),
+            None,
             &|_| {},
         )
         .expect("call-level checks pass")

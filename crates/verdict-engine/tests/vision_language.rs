@@ -244,6 +244,7 @@ fn bad_media_fails_alone_with_clear_errors() {
             ParamsArg::Default,
             Some(PoolingTask::Classify),
             &TokenizeOptions::default(),
+            None,
             &|_| {},
         )
         .expect("call");

@@ -73,6 +73,8 @@ pub struct ServerConfig {
     /// engine queue, judged from the tokens queued and the measured throughput.
     /// `None` turns this admission check off.
     pub max_queue_wait: Option<Duration>,
+    /// Serve `/v1/load_lora_adapter` and `/v1/unload_lora_adapter` (LoRA models).
+    pub allow_runtime_lora_updating: bool,
 }
 
 impl Default for ServerConfig {
@@ -94,6 +96,7 @@ impl Default for ServerConfig {
             keep_alive_timeout: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
             max_queue_wait: Some(Duration::from_secs(5)),
+            allow_runtime_lora_updating: false,
         }
     }
 }
@@ -270,7 +273,7 @@ async fn shutdown_signal() {
 }
 
 fn router(state: SharedState) -> Router {
-    use routes::{classify, info, invocations, pooling, score, tokenize};
+    use routes::{classify, info, invocations, lora, pooling, score, tokenize};
 
     let mut app = Router::new()
         .route("/pooling", post(pooling::pooling_route))
@@ -298,6 +301,13 @@ fn router(state: SharedState) -> Router {
             .route("/rerank", post(score::rerank_route))
             .route("/v1/rerank", post(score::rerank_route))
             .route("/v2/rerank", post(score::rerank_route));
+    }
+    // Runtime adapter changes only when asked for (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING);
+    // they need the API key like every inference route.
+    if state.config.allow_runtime_lora_updating && state.engine.lora().is_some() {
+        app = app
+            .route("/v1/load_lora_adapter", post(lora::load_route))
+            .route("/v1/unload_lora_adapter", post(lora::unload_route));
     }
     let body_limit = state.config.max_request_body_bytes;
     app.fallback(|| async { error::not_found_detail() })

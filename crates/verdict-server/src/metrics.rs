@@ -23,6 +23,8 @@ const QUEUE_DEPTH: &str = "verdict_queue_depth";
 const RUNNING: &str = "verdict_running_sequences";
 const BATCHES: &str = "verdict_batches_total";
 const BATCHED_TOKENS: &str = "verdict_batched_tokens_total";
+const LORA_REQUESTS: &str = "verdict_lora_requests_total";
+const LORA_PROMPT_TOKENS: &str = "verdict_lora_prompt_tokens_total";
 
 const SECONDS_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -103,6 +105,16 @@ impl ServerMetrics {
         describe(RUNNING, None, "Sequences in the batch now running.");
         describe(BATCHES, None, "Batches run.");
         describe(BATCHED_TOKENS, None, "Tokens run through the model.");
+        describe(
+            LORA_REQUESTS,
+            None,
+            "Requests served through each LoRA adapter.",
+        );
+        describe(
+            LORA_PROMPT_TOKENS,
+            None,
+            "Prompt tokens served through each LoRA adapter.",
+        );
 
         let counter =
             |name: &'static str| recorder.register_counter(&Key::from_static_name(name), &METADATA);
@@ -166,6 +178,17 @@ impl ServerMetrics {
                 )
                 .increment(sequences as u64);
         }
+    }
+
+    /// One request served through a LoRA adapter.
+    pub fn observe_lora(&self, adapter: &str, prompt_tokens: usize) {
+        let labels = || vec![Label::new("lora_name", adapter.to_string())];
+        self.recorder
+            .register_counter(&Key::from_parts(LORA_REQUESTS, labels()), &METADATA)
+            .increment(1);
+        self.recorder
+            .register_counter(&Key::from_parts(LORA_PROMPT_TOKENS, labels()), &METADATA)
+            .increment(prompt_tokens as u64);
     }
 
     /// One finished sequence. Runs on the engine thread.

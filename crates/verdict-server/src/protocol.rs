@@ -17,7 +17,7 @@ use verdict_engine::{
 use crate::error::{ApiError, SchemaIssue};
 use crate::execution::{admit, run_sequences, CancelOnDrop, SequenceOutput};
 use crate::fields::{as_i64, Body};
-use crate::state::AppState;
+use crate::state::{AppState, Selection};
 
 /// Fields every pooling request carries (vLLM's common request mixin).
 #[derive(Debug, Clone, Default)]
@@ -358,6 +358,7 @@ pub async fn run_prompts(
     state: &AppState,
     prompts: Vec<TokenizedPrompt>,
     common: &CommonFields,
+    selection: &Selection,
 ) -> Result<Vec<SequenceOutput>, ApiError> {
     admit(&state.engine, state.config.max_queue_wait)?;
     let use_activation = common
@@ -365,9 +366,19 @@ pub async fn run_prompts(
         .unwrap_or(state.info.default_use_activation);
     let inputs = prompts
         .into_iter()
-        .map(|p| SequenceInput::new(p, use_activation).with_step(common.step.clone()))
+        .map(|p| {
+            SequenceInput::new(p, use_activation)
+                .with_step(common.step.clone())
+                .with_lora(selection.lora.clone())
+        })
         .collect();
-    run_sequences(&state.engine, &state.metrics, inputs, common.priority).await
+    let outputs = run_sequences(&state.engine, &state.metrics, inputs, common.priority).await?;
+    if selection.lora.is_some() {
+        state
+            .metrics
+            .observe_lora(&selection.name, total_tokens(&outputs));
+    }
+    Ok(outputs)
 }
 
 /// vLLM's `{"object": "list", "data": [...], "usage": ...}` envelope of

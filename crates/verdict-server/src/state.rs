@@ -7,6 +7,7 @@ use axum::extract::{FromRequest, Request};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
 use serde_json::Value;
+use verdict_engine::lora::LoraRef;
 use verdict_engine::{Engine, ModelInfo};
 
 use crate::error::{ApiError, SchemaIssue};
@@ -28,14 +29,51 @@ pub struct AppState {
 
 pub type SharedState = Arc<AppState>;
 
+/// The model a request runs on: the base model, or one of its LoRA adapters.
+#[derive(Debug, Clone)]
+pub struct Selection {
+    /// Echoed as the response's `model`.
+    pub name: String,
+    pub lora: Option<LoraRef>,
+}
+
+impl Selection {
+    /// The label of the highest value, from the adapter's labels when it has a head.
+    pub fn label_of(&self, info: &ModelInfo, probs: &[f32]) -> Option<String> {
+        match &self.lora {
+            Some(adapter) => adapter.info().label_of(probs),
+            None => info.label_of(probs),
+        }
+    }
+
+    pub fn num_labels(&self, info: &ModelInfo) -> usize {
+        match &self.lora {
+            Some(adapter) => adapter.info().num_labels,
+            None => info.num_labels,
+        }
+    }
+}
+
 impl AppState {
-    /// 404 unless `model` is absent or one of the served names.
-    pub fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
-        match model {
-            Some(name) if !self.info.served_model_names.iter().any(|n| n == name) => {
-                Err(ApiError::model_not_found(name))
-            }
-            _ => Ok(()),
+    /// The base model when `model` is absent or one of the served names, a LoRA
+    /// adapter by its name, else 404.
+    pub fn check_model(&self, model: Option<&str>) -> Result<Selection, ApiError> {
+        let base = || Selection {
+            name: self.served_name().to_string(),
+            lora: None,
+        };
+        let Some(name) = model else {
+            return Ok(base());
+        };
+        if self.info.served_model_names.iter().any(|n| n == name) {
+            return Ok(base());
+        }
+        match self.engine.lora().and_then(|registry| registry.get(name)) {
+            Some(adapter) => Ok(Selection {
+                name: name.to_string(),
+                lora: Some(LoraRef(adapter)),
+            }),
+            None => Err(ApiError::model_not_found(name)),
         }
     }
 

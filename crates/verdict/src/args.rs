@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use verdict_engine::{Convert, DTypeArg, DeviceArg, EngineArgs, MediaLimits, PoolerConfig, Runner};
+use verdict_engine::{
+    Convert, DTypeArg, DeviceArg, EngineArgs, LoraLimits, LoraModuleArg, MediaLimits, PoolerConfig,
+    Runner,
+};
 
 #[derive(Debug, Clone, Args)]
 pub struct EngineFlags {
@@ -104,6 +107,24 @@ pub struct EngineFlags {
     /// Multimodal models: `file://` media is read only under this directory (default: never).
     #[arg(long)]
     pub allowed_local_media_path: Option<PathBuf>,
+
+    /// Serve PEFT LoRA adapters on the model (BERT family and Llama-family decoders);
+    /// a request picks one by its `model` field.
+    #[arg(long)]
+    pub enable_lora: bool,
+
+    /// Adapters to load at start: `name=path`, or JSON `{"name": ..., "path": ...}`
+    /// (needs --enable-lora).
+    #[arg(long, num_args = 1..)]
+    pub lora_modules: Vec<String>,
+
+    /// Most LoRA adapters loaded at once.
+    #[arg(long, default_value_t = 1)]
+    pub max_loras: usize,
+
+    /// Largest LoRA rank accepted.
+    #[arg(long, default_value_t = 16)]
+    pub max_lora_rank: usize,
 }
 
 /// Where the bundled default model lives once set up.
@@ -197,6 +218,19 @@ impl EngineFlags {
             .context("--media-fetch-timeout must be a positive number of seconds")?;
         args.max_image_pixels = self.max_image_pixels;
         args.max_media_pixels_per_request = self.max_media_pixels_per_request;
+        args.enable_lora = self.enable_lora;
+        args.lora_modules = self
+            .lora_modules
+            .iter()
+            .map(|m| LoraModuleArg::parse(m))
+            .collect::<Result<_, _>>()?;
+        if self.max_loras == 0 || self.max_lora_rank == 0 {
+            bail!("--max-loras and --max-lora-rank must be positive");
+        }
+        args.lora_limits = LoraLimits {
+            max_loras: self.max_loras,
+            max_rank: self.max_lora_rank,
+        };
         Ok(args)
     }
 }

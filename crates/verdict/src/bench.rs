@@ -12,8 +12,10 @@ use clap::Args;
 use serde_json::json;
 use std::sync::Arc;
 
+use verdict_engine::lora::LoraRef;
 use verdict_engine::{
-    DTypeArg, DeviceArg, Engine, EngineArgs, Prompt, SequenceInput, TokenizeOptions,
+    DTypeArg, DeviceArg, Engine, EngineArgs, LoraLimits, LoraModuleArg, Prompt, SequenceInput,
+    TokenizeOptions,
 };
 use verdict_server::ServerConfig;
 
@@ -70,6 +72,16 @@ pub struct BenchArgs {
     /// Where random checkpoints are cached (default: $VERDICT_HOME/bench).
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+
+    /// Also run the workload with this many random LoRA adapters (on every linear
+    /// layer of the backbone), prompt i through adapter i mod N, so each batch mixes
+    /// them all; prints the throughput against the base model's.
+    #[arg(long, default_value_t = 0)]
+    pub lora_adapters: usize,
+
+    /// Rank of the --lora-adapters adapters.
+    #[arg(long, default_value_t = 16)]
+    pub lora_rank: usize,
 }
 
 /// The architecture of a benchmark shape.
@@ -364,6 +376,85 @@ fn ensure_checkpoint(dir: &Path, shape: &Shape, bf16: bool) -> Result<()> {
     Ok(())
 }
 
+/// Writes a random PEFT adapter (rank `rank` on every linear layer of the
+/// backbone's blocks) for a bench shape unless it is cached.
+fn ensure_adapter(dir: &Path, shape: &Shape, rank: usize, seed: u64, bf16: bool) -> Result<()> {
+    if dir.join("adapter_model.safetensors").is_file() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut rng = 0x2545_F491_4F6C_DD1Du64 ^ (seed + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let mut next = move || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
+    };
+    let linears: Vec<(String, usize, usize)> = tensor_shapes(&shape.config)
+        .into_iter()
+        .filter(|(name, dims)| {
+            dims.len() == 2
+                && name.contains(".layer")
+                && !name.contains("norm")
+                && !name.contains("embeddings")
+        })
+        .filter_map(|(name, dims)| {
+            Some((name.strip_suffix(".weight")?.to_string(), dims[0], dims[1]))
+        })
+        .collect();
+    let mut buffers: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (module, out, inp) in &linears {
+        for (suffix, dims) in [("lora_A", vec![rank, *inp]), ("lora_B", vec![*out, rank])] {
+            let n: usize = dims.iter().product();
+            let mut bytes = Vec::with_capacity(n * 4);
+            for _ in 0..n {
+                let v = next();
+                if bf16 {
+                    bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+                } else {
+                    bytes.extend_from_slice(&v.to_le_bytes());
+                }
+            }
+            buffers.push((
+                format!("base_model.model.{module}.{suffix}.weight"),
+                dims,
+                bytes,
+            ));
+        }
+    }
+    let dtype = if bf16 {
+        safetensors::Dtype::BF16
+    } else {
+        safetensors::Dtype::F32
+    };
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
+        .iter()
+        .map(|(n, d, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, d.clone(), b)?,
+            ))
+        })
+        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+    let names: Vec<&str> = linears
+        .iter()
+        .filter_map(|(m, _, _)| m.rsplit('.').next())
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        serde_json::to_string_pretty(&json!({
+            "peft_type": "LORA", "task_type": "SEQ_CLS", "r": rank, "lora_alpha": 2 * rank,
+            "target_modules": names, "bias": "none", "use_rslora": false, "use_dora": false,
+        }))?,
+    )?;
+    let tmp = dir.join("adapter_model.safetensors.partial");
+    safetensors::serialize_to_file(views, None, &tmp)?;
+    std::fs::rename(&tmp, dir.join("adapter_model.safetensors"))?;
+    Ok(())
+}
+
 /// The "mixed" workload: deterministic in the seed.
 pub fn mixed_workload(n: usize, seed: u64, min_len: usize, max_len: usize) -> Vec<Vec<u32>> {
     let mut state = seed
@@ -428,15 +519,47 @@ pub fn run(args: BenchArgs) -> Result<()> {
     engine_args.max_num_batched_tokens = args.max_num_batched_tokens;
     engine_args.max_num_seqs = Some(args.max_num_seqs);
     engine_args.served_model_name = vec![shape.name.to_string()];
+    if args.lora_adapters > 0 {
+        engine_args.enable_lora = true;
+        engine_args.lora_limits = LoraLimits {
+            max_loras: args.lora_adapters,
+            max_rank: args.lora_rank,
+        };
+        for i in 0..args.lora_adapters {
+            let adapter = cache.join(format!(
+                "{}-lora-r{}-{i}",
+                dir.file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default(),
+                args.lora_rank
+            ));
+            ensure_adapter(&adapter, &shape, args.lora_rank, i as u64, bf16_storage)?;
+            engine_args.lora_modules.push(LoraModuleArg {
+                name: format!("adapter-{i}"),
+                path: adapter,
+            });
+        }
+    }
     let t1 = Instant::now();
     let engine = Arc::new(Engine::new(&engine_args)?);
     let load_s = t1.elapsed().as_secs_f64();
 
     let workload = mixed_workload(args.num_prompts, args.seed, args.min_len, args.max_len);
     let total_tokens: usize = workload.iter().map(Vec::len).sum();
+    let adapters: Vec<LoraRef> = match engine.lora() {
+        Some(registry) => (0..args.lora_adapters)
+            .filter_map(|i| registry.get(&format!("adapter-{i}")).map(LoraRef))
+            .collect(),
+        None => Vec::new(),
+    };
+    // With adapters, base and adapter runs alternate so both see the same machine.
     let mut runs = Vec::new();
+    let mut lora_runs = Vec::new();
     for _ in 0..args.repeat.max(1) {
-        runs.push(run_offline(&engine, &workload)?);
+        runs.push(run_offline(&engine, &workload, &[])?);
+        if !adapters.is_empty() {
+            lora_runs.push(run_offline(&engine, &workload, &adapters)?);
+        }
     }
     let best = runs.iter().copied().fold(f64::INFINITY, f64::min);
     let first = runs[0];
@@ -480,6 +603,30 @@ pub fn run(args: BenchArgs) -> Result<()> {
             load_s,
             info.max_num_batched_tokens
         );
+    }
+    if !adapters.is_empty() {
+        let layers = adapters[0].info().adapted_layers;
+        let lora_best = lora_runs.iter().copied().fold(f64::INFINITY, f64::min);
+        let ratio = best / lora_best;
+        report.insert("lora_adapters", json!(adapters.len()));
+        report.insert("lora_rank", json!(args.lora_rank));
+        report.insert("lora_seconds", json!(lora_runs));
+        report.insert(
+            "lora_best_tokens_per_s",
+            json!(total_tokens as f64 / lora_best),
+        );
+        report.insert("lora_ratio_to_base", json!(ratio));
+        if !args.json {
+            println!(
+                "  {} LoRA adapters (rank {}, {} layers each) mixed in each batch: best {:.0} tokens/s, {:.1}% of the base model's {:.0}",
+                adapters.len(),
+                args.lora_rank,
+                layers,
+                total_tokens as f64 / lora_best,
+                100.0 * ratio,
+                total_tokens as f64 / best
+            );
+        }
     }
     if !args.server_concurrency.is_empty() {
         let levels = run_server_levels(
@@ -527,7 +674,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
 /// The whole workload through the engine: prompts are validated and queued
 /// as the server would, and the clock stops when the last result is back.
-fn run_offline(engine: &Engine, workload: &[Vec<u32>]) -> Result<f64> {
+/// With `adapters`, prompt i runs through adapter i mod their number.
+fn run_offline(engine: &Engine, workload: &[Vec<u32>], adapters: &[LoraRef]) -> Result<f64> {
     let start = Instant::now();
     let tok = TokenizeOptions::default();
     let mut inputs = Vec::with_capacity(workload.len());
@@ -535,7 +683,8 @@ fn run_offline(engine: &Engine, workload: &[Vec<u32>]) -> Result<f64> {
         let p = engine
             .processor()
             .process(&Prompt::from(ids.clone()), &tok)?;
-        inputs.push(SequenceInput::new(p, true));
+        let lora = (!adapters.is_empty()).then(|| adapters[inputs.len() % adapters.len()].clone());
+        inputs.push(SequenceInput::new(p, true).with_lora(lora));
     }
     let results = engine.run_blocking(inputs, &|_| {});
     let secs = start.elapsed().as_secs_f64();

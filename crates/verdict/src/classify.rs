@@ -13,9 +13,10 @@ use anyhow::{Context, Result};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
+use verdict_engine::lora::LoraRef;
 use verdict_engine::scheduler::WorkItem;
 use verdict_engine::{
-    ChatMessage, ChatOptions, Engine, EngineError, PooledData, Prompt, SequenceInput,
+    ChatMessage, ChatOptions, Engine, EngineError, LoraRequest, PooledData, Prompt, SequenceInput,
     TokenizeOptions, TruncationSide,
 };
 
@@ -31,6 +32,8 @@ pub struct ClassifyArgs {
 
     /// A file to classify: one text per line, or JSONL with `{"prompt": ...}`,
     /// `{"prompt_token_ids": [...]}` or `{"messages": [...]}` per line. `-` reads stdin.
+    /// A JSONL line may name a LoRA adapter of --lora-modules in `"model"`; lines for
+    /// different adapters and the base model run in shared batches.
     #[arg(long, short = 'i')]
     pub input: Option<PathBuf>,
 
@@ -62,14 +65,29 @@ pub struct ClassifyArgs {
     /// Never show the progress bar (it shows on stderr for long inputs otherwise).
     #[arg(long)]
     pub no_progress: bool,
+
+    /// Classify through this PEFT LoRA adapter directory (turns on --enable-lora).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
 }
 
 /// Prompts kept in flight between the reader and the writer.
 const IN_FLIGHT: usize = 8192;
 
 pub fn run(args: ClassifyArgs) -> Result<()> {
-    let engine_args = args.engine.to_engine_args()?;
+    let mut engine_args = args.engine.to_engine_args()?;
+    if args.lora.is_some() {
+        engine_args.enable_lora = true;
+    }
     let engine = Arc::new(Engine::new(&engine_args).context("loading the model")?);
+    let lora = match &args.lora {
+        Some(path) => Some(
+            engine
+                .lora_adapter(&LoraRequest::from_path(path))
+                .context("loading the LoRA adapter")?,
+        ),
+        None => None,
+    };
     let tokenize = TokenizeOptions {
         truncate_prompt_tokens: args.truncate_prompt_tokens,
         truncation_side: args
@@ -117,7 +135,7 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     let progress = make_progress(total_hint, args.no_progress);
 
     // Results arrive out of order from the engine thread; the writer restores input order.
-    let (tx, rx) = mpsc::channel::<(usize, Result<(PooledData, usize), EngineError>)>();
+    let (tx, rx) = mpsc::channel::<(usize, LineResult)>();
     let (permit_tx, permit_rx) = mpsc::sync_channel::<()>(IN_FLIGHT);
     let reader_engine = engine.clone();
     let reader = std::thread::spawn(move || -> Result<usize> {
@@ -126,7 +144,9 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
             let line = line.context("reading input")?;
             permit_tx.send(()).ok();
             count += 1;
-            let prompt = match parse_line(&line, format) {
+            let parsed = parse_line(&line, format)
+                .and_then(|l| Ok((line_adapter(&reader_engine, l.model.as_deref(), &lora)?, l)));
+            let (adapter, Line { prompt, .. }) = match parsed {
                 Ok(p) => p,
                 Err(e) => {
                     let _ = tx.send((index, Err(e)));
@@ -140,8 +160,9 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
                 Ok(tok) => {
                     let n = tok.ids.len();
                     let reply = tx.clone();
-                    let item = WorkItem::new(SequenceInput::new(tok, use_activation), move |r| {
-                        let _ = reply.send((index, r.map(|(d, _)| (d, n))));
+                    let input = SequenceInput::new(tok, use_activation).with_lora(adapter.clone());
+                    let item = WorkItem::new(input, move |r| {
+                        let _ = reply.send((index, r.map(|(d, _)| (d, n, adapter))));
                     });
                     if let Err(e) = reader_engine.submit(vec![item]) {
                         let _ = tx.send((index, Err(e)));
@@ -153,21 +174,25 @@ pub fn run(args: ClassifyArgs) -> Result<()> {
     });
 
     let info = engine.info().clone();
-    let mut pending: BTreeMap<usize, Result<(PooledData, usize), EngineError>> = BTreeMap::new();
+    let mut pending: BTreeMap<usize, LineResult> = BTreeMap::new();
     let mut next = 0usize;
     let mut failures = 0usize;
     for (index, result) in rx {
         pending.insert(index, result);
         while let Some(result) = pending.remove(&next) {
             let record = match result {
-                Ok((PooledData::Vector(probs), tokens)) => json!({
+                Ok((PooledData::Vector(probs), tokens, adapter)) => json!({
                     "index": next,
-                    "label": info.label_of(&probs),
+                    // An adapter with its own head has its own labels.
+                    "label": match &adapter {
+                        Some(adapter) => adapter.info().label_of(&probs),
+                        None => info.label_of(&probs),
+                    },
                     "num_classes": probs.len(),
                     "probs": probs,
                     "prompt_tokens": tokens,
                 }),
-                Ok((PooledData::Matrix(rows), tokens)) => json!({
+                Ok((PooledData::Matrix(rows), tokens, _)) => json!({
                     "index": next,
                     "data": rows,
                     "prompt_tokens": tokens,
@@ -202,7 +227,46 @@ enum LineFormat {
     Jsonl,
 }
 
-fn parse_line(line: &str, format: LineFormat) -> Result<Prompt, EngineError> {
+/// A line's result: the pooled data, its prompt tokens and the adapter it ran with.
+type LineResult = Result<(PooledData, usize, Option<LoraRef>), EngineError>;
+
+/// The adapter a line runs with: the one its `model` names (the base model for a
+/// served name), else `--lora`'s.
+fn line_adapter(
+    engine: &Engine,
+    model: Option<&str>,
+    default: &Option<LoraRef>,
+) -> Result<Option<LoraRef>, EngineError> {
+    let Some(name) = model else {
+        return Ok(default.clone());
+    };
+    if engine.info().served_model_names.iter().any(|n| n == name) {
+        return Ok(None);
+    }
+    engine
+        .lora()
+        .and_then(|registry| registry.get(name))
+        .map(|adapter| Some(LoraRef(adapter)))
+        .ok_or_else(|| EngineError::NotFound(format!("The model `{name}` does not exist.")))
+}
+
+/// One input line: its prompt and, in JSONL, the `model` (a LoRA adapter) it names.
+struct Line {
+    prompt: Prompt,
+    model: Option<String>,
+}
+
+fn parse_line(line: &str, format: LineFormat) -> Result<Line, EngineError> {
+    let (prompt, json) = parse_prompt(line, format)?;
+    let model = match json.as_ref().and_then(|v| v.get("model")) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) => Some(name.clone()),
+        Some(_) => return Err(EngineError::validation("`model` must be a string")),
+    };
+    Ok(Line { prompt, model })
+}
+
+fn parse_prompt(line: &str, format: LineFormat) -> Result<(Prompt, Option<Value>), EngineError> {
     let trimmed = line.trim_start();
     let as_json = match format {
         LineFormat::Text => None,
@@ -220,8 +284,13 @@ fn parse_line(line: &str, format: LineFormat) -> Result<Prompt, EngineError> {
         LineFormat::Auto => None,
     };
     let Some(v) = as_json else {
-        return Ok(Prompt::Text(line.to_string()));
+        return Ok((Prompt::Text(line.to_string()), None));
     };
+    let prompt = prompt_of(&v)?;
+    Ok((prompt, Some(v)))
+}
+
+fn prompt_of(v: &Value) -> Result<Prompt, EngineError> {
     if let Some(ids) = v.get("prompt_token_ids") {
         let ids: Vec<u32> = serde_json::from_value(ids.clone()).map_err(|e| {
             EngineError::validation(format!("prompt_token_ids must be a list of token ids: {e}"))
@@ -293,15 +362,19 @@ mod tests {
     #[test]
     fn parses_line_formats() {
         assert_eq!(
-            parse_line("plain text", LineFormat::Auto).unwrap(),
+            parse_line("plain text", LineFormat::Auto).unwrap().prompt,
             Prompt::Text("plain text".into())
         );
         assert_eq!(
-            parse_line(r#"{"prompt":"hi"}"#, LineFormat::Auto).unwrap(),
+            parse_line(r#"{"prompt":"hi"}"#, LineFormat::Auto)
+                .unwrap()
+                .prompt,
             Prompt::Text("hi".into())
         );
         assert_eq!(
-            parse_line(r#"{"prompt_token_ids":[1,2]}"#, LineFormat::Auto).unwrap(),
+            parse_line(r#"{"prompt_token_ids":[1,2]}"#, LineFormat::Auto)
+                .unwrap()
+                .prompt,
             Prompt::Tokens {
                 ids: vec![1, 2],
                 token_type_ids: None
@@ -309,9 +382,13 @@ mod tests {
         );
         // A JSON-looking line without a known key stays text in auto mode.
         assert_eq!(
-            parse_line(r#"{"other":1}"#, LineFormat::Auto).unwrap(),
+            parse_line(r#"{"other":1}"#, LineFormat::Auto)
+                .unwrap()
+                .prompt,
             Prompt::Text(r#"{"other":1}"#.into())
         );
+        let line = parse_line(r#"{"prompt":"hi","model":"sql"}"#, LineFormat::Jsonl).unwrap();
+        assert_eq!(line.model.as_deref(), Some("sql"));
         assert!(parse_line("not json", LineFormat::Jsonl).is_err());
         assert!(parse_line(r#"{"prompt_token_ids":[-1]}"#, LineFormat::Jsonl).is_err());
         assert!(matches!(
@@ -319,7 +396,8 @@ mod tests {
                 r#"{"messages":[{"role":"user","content":"x"}]}"#,
                 LineFormat::Auto
             )
-            .unwrap(),
+            .unwrap()
+            .prompt,
             Prompt::Chat { .. }
         ));
     }

@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
-use verdict_engine::{Engine, EngineError, PairLimits, PooledData, SequenceInput, TokenizeOptions};
+use verdict_engine::{
+    Engine, EngineError, LoraRequest, PairLimits, PooledData, SequenceInput, TokenizeOptions,
+};
 
 use crate::args::EngineFlags;
 
@@ -36,17 +38,35 @@ pub struct ScoreArgs {
     /// Print raw logits instead of sigmoid scores.
     #[arg(long)]
     pub no_activation: bool,
+
+    /// Score through this PEFT LoRA adapter directory (turns on --enable-lora).
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
 }
 
 const CHUNK: usize = 4096;
 
 pub fn run(args: ScoreArgs) -> Result<()> {
-    let engine = Engine::new(&args.engine.to_engine_args()?).context("loading the model")?;
+    let mut engine_args = args.engine.to_engine_args()?;
+    if args.lora.is_some() {
+        engine_args.enable_lora = true;
+    }
+    let engine = Engine::new(&engine_args).context("loading the model")?;
     let info = engine.info().clone();
-    if !info.supports_score() {
+    let lora = match &args.lora {
+        Some(path) => Some(
+            engine
+                .lora_adapter(&LoraRequest::from_path(path))
+                .context("loading the LoRA adapter")?,
+        ),
+        None => None,
+    };
+    let num_labels = lora
+        .as_ref()
+        .map_or(info.num_labels, |a| a.info().num_labels);
+    if !info.supports_score() || num_labels != 1 {
         bail!(
-            "Scoring API is only enabled for num_labels == 1 (this model has {} labels)",
-            info.num_labels
+            "Scoring API is only enabled for num_labels == 1 (this model has {num_labels} labels)"
         );
     }
     let pairs: Vec<Result<(String, String), EngineError>> = match &args.input {
@@ -96,7 +116,7 @@ pub fn run(args: ScoreArgs) -> Result<()> {
         let inputs: Vec<SequenceInput> = tokenized
             .iter()
             .filter_map(|t| t.as_ref().ok())
-            .map(|t| SequenceInput::new(t.clone(), use_activation))
+            .map(|t| SequenceInput::new(t.clone(), use_activation).with_lora(lora.clone()))
             .collect();
         let mut results = engine.run_blocking(inputs, &|_| {}).into_iter();
         for (i, t) in tokenized.iter().enumerate() {

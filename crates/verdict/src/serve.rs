@@ -91,6 +91,10 @@ pub struct ServeArgs {
     /// are answered promptly while compute saturates every core.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
     pub compute_niceness: i32,
+    /// Serve POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's
+    /// VLLM_ALLOW_RUNTIME_LORA_UPDATING); needs --enable-lora.
+    #[arg(long)]
+    pub allow_runtime_lora_updating: bool,
 }
 
 /// Seconds as a (possibly fractional) non-negative number.
@@ -116,6 +120,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     engine_args.max_queued_sequences = args.max_queued_requests;
     // Before the engine exists: its threads and the matrix-product pool take this on start.
     verdict_engine::priority::set_compute_niceness(args.compute_niceness);
+    if args.allow_runtime_lora_updating && !engine_args.enable_lora {
+        anyhow::bail!("--allow-runtime-lora-updating needs --enable-lora");
+    }
     let started = std::time::Instant::now();
     let engine = Arc::new(Engine::new(&engine_args).context("loading the model")?);
     tracing::info!(
@@ -143,6 +150,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         keep_alive_timeout: args.keep_alive_timeout,
         shutdown_timeout: args.shutdown_timeout,
         max_queue_wait: Some(args.max_queue_wait).filter(|wait| !wait.is_zero()),
+        allow_runtime_lora_updating: args.allow_runtime_lora_updating,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -10,6 +10,7 @@ use safetensors::SafeTensors;
 
 use super::ModelFiles;
 use crate::error::{EngineError, Result};
+use crate::lora::{TargetCollector, TargetId, TargetSpec};
 
 struct WeightFile {
     path: PathBuf,
@@ -45,6 +46,37 @@ pub struct Weights {
     names: HashMap<String, usize>,
     dtype: DType,
     device: Device,
+    /// Set while a backbone that LoRA adapters may target loads.
+    lora_targets: Option<TargetCollector>,
+}
+
+impl WeightFile {
+    /// Maps a safetensors file and reads its header; `rename` maps stored names to
+    /// the names the model asks for.
+    fn open(path: &std::path::Path, rename: impl Fn(String) -> String) -> Result<Self> {
+        let file = File::open(path).map_err(|e| EngineError::io_path("opening", path, e))?;
+        // SAFETY: the mapping is read-only and checkpoint files are not
+        // modified while the engine loads them.
+        let mmap = unsafe { Mmap::map(&file) }
+            .map_err(|e| EngineError::io_path("memory-mapping", path, e))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            EngineError::Weight(format!(
+                "{} is not a valid safetensors file (corrupt or truncated): {e}",
+                path.display()
+            ))
+        })?;
+        let tensors: HashMap<String, TensorInfo> = metadata
+            .tensors()
+            .into_iter()
+            .map(|(k, v)| (rename(k), v.clone()))
+            .collect();
+        Ok(WeightFile {
+            path: path.to_path_buf(),
+            mmap,
+            data_start: 8 + header_len,
+            tensors,
+        })
+    }
 }
 
 impl Weights {
@@ -53,31 +85,11 @@ impl Weights {
         let mut files = Vec::with_capacity(model.weights.len());
         let mut names = HashMap::new();
         for (idx, path) in model.weights.iter().enumerate() {
-            let file = File::open(path).map_err(|e| EngineError::io_path("opening", path, e))?;
-            // SAFETY: the mapping is read-only and checkpoint files are not
-            // modified while the engine loads them.
-            let mmap = unsafe { Mmap::map(&file) }
-                .map_err(|e| EngineError::io_path("memory-mapping", path, e))?;
-            let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-                EngineError::Weight(format!(
-                    "{} is not a valid safetensors file (corrupt or truncated): {e}",
-                    path.display()
-                ))
-            })?;
-            let tensors: HashMap<String, TensorInfo> = metadata
-                .tensors()
-                .into_iter()
-                .map(|(k, v)| (k, v.clone()))
-                .collect();
-            for name in tensors.keys() {
+            let file = WeightFile::open(path, |k| k)?;
+            for name in file.tensors.keys() {
                 names.entry(name.clone()).or_insert(idx);
             }
-            files.push(WeightFile {
-                path: path.clone(),
-                mmap,
-                data_start: 8 + header_len,
-                tensors,
-            });
+            files.push(file);
         }
         // A sharded checkpoint's index decides which file owns a name.
         if let Some(index) = &model.weight_index {
@@ -104,7 +116,55 @@ impl Weights {
             names,
             dtype,
             device: device.clone(),
+            lora_targets: None,
         })
+    }
+
+    /// The checkpoint with an adapter file over it: the adapter's tensors, named
+    /// without `prefix`, take the place of the checkpoint's. Also returns the
+    /// adapter's own tensor names.
+    pub fn open_overlay(
+        model: &ModelFiles,
+        adapter: &std::path::Path,
+        prefix: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<(Self, Vec<String>)> {
+        let mut weights = Self::open(model, dtype, device)?;
+        let file = WeightFile::open(adapter, |k| match k.strip_prefix(prefix) {
+            Some(rest) => rest.to_string(),
+            None => k,
+        })?;
+        let idx = weights.files.len();
+        let mut own: Vec<String> = file.tensors.keys().cloned().collect();
+        own.sort_unstable();
+        for name in &own {
+            weights.names.insert(name.clone(), idx);
+        }
+        weights.files.push(file);
+        Ok((weights, own))
+    }
+
+    /// From now on, layers that LoRA adapters may target register themselves.
+    pub fn collect_lora_targets(&mut self) {
+        self.lora_targets = Some(TargetCollector::default());
+    }
+
+    /// Registers a layer as a LoRA target (only while collecting).
+    pub fn register_lora_target(
+        &self,
+        spec: impl FnOnce() -> Option<TargetSpec>,
+    ) -> Option<TargetId> {
+        let collector = self.lora_targets.as_ref()?;
+        Some(collector.register(spec()?))
+    }
+
+    /// The targets registered so far.
+    pub fn take_lora_targets(&mut self) -> Vec<TargetSpec> {
+        self.lora_targets
+            .take()
+            .map(TargetCollector::into_specs)
+            .unwrap_or_default()
     }
 
     pub fn dtype(&self) -> DType {
@@ -349,5 +409,28 @@ impl<'a> WeightPath<'a> {
     pub fn shape_of(&self, name: &str) -> Option<Vec<usize>> {
         let full = self.resolve(name).ok()?;
         self.weights.shape_of(&full).map(<[usize]>::to_vec)
+    }
+
+    /// The checkpoint name of the module here (its `weight` without the suffix),
+    /// as PEFT names the module.
+    pub fn module_name(&self) -> Option<String> {
+        let full = self.resolve("weight").ok()?;
+        full.strip_suffix(".weight").map(str::to_owned)
+    }
+
+    /// Registers a layer computing rows `rows` of the module here as a LoRA target.
+    pub fn lora_target_rows(
+        &self,
+        in_dim: usize,
+        rows: std::ops::Range<usize>,
+    ) -> Option<TargetId> {
+        self.weights
+            .register_lora_target(|| Some(TargetSpec::slice(self.module_name()?, in_dim, rows)))
+    }
+
+    /// Registers the layer here as a LoRA target computing all of this module.
+    pub fn lora_target(&self, in_dim: usize, out_dim: usize) -> Option<TargetId> {
+        self.weights
+            .register_lora_target(|| Some(TargetSpec::whole(self.module_name()?, in_dim, out_dim)))
     }
 }

@@ -23,6 +23,7 @@ use candle_core::{DType, Module, Tensor};
 
 use crate::checkpoint::WeightPath;
 use crate::error::{EngineError, Result};
+use crate::lora::{TargetId, WeightRef};
 
 /// Prepares a device for serving (see `cuda_ops::configure_device`); nothing on the CPU.
 pub fn configure_device(device: &candle_core::Device) -> Result<()> {
@@ -41,6 +42,8 @@ pub struct Linear {
     bias: Option<Tensor>,
     /// The bias as plain floats for the CPU fast path.
     cpu_bias: Option<Vec<f32>>,
+    /// Set when LoRA adapters may adapt this layer (see `crate::lora`).
+    lora: Option<TargetId>,
 }
 
 #[derive(Debug, Clone)]
@@ -71,7 +74,14 @@ impl Linear {
             weight,
             bias,
             cpu_bias,
+            lora: None,
         }
+    }
+
+    /// Marks the layer as a LoRA target (a no-op for `None`).
+    pub fn with_lora(mut self, target: Option<TargetId>) -> Self {
+        self.lora = target;
+        self
     }
 
     pub fn load(wp: &WeightPath, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
@@ -81,12 +91,13 @@ impl Linear {
             None
         };
         let w = wp.weights();
+        let lora = wp.lora_target(in_dim, out_dim);
         if w.device().is_cpu() && w.dtype() == DType::F32 {
             let wt = wp.get_transposed_f32("weight", out_dim, in_dim)?;
-            return Ok(Self::with_weight(LinearWeight::InOut(wt), bias));
+            return Ok(Self::with_weight(LinearWeight::InOut(wt), bias).with_lora(lora));
         }
         let weight = wp.get("weight", &[out_dim, in_dim])?;
-        Ok(Linear::new(weight, bias))
+        Ok(Linear::new(weight, bias).with_lora(lora))
     }
 
     /// Two layers stored as one (Phi-3's `gate_up_proj`): the first `out_dim` rows
@@ -109,7 +120,8 @@ impl Linear {
                 None => None,
             };
             let w = weight.narrow(0, i * out_dim, out_dim)?.contiguous()?;
-            Ok(Linear::new(w, b))
+            let rows = i * out_dim..(i + 1) * out_dim;
+            Ok(Linear::new(w, b).with_lora(wp.lora_target_rows(in_dim, rows)))
         };
         Ok((half(0)?, half(1)?))
     }
@@ -157,13 +169,34 @@ impl Linear {
         self.forward_inner(x, None)
     }
 
-    /// `x W^T` without the bias, for callers that fuse the bias into a later pass.
+    /// `x W^T` (plus the adapters' update) without the bias, for callers that fuse
+    /// the bias into a later pass.
     #[cfg(feature = "cuda")]
     pub(crate) fn forward_no_bias(&self, x: &Tensor) -> Result<Tensor> {
+        match self.adapted(x)? {
+            Some(y) => Ok(y),
+            None => self.matmul(x),
+        }
+    }
+
+    fn matmul(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.weight {
             LinearWeight::InOut(wt) => x.matmul(wt)?,
             LinearWeight::OutIn(w) => x.matmul(&w.t()?)?,
         })
+    }
+
+    /// `x W^T` with the updates of the adapters of the rows being run, when one
+    /// adapts this layer.
+    fn adapted(&self, x: &Tensor) -> Result<Option<Tensor>> {
+        let Some(target) = self.lora else {
+            return Ok(None);
+        };
+        let weight = match &self.weight {
+            LinearWeight::InOut(wt) => WeightRef::InOut(wt),
+            LinearWeight::OutIn(w) => WeightRef::OutIn(w),
+        };
+        crate::lora::adapted_matmul(target, x, weight)
     }
 
     #[cfg(feature = "cuda")]
@@ -177,15 +210,19 @@ impl Linear {
     }
 
     fn forward_inner(&self, x: &Tensor, act: Option<HiddenAct>) -> Result<Tensor> {
-        let y = match &self.weight {
-            LinearWeight::InOut(wt) => {
-                if let Some(y) = cpu::linear_f32(x, wt, self.cpu_bias.as_deref(), act)? {
-                    return Ok(y);
-                }
-                x.matmul(wt)?
+        if let Some(y) = self.adapted(x)? {
+            return self.bias_act(y, act);
+        }
+        if let LinearWeight::InOut(wt) = &self.weight {
+            if let Some(y) = cpu::linear_f32(x, wt, self.cpu_bias.as_deref(), act)? {
+                return Ok(y);
             }
-            LinearWeight::OutIn(w) => x.matmul(&w.t()?)?,
-        };
+        }
+        self.bias_act(self.matmul(x)?, act)
+    }
+
+    /// `act(y + b)`, in one pass on CUDA.
+    fn bias_act(&self, y: Tensor, act: Option<HiddenAct>) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if y.device().is_cuda() && (self.bias.is_some() || act.is_some()) {
             if let Some(out) = cuda_ops::bias_act(&y, self.bias.as_ref(), act)? {
@@ -354,7 +391,9 @@ pub fn in_row_chunks(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Resul
     }
     let mut outs = Vec::with_capacity(rows.div_ceil(MLP_ROWS));
     for start in (0..rows).step_by(MLP_ROWS) {
-        outs.push(f(&x.narrow(0, start, MLP_ROWS.min(rows - start))?)?);
+        let chunk = x.narrow(0, start, MLP_ROWS.min(rows - start))?;
+        // LoRA updates find their rows by position in the batch.
+        outs.push(crate::lora::offset_rows(start, || f(&chunk))?);
     }
     Ok(Tensor::cat(&outs, 0)?)
 }

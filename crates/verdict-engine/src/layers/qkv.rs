@@ -13,6 +13,7 @@ use candle_core::Tensor;
 use super::{Linear, RmsNorm, RotaryEmbedding};
 use crate::checkpoint::WeightPath;
 use crate::error::Result;
+use crate::lora::{TargetPart, TargetSpec};
 
 #[derive(Debug, Clone)]
 enum Projection {
@@ -46,10 +47,10 @@ impl QkvProjection {
                 v: Linear::load(&att.pp("v_proj"), hidden, kd, bias)?,
             }
         } else {
-            let parts = [("q_proj", qd), ("k_proj", kd), ("v_proj", kd)];
+            let parts_of = [("q_proj", qd), ("k_proj", kd), ("v_proj", kd)];
             let mut weights = Vec::with_capacity(3);
             let mut biases = Vec::with_capacity(3);
-            for (name, rows) in parts {
+            for (name, rows) in parts_of {
                 let p = att.pp(name);
                 weights.push(p.get("weight", &[rows, hidden])?);
                 if bias {
@@ -62,7 +63,25 @@ impl QkvProjection {
             } else {
                 None
             };
-            Projection::Packed(Linear::new(weight, bias))
+            // One layer, three modules: each adapts its own rows of the output.
+            let lora = att.weights().register_lora_target(|| {
+                let mut parts = Vec::with_capacity(3);
+                let mut offset = 0;
+                for (name, rows) in parts_of {
+                    parts.push(TargetPart {
+                        module: att.pp(name).module_name()?,
+                        module_rows: 0..rows,
+                        offset,
+                    });
+                    offset += rows;
+                }
+                Some(TargetSpec {
+                    in_dim: hidden,
+                    out_dim: offset,
+                    parts,
+                })
+            });
+            Projection::Packed(Linear::new(weight, bias).with_lora(lora))
         };
         Ok(QkvProjection {
             proj,
@@ -95,7 +114,8 @@ impl QkvProjection {
                     Some(b) => Some(b.narrow(0, start, rows)?.contiguous()?),
                     None => None,
                 };
-                Ok(Linear::new(weight.narrow(0, start, rows)?.contiguous()?, b))
+                let lora = wp.lora_target_rows(hidden, start..start + rows);
+                Ok(Linear::new(weight.narrow(0, start, rows)?.contiguous()?, b).with_lora(lora))
             };
             Projection::Split {
                 q: part(0, qd)?,
@@ -103,7 +123,8 @@ impl QkvProjection {
                 v: part(qd + kd, kd)?,
             }
         } else {
-            Projection::Packed(Linear::new(weight, bias))
+            let lora = wp.lora_target(hidden, qd + 2 * kd);
+            Projection::Packed(Linear::new(weight, bias).with_lora(lora))
         };
         Ok(QkvProjection {
             proj,

@@ -429,12 +429,14 @@ fn load_layer(
             } else {
                 QkvProjection::load(&att, h, cfg.heads, cfg.heads, d, true)?
             };
-            let up_gate = wp.pp("mlp.up_gate_proj").get("weight", &[2 * inter, h])?;
+            let up_gate_wp = wp.pp("mlp.up_gate_proj");
+            let up_gate = up_gate_wp.get("weight", &[2 * inter, h])?;
             let half = |i: usize| -> Result<Linear> {
-                Ok(Linear::new(
-                    up_gate.narrow(0, i * inter, inter)?.contiguous()?,
-                    None,
-                ))
+                let lora = up_gate_wp.lora_target_rows(h, i * inter..(i + 1) * inter);
+                Ok(
+                    Linear::new(up_gate.narrow(0, i * inter, inter)?.contiguous()?, None)
+                        .with_lora(lora),
+                )
             };
             Ok(EncoderLayer {
                 qkv: QkvKind::Rotary(qkv),
@@ -550,6 +552,31 @@ impl Backbone for BertModel {
     fn dtype(&self) -> DType {
         self.dtype
     }
+}
+
+/// Whether a weight belongs to the classification head (pooler included), the
+/// modules a LoRA adapter may replace.
+pub(crate) fn is_head_weight(variant: BertVariant, name: &str) -> bool {
+    name.starts_with("classifier.")
+        || name.starts_with("pre_classifier.")
+        || variant
+            .bases()
+            .iter()
+            .any(|base| name.starts_with(&format!("{base}pooler.")))
+}
+
+/// The label count of the head in `weights` (its output layer's rows).
+pub(crate) fn head_labels(
+    variant: BertVariant,
+    token_classification: bool,
+    weights: &Weights,
+) -> Option<usize> {
+    let out = if variant == BertVariant::Roberta && !token_classification {
+        "classifier.out_proj.weight"
+    } else {
+        "classifier.weight"
+    };
+    weights.shape_of(out).and_then(|s| s.first().copied())
 }
 
 /// The sequence-classification head of a BERT-family checkpoint.

@@ -218,6 +218,64 @@ pub(crate) fn load_decoder(req: &LoadRequest) -> Result<LoadedModel> {
     Ok(LoadedModel::new(backbone, head))
 }
 
+/// Whether a weight is part of the classification head of an architecture (what a
+/// LoRA adapter's `modules_to_save` may replace).
+pub(crate) fn is_head_weight(arch: &ArchInfo, name: &str) -> bool {
+    match arch.family {
+        Family::Bert(variant) => bert::is_head_weight(variant, name),
+        Family::Decoder(_) => name.starts_with("score."),
+        _ => false,
+    }
+}
+
+/// The head of a LoRA adapter: the family's head loaded from `weights`, the
+/// adapter's saved modules over the base checkpoint, with the label count of the
+/// adapter's output layer.
+pub(crate) fn load_adapter_head(
+    arch: &ArchInfo,
+    weights: &Weights,
+    hidden: usize,
+) -> Result<ClassifierHead> {
+    let token_classification = arch.kind == ArchKind::TokenClassification;
+    let missing = |name: &str| {
+        EngineError::Weight(format!(
+            "the adapter's head has no `{name}` (its output layer)"
+        ))
+    };
+    let rows = |name: &str| {
+        weights
+            .shape_of(name)
+            .and_then(|s| s.first().copied())
+            .ok_or_else(|| missing(name))
+    };
+    match arch.family {
+        Family::Bert(variant) => {
+            let labels = bert::head_labels(variant, token_classification, weights)
+                .ok_or_else(|| missing("classifier"))?;
+            bert::load_head(variant, token_classification, hidden, weights, labels)
+        }
+        Family::Decoder(_) => {
+            if let ArchKind::Reward(_) = arch.kind {
+                return reward_head(weights, hidden, rows("score.2.weight")?);
+            }
+            let labels = rows("score.weight")?;
+            let score = weights.root(&[""]).pp("score");
+            let linear = crate::layers::Linear::load_as(
+                &score,
+                hidden,
+                labels,
+                score.contains("bias"),
+                DType::F32,
+            )?;
+            Ok(ClassifierHead::linear(linear))
+        }
+        _ => Err(EngineError::Config(format!(
+            "LoRA adapters are not supported for {}",
+            arch.architecture
+        ))),
+    }
+}
+
 /// The reward models' `score`: Linear(h, h) -> ReLU -> Linear(h, labels), as
 /// `score.0` and `score.2` of a torch Sequential.
 fn reward_head(weights: &Weights, hidden: usize, num_labels: usize) -> Result<ClassifierHead> {

@@ -287,6 +287,12 @@ impl ArchInfo {
         }
     }
 
+    /// Families whose backbone layers LoRA adapters may target: the BERT family
+    /// and the Llama-family decoders.
+    pub fn supports_lora(&self) -> bool {
+        matches!(self.family, Family::Bert(_) | Family::Decoder(_))
+    }
+
     /// Decoders attend causally; encoders see the whole sequence.
     pub fn is_causal(&self) -> bool {
         self.row.causal

@@ -35,12 +35,12 @@ pub async fn classify(
             "The model does not support Classification API",
         ));
     }
-    state.check_model(common.model.as_deref())?;
+    let selection = state.check_model(common.model.as_deref())?;
     state
         .engine
         .check_step_params(PoolingTask::Classify, &common.step)?;
     let prompts = tokenize_prompts(state, request, &common).await?;
-    let outputs = run_prompts(state, prompts, &common).await?;
+    let outputs = run_prompts(state, prompts, &common, &selection).await?;
 
     let prompt_tokens = total_tokens(&outputs);
     let mut data = Vec::with_capacity(outputs.len());
@@ -52,7 +52,7 @@ pub async fn classify(
         };
         data.push(ClassificationItem {
             index,
-            label: state.info.label_of(probs),
+            label: selection.label_of(&state.info, probs),
             probs: json_floats(probs)?,
             num_classes: probs.len(),
         });
@@ -60,7 +60,7 @@ pub async fn classify(
     let response = ListResponse::new(
         response_id("classify-", headers),
         unix_now(),
-        state.served_name(),
+        &selection.name,
         data,
         prompt_tokens,
     );

@@ -8,22 +8,49 @@ use serde_json::{json, Value};
 
 use crate::state::{random_hex32, unix_now, SharedState};
 
+/// The served names, then each LoRA adapter with the base model as its `parent`.
 pub async fn models(State(state): State<SharedState>) -> Json<Value> {
     let created = unix_now();
     let root = state.info.model_dir.to_string_lossy().into_owned();
-    let cards: Vec<Value> = state
+    let mut cards: Vec<Value> = state
         .info
         .served_model_names
         .iter()
         .map(|name| {
-            json!({
+            card(
+                name,
+                &root,
+                Value::Null,
+                Some(state.info.max_model_len),
+                created,
+            )
+        })
+        .collect();
+    if let Some(registry) = state.engine.lora() {
+        let parent = Value::from(state.served_name());
+        cards.extend(registry.list().into_iter().map(|adapter| {
+            let root = adapter.path.to_string_lossy().into_owned();
+            card(&adapter.name, &root, parent.clone(), None, created)
+        }));
+    }
+    Json(json!({"object": "list", "data": cards}))
+}
+
+fn card(
+    name: &str,
+    root: &str,
+    parent: Value,
+    max_model_len: Option<usize>,
+    created: u64,
+) -> Value {
+    json!({
                 "id": name,
                 "object": "model",
                 "created": created,
                 "owned_by": "verdict",
                 "root": root,
-                "parent": null,
-                "max_model_len": state.info.max_model_len,
+                "parent": parent,
+                "max_model_len": max_model_len,
                 "permission": [{
                     "id": format!("modelperm-{}", random_hex32()),
                     "object": "model_permission",
@@ -38,10 +65,7 @@ pub async fn models(State(state): State<SharedState>) -> Json<Value> {
                     "group": null,
                     "is_blocking": false,
                 }],
-            })
-        })
-        .collect();
-    Json(json!({"object": "list", "data": cards}))
+    })
 }
 
 /// 200 with an empty body while the engine takes work; 503 once its threads

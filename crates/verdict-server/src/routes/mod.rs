@@ -17,6 +17,7 @@ macro_rules! json_route {
 pub mod classify;
 pub mod info;
 pub mod invocations;
+pub mod lora;
 pub mod pooling;
 pub mod score;
 pub mod tokenize;

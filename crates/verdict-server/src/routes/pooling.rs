@@ -76,7 +76,7 @@ pub async fn pooling(
     let dimensions = body.opt_i64("dimensions")?;
     let request = PromptRequest::parse(&mut body, state)?;
 
-    state.check_model(common.model.as_deref())?;
+    let selection = state.check_model(common.model.as_deref())?;
     let task = task.unwrap_or(state.info.task);
     state.engine.check_task(task, true)?;
     state.engine.check_step_params(task, &common.step)?;
@@ -87,7 +87,7 @@ pub async fn pooling(
     }
 
     let prompts = tokenize_prompts(state, request, &common).await?;
-    let outputs = run_prompts(state, prompts, &common).await?;
+    let outputs = run_prompts(state, prompts, &common, &selection).await?;
     let prompt_tokens = total_tokens(&outputs);
     let outcome = RequestOutcome {
         sequences: outputs.len(),
@@ -125,7 +125,7 @@ pub async fn pooling(
             let metadata = json!({
                 "id": id,
                 "created": created,
-                "model": state.served_name(),
+                "model": selection.name,
                 "data": items,
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
             });
@@ -163,7 +163,7 @@ pub async fn pooling(
             data: pooled,
         });
     }
-    let response = ListResponse::new(id, created, state.served_name(), data, prompt_tokens);
+    let response = ListResponse::new(id, created, &selection.name, data, prompt_tokens);
     Ok(json_response(&response, outcome))
 }
 

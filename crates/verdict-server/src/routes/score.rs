@@ -14,7 +14,7 @@ use crate::protocol::{
     check_score_template_kwargs, json_float, json_response, run_prompts, CommonFields,
     ListResponse, RequestOutcome,
 };
-use crate::state::{response_id, unix_now, AppState};
+use crate::state::{response_id, unix_now, AppState, Selection};
 
 /// The `/score` body variants, tried in vLLM's order.
 const SCORE_FIELD_PAIRS: &[(&str, &str)] = &[
@@ -125,7 +125,16 @@ async fn score_pairs(
     queries: &[String],
     documents: &[String],
     fields: ScoringFields,
+    selection: &Selection,
 ) -> Result<Vec<(SequenceOutput, f32)>, ApiError> {
+    // An adapter with its own head scores only when that head has one label.
+    if selection.num_labels(&state.info) != 1 {
+        return Err(ApiError::bad_request(format!(
+            "Scoring API is only enabled for num_labels == 1; LoRA adapter '{}' has {} labels.",
+            selection.name,
+            selection.num_labels(&state.info)
+        )));
+    }
     let pairs: Vec<(String, String)> = pair_up(queries, documents)?
         .into_iter()
         .map(|(q, d)| (q.to_string(), d.to_string()))
@@ -144,7 +153,7 @@ async fn score_pairs(
             engine.processor().process_pair(&q, &d, &opts, &limits)
         })
         .await?;
-    let outputs = run_prompts(state, prompts, &fields.common).await?;
+    let outputs = run_prompts(state, prompts, &fields.common, selection).await?;
     outputs
         .into_iter()
         .map(|o| match &o.data {
@@ -191,9 +200,9 @@ pub async fn score(
     let documents = parse_side(state, second, second_value)?;
     let fields = ScoringFields::parse(&mut body, state)?;
     check_documents_len(state, documents.len())?;
-    state.check_model(fields.common.model.as_deref())?;
+    let selection = state.check_model(fields.common.model.as_deref())?;
 
-    let scored = score_pairs(state, &queries, &documents, fields).await?;
+    let scored = score_pairs(state, &queries, &documents, fields, &selection).await?;
     let prompt_tokens: usize = scored.iter().map(|(o, _)| o.prompt_tokens).sum();
     let mut data = Vec::with_capacity(scored.len());
     for (index, (_, score)) in scored.iter().enumerate() {
@@ -206,7 +215,7 @@ pub async fn score(
     let response = ListResponse::new(
         response_id("score-", headers),
         unix_now(),
-        state.served_name(),
+        &selection.name,
         data,
         prompt_tokens,
     );
@@ -273,9 +282,9 @@ pub async fn rerank(
     let top_n = body.opt_i64("top_n")?.unwrap_or(0);
     let fields = ScoringFields::parse(&mut body, state)?;
     check_documents_len(state, documents.len())?;
-    state.check_model(fields.common.model.as_deref())?;
+    let selection = state.check_model(fields.common.model.as_deref())?;
 
-    let scored = score_pairs(state, &query, &documents, fields).await?;
+    let scored = score_pairs(state, &query, &documents, fields, &selection).await?;
     let prompt_tokens: usize = scored.iter().map(|(o, _)| o.prompt_tokens).sum();
     let sequences = scored.len();
     let mut results = Vec::with_capacity(sequences);
@@ -296,7 +305,7 @@ pub async fn rerank(
     }
     let response = RerankResponse {
         id: response_id("score-", headers),
-        model: state.served_name(),
+        model: &selection.name,
         usage: RerankUsage {
             prompt_tokens,
             total_tokens: prompt_tokens,
