@@ -18,11 +18,10 @@ layout), converted by transformers' DebertaV2Converter, and every fixture prompt
 checked against sentencepiece's own encoding and transformers' DebertaV2Tokenizer.
 """
 
-import json
-import os
-import unicodedata
+import functools
 import shutil
 import sys
+import unicodedata
 from pathlib import Path
 
 import sentencepiece as spm
@@ -227,82 +226,28 @@ FIXTURES = [
 ]
 
 
-def make_fixture(name, spec, salt, tok):
-    out = mf.MODDIR / name
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    seed = mf.stable_seed(f"{name}/{salt}")
-    torch.manual_seed(seed)
-    spec["config"]._attn_implementation = "eager"
-    model = spec["cls"](spec["config"])
-    mf.perturb(model, spec["heads"], seed)
-    mf.save_hf(model, out)
-    if spec.get("raw_edit"):
-        raw = json.loads((out / "config.json").read_text())
-        spec["raw_edit"](raw)
-        (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
-    model = mf.load_hf(spec["cls"], out)
-    os.chmod(out / "model.safetensors", 0o644)
+def make_fixture(name, spec_fn, tok, salt):
+    spec = spec_fn(tok.raw.get_vocab_size(with_added_tokens=True))
+    out = mf.fresh_model_dir(name)
+    model = mf.make_hf_model(out, spec["cls"], spec["config"], spec["heads"], mf.stable_seed(f"{name}/{salt}"),
+                             raw_config_edit=spec.get("raw_edit"))
     mf.link_tokenizer(out, TOK_NAME)
-    saved = json.loads((out / "config.json").read_text())
-    id2label = {str(k): v for k, v in sorted(model.config.id2label.items())}
-    num_labels = len(id2label)
-    act = mf.activation_for(model.config.problem_type, num_labels)
-    token_only = spec.get("token_only", False)
 
-    def run(ids, tts):
-        with torch.no_grad():
-            tok_logits, logits = spec["fwd"](model, ids, tts)
-        res = {"token_logits": mf.f32list(tok_logits), "token_probs": mf.f32list(mf.apply_act(act, tok_logits))}
-        # A token classifier has no sequence output.
-        res["logits"] = [] if logits is None else mf.f32list(logits)
-        res["probs"] = [] if logits is None else mf.f32list(mf.apply_act(act, logits))
-        return res
+    def encode(text, text_pair=None):
+        ids, tts = tok.encode(text, text_pair)
+        return {"input_ids": ids, "token_type_ids": tts}
 
-    cases = []
-    for cname, text in mf.TEXTS:
-        ids, tts = tok.encode(text)
-        c = {"name": cname, "kind": "text", "text": text, "input_ids": ids, "token_type_ids": tts}
-        c.update(run(ids, tts))
-        cases.append(c)
-    for cname, a, b in mf.PAIRS[: spec["pairs"]]:
-        ids, tts = tok.encode(a, text_pair=b)
-        c = {"name": cname, "kind": "pair", "text": a, "text_pair": b, "pair_mode": "hf_pair", "input_ids": ids,
-             "token_type_ids": tts}
-        c.update(run(ids, tts))
-        cases.append(c)
-    ref = {
-        "generator": f"{mf.GENERATOR} (scripts/make_deberta_fixtures.py)",
-        "architecture": saved["architectures"][0],
-        "engine_args": {"convert": None, "hf_overrides": None},
-        "num_labels": num_labels,
-        "activation": act,
-        "id2label": id2label,
-        "cases": cases,
-    }
-    mf.write_json(out / "reference.json", ref)
-    if token_only:  # judge informativeness on the per-token outputs
-        flat = {**ref, "cases": [{**c, "logits": row, "probs": p} for c in cases
-                                 for row, p in zip(c["token_logits"], c["token_probs"])]}
-        return ref, flat
-    return ref, ref
+    return mf.write_reference(out, model, spec["fwd"], encode, f"{mf.GENERATOR} (scripts/make_deberta_fixtures.py)",
+                              pairs=mf.PAIRS[: spec["pairs"]], token_outputs_first=True)
 
 
 def main():
     tok = build_tokenizer()
     vocab = tok.raw.get_vocab_size(with_added_tokens=True)
     for name, spec_fn in FIXTURES:
-        for salt in range(50):
-            ref, judged = make_fixture(name, spec_fn(vocab), salt, tok)
-            ok, why = mf.outputs_are_informative(judged)
-            if ok:
-                break
-            print(f"  {name}: seed salt {salt} rejected ({why})")
-        else:
-            sys.exit(f"{name}: no seed gave informative outputs")
-        summary = ", ".join(f"{c['name']}:{len(c['input_ids'])}t" for c in ref["cases"])
-        print(f"{name}: {ref['architecture']} labels={ref['num_labels']} act={ref['activation']} [{summary}]")
+        # A token classifier (no sequence output) is judged on its per-token outputs.
+        judge = mf.token_outputs_are_informative if spec_fn(vocab).get("token_only") else mf.outputs_are_informative
+        mf.search_seed(name, functools.partial(make_fixture, name, spec_fn, tok), judge)
 
 
 if __name__ == "__main__":

@@ -18,14 +18,10 @@ window and than Phi-3's original context (so LongRoPE's long factors are used).
 """
 
 import json
-import math
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -42,15 +38,11 @@ from transformers import (
     Phi3ForCausalLM,
     Phi3ForSequenceClassification,
 )
-
 from transformers.modeling_layers import GenericForSequenceClassification
 from transformers.models.granite.modeling_granite import GranitePreTrainedModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import make_fixtures as mf  # noqa: E402  (prompts, perturbation, reference format)
-
-MODDIR = mf.MODDIR
-GENERATOR = f"transformers {transformers.__version__}, torch {torch.__version__}"
 
 LM_TOKENS = ["Ġyes", "Ġno", "Ġmaybe"]
 TWO_WAY = ["Ġno", "Ġyes"]
@@ -209,35 +201,16 @@ class TanhInputs:
         torch.tanh = self.orig
 
 
-def make_model(name, spec, out, salt):
-    seed = mf.stable_seed(f"{name}/{salt}")
-    torch.manual_seed(seed)
-    spec["config"]._attn_implementation = "eager"
-    model = spec["cls"](spec["config"])
-    mf.perturb(model, spec["heads"], seed)
-    model.to(torch.bfloat16)
-    model.save_pretrained(str(out))
-    if spec.get("config_edit"):
-        cfg = json.loads((out / "config.json").read_text())
-        saved = type(spec["config"]).from_pretrained(str(out))
-        spec["config_edit"](saved)
-        saved.save_pretrained(str(out))
-        assert json.loads((out / "config.json").read_text())["architectures"] != cfg["architectures"]
-    loaded, info = spec["cls"].from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager",
-                                               output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
-    return loaded.eval()
-
-
 def make_fixture(name, spec_fn, salt):
     spec = spec_fn()
-    out = MODDIR / name
-    out.mkdir(parents=True)
-    model = make_model(name, spec, out, salt)
-    os.chmod(out / "model.safetensors", 0o644)
+    out = mf.fresh_model_dir(name)
+    model = mf.make_hf_model(out, spec["cls"], spec["config"], spec["heads"], mf.stable_seed(f"{name}/{salt}"),
+                             spec.get("config_edit"))
+    saved_cfg = json.loads((out / "config.json").read_text())
+    if spec.get("config_edit"):
+        assert saved_cfg["architectures"] != [spec["cls"].__name__], saved_cfg["architectures"]
     mf.link_tokenizer(out, "gpt2")
     tok = mf.RefTokenizer(out)
-    saved_cfg = json.loads((out / "config.json").read_text())
 
     fwd = spec.get("fwd")
     if spec.get("lm_tokens"):
@@ -247,20 +220,16 @@ def make_fixture(name, spec_fn, salt):
     if spec.get("two_way"):
         no_id, yes_id = [tok.hf.convert_tokens_to_ids(t) for t in spec["two_way"]]
         fwd = mf.fwd_2way(no_id, yes_id)
-    if "num_labels" in spec:
-        id2label = {str(i): f"LABEL_{i}" for i in range(spec["num_labels"])}
-    else:
-        id2label = {str(k): v for k, v in sorted(model.config.id2label.items())}
-    act = mf.activation_for(model.config.problem_type, len(id2label))
 
-    cases = []
+    def encode(text, text_pair=None):
+        ids, _ = tok.encode(text, text_pair=text_pair)
+        assert saved_cfg.get("pad_token_id") not in ids
+        return {"input_ids": ids, "token_type_ids": None}
+
     with TanhInputs() as seen:
-        for cname, text in mf.TEXTS:
-            ids, tts = tok.encode(text)
-            assert saved_cfg.get("pad_token_id") not in ids
-            c = {"name": cname, "kind": "text", "text": text, "input_ids": ids, "token_type_ids": None}
-            c.update(mf.run_case(model, fwd, act, ids, tts, True))
-            cases.append(c)
+        ref = mf.write_reference(out, model, fwd, encode, mf.GENERATOR, num_labels=spec.get("num_labels"),
+                                 engine_args=spec.get("engine_args"))
+    cases = ref["cases"]
     longest = max(len(c["input_ids"]) for c in cases)
     shortest = min(len(c["input_ids"]) for c in cases)
     if saved_cfg.get("sliding_window"):
@@ -272,16 +241,6 @@ def make_fixture(name, spec_fn, salt):
         assert seen.other > 1.0, f"{name}: LM logits never pass the final cap ({seen.other:.2f} <= 1)"
     if spec.get("longrope"):
         assert shortest <= PHI3_ORIGINAL < longest, (shortest, longest)
-    ref = {
-        "generator": GENERATOR,
-        "architecture": saved_cfg["architectures"][0],
-        "engine_args": spec.get("engine_args", {"convert": None, "hf_overrides": None}),
-        "num_labels": len(id2label),
-        "activation": act,
-        "id2label": id2label,
-        "cases": cases,
-    }
-    mf.write_json(out / "reference.json", ref)
     return ref, (seen.attn, seen.other)
 
 
@@ -290,8 +249,6 @@ def main():
     for name, spec_fn in FIXTURES:
         if only and name not in only:
             continue
-        if (MODDIR / name).exists():
-            shutil.rmtree(MODDIR / name)
         for salt in range(50):
             try:
                 ref, seen = make_fixture(name, spec_fn, salt)
@@ -301,7 +258,6 @@ def main():
             if ok:
                 break
             print(f"  {name}: seed salt {salt} rejected ({why})")
-            shutil.rmtree(MODDIR / name)
         else:
             sys.exit(f"{name}: no seed gave informative outputs")
         summary = ", ".join(f"{c['name']}:{len(c['input_ids'])}t" for c in ref["cases"])

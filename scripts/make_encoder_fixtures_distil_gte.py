@@ -18,15 +18,14 @@ parameter, bf16 storage, references from re-loading the bf16 checkpoint in fp32.
   numpy recomputation on every case before anything is written.
 """
 
+import functools
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 from transformers import (
     DistilBertConfig,
@@ -38,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gte_new_reference as gte  # noqa: E402
 import make_fixtures as mf  # noqa: E402
 
-GENERATOR = f"transformers {transformers.__version__}, torch {torch.__version__}"
 NUMPY_ATOL = 2e-5
 
 ENTITIES = {0: "O", 1: "B-PER", 2: "I-PER", 3: "B-LOC", 4: "I-LOC"}
@@ -106,15 +104,17 @@ def make_distil(spec, out, seed):
     return loaded.eval()
 
 
-def fwd_distil(model, ids, token):
-    ids_t = torch.tensor([ids])
-    full = model(input_ids=ids_t, attention_mask=torch.ones_like(ids_t)).logits[0]
-    if token:
-        return full, full[0]
-    h = model.distilbert(input_ids=ids_t).last_hidden_state[0]
-    tok = model.classifier(torch.relu(model.pre_classifier(h)))
-    assert torch.allclose(tok[0], full, atol=1e-6), (tok[0], full)
-    return tok, full
+def fwd_distil(token):
+    def fwd(model, ids, tt):
+        ids_t = torch.tensor([ids])
+        full = model(input_ids=ids_t, attention_mask=torch.ones_like(ids_t)).logits[0]
+        if token:
+            return full, full[0]
+        h = model.distilbert(input_ids=ids_t).last_hidden_state[0]
+        tok = model.classifier(torch.relu(model.pre_classifier(h)))
+        assert torch.allclose(tok[0], full, atol=1e-6), (tok[0], full)
+        return tok, full
+    return fwd
 
 
 # --------------------------------------------------------------------------------------
@@ -166,13 +166,16 @@ def make_gte(spec, out, seed):
     return loaded.eval()
 
 
-def fwd_gte(model, ids, tt, token):
-    tok, seq = model(ids, tt)
-    np_tok, np_seq = gte.numpy_forward(model.weights, model.new.cfg, ids, tt, token)
-    worst = max(np.abs(tok.detach().double().numpy() - np_tok).max(), np.abs(seq.detach().double().numpy() - np_seq).max())
-    assert worst < NUMPY_ATOL, f"torch reference vs numpy: {worst}"
-    model.numpy_gap = max(getattr(model, "numpy_gap", 0.0), worst)
-    return tok, seq
+def fwd_gte(token):
+    def fwd(model, ids, tt):
+        tok, seq = model(ids, tt)
+        np_tok, np_seq = gte.numpy_forward(model.weights, model.new.cfg, ids, tt, token)
+        worst = max(np.abs(tok.detach().double().numpy() - np_tok).max(),
+                    np.abs(seq.detach().double().numpy() - np_seq).max())
+        assert worst < NUMPY_ATOL, f"torch reference vs numpy: {worst}"
+        model.numpy_gap = max(getattr(model, "numpy_gap", 0.0), worst)
+        return tok, seq
+    return fwd
 
 
 # --------------------------------------------------------------------------------------
@@ -190,66 +193,27 @@ FIXTURES = [
 
 def make_fixture(name, spec_fn, salt):
     spec = spec_fn()
-    out = mf.MODDIR / name
-    out.mkdir(parents=True)
+    out = mf.fresh_model_dir(name)
     seed = mf.stable_seed(f"{name}/{salt}")
     distil = spec["kind"] == "distil"
     model = make_distil(spec, out, seed) if distil else make_gte(spec, out, seed)
     os.chmod(out / "model.safetensors", 0o644)
     mf.link_tokenizer(out, spec["tok"])
     tok = mf.RefTokenizer(out)
-    saved = json.loads((out / "config.json").read_text())
-    id2label = {str(k): v for k, v in sorted(((int(k), v) for k, v in saved["id2label"].items()))}
-    num_labels = len(id2label)
-    act = mf.activation_for(saved.get("problem_type"), num_labels)
 
-    def run(ids, tts):
-        with torch.no_grad():
-            if distil:
-                tok_logits, logits = fwd_distil(model, ids, spec["token"])
-            else:
-                tok_logits, logits = fwd_gte(model, ids, tts, spec["token"])
-        assert tok_logits.shape[0] == len(ids)
-        return {"logits": mf.f32list(logits), "probs": mf.f32list(mf.apply_act(act, logits)),
-                "token_logits": mf.f32list(tok_logits), "token_probs": mf.f32list(mf.apply_act(act, tok_logits))}
-
-    cases = []
-    for cname, text in mf.TEXTS:
-        ids, tts = tok.encode(text)
-        c = {"name": cname, "kind": "text", "text": text, "input_ids": ids,
-             "token_type_ids": None if distil else tts}
-        c.update(run(ids, tts))
-        cases.append(c)
-    for cname, a, b in mf.PAIRS[: spec["pairs"]]:
-        ids, tts = tok.encode(a, text_pair=b)
-        if distil:
+    def encode(text, text_pair=None):
+        ids, tts = tok.encode(text, text_pair=text_pair)
+        if distil and text_pair is not None:
             assert any(tts), "BERT pairs carry token types, which DistilBERT ignores"
-        c = {"name": cname, "kind": "pair", "text": a, "text_pair": b, "pair_mode": "hf_pair", "input_ids": ids,
-             "token_type_ids": None if distil else tts}
-        c.update(run(ids, tts))
-        cases.append(c)
-    ref = {
-        "generator": GENERATOR + ("" if distil else " (GTE via scripts/gte_new_reference.py, numpy-checked)"),
-        "architecture": saved["architectures"][0],
-        "engine_args": {"convert": None, "hf_overrides": None},
-        "num_labels": num_labels,
-        "activation": act,
-        "id2label": id2label,
-        "cases": cases,
-    }
+        return {"input_ids": ids, "token_type_ids": None if distil else tts}
+
+    fwd = fwd_distil(spec["token"]) if distil else fwd_gte(spec["token"])
+    generator = mf.GENERATOR + ("" if distil else " (GTE via scripts/gte_new_reference.py, numpy-checked)")
+    note = {"note": "token classification: logits/probs are the first token's"} if spec["token"] else {}
+    ref = mf.write_reference(out, model, fwd, encode, generator, pairs=mf.PAIRS[: spec["pairs"]], **note)
     if not distil:
         print(f"  {name}: torch reference vs float64 numpy, largest logit gap {model.numpy_gap:.1e}")
-    if spec["token"]:
-        ref["note"] = "token classification: logits/probs are the first token's"
-    mf.write_json(out / "reference.json", ref)
     return ref
-
-
-def token_outputs_are_informative(ref):
-    """The sequence criteria applied to every token row."""
-    rows = [{"kind": "text", "logits": l, "probs": p}
-            for c in ref["cases"] for l, p in zip(c["token_logits"], c["token_probs"])]
-    return mf.outputs_are_informative(dict(ref, cases=rows))
 
 
 def main():
@@ -258,19 +222,9 @@ def main():
     for name, spec_fn in FIXTURES:
         if only and name not in only:
             continue
-        for salt in range(50):
-            if (mf.MODDIR / name).exists():
-                shutil.rmtree(mf.MODDIR / name)
-            ref = make_fixture(name, spec_fn, salt)
-            check = token_outputs_are_informative if "note" in ref else mf.outputs_are_informative
-            ok, why = check(ref)
-            if ok:
-                break
-            print(f"  {name}: seed salt {salt} rejected ({why})")
-        else:
-            sys.exit(f"{name}: no seed gave informative outputs")
-        summary = ", ".join(f"{c['name']}:{len(c['input_ids'])}t" for c in ref["cases"])
-        print(f"{name}: {ref['architecture']} labels={ref['num_labels']} act={ref['activation']} [{summary}]")
+        # Token classifiers are judged on their per-token outputs.
+        judge = mf.token_outputs_are_informative if spec_fn()["token"] else mf.outputs_are_informative
+        mf.search_seed(name, functools.partial(make_fixture, name, spec_fn), judge)
 
 
 if __name__ == "__main__":

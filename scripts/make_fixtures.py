@@ -39,6 +39,7 @@ scripts/crosscheck_fixtures.py checks the references against the real
 Qwen3 classes of transformers 4.51.3.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -76,8 +77,8 @@ from transformers import (
     XLMRobertaForSequenceClassification,
 )
 from transformers.modeling_rope_utils import rope_config_validation
-from transformers.pytorch_utils import Conv1D
 from transformers.models.llama import modeling_llama as ML
+from transformers.pytorch_utils import Conv1D
 
 ROOT = Path(__file__).resolve().parent.parent
 DL = ROOT / ".cache" / "dl"
@@ -179,7 +180,7 @@ def gpt2_vocab_merges():
     vocab = json.loads((GPT2_SRC / "encoder.json").read_text(encoding="utf-8"))
     lines = (GPT2_SRC / "vocab.bpe").read_text(encoding="utf-8").split("\n")
     assert lines[0].startswith("#version")
-    merges = [tuple(l.split(" ")) for l in lines[1:] if l]
+    merges = [tuple(line.split(" ")) for line in lines[1:] if line]
     assert all(len(m) == 2 for m in merges)
     return vocab, merges
 
@@ -426,7 +427,6 @@ def perturb(model, head_prefixes, seed):
         is_norm = any(t in type(mod).__name__ for t in NORM_TYPES)
         is_head = any(mname == h or mname.startswith(h + ".") for h in head_prefixes)
         for pname, p in own.items():
-            full = f"{mname}.{pname}" if mname else pname
             if id(p) in done:
                 continue  # tied
             with torch.no_grad():
@@ -722,114 +722,94 @@ FIXTURES = [
 ]
 
 # --------------------------------------------------------------------------------------
-# main
+# fixture steps (shared with the make_*_fixtures.py scripts)
 # --------------------------------------------------------------------------------------
 
 
-def make_model(name, spec, out, salt):
-    seed = stable_seed(f"{name}/{salt}")
+def fresh_model_dir(name):
+    out = MODDIR / name
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    return out
+
+
+def make_hf_model(out, cls, config, heads, seed, config_edit=None, raw_config_edit=None):
+    """A seeded random `cls(config)` (eager attention, `perturb`ed) stored in `out` in bf16, returned
+    re-loaded in float32: the values the engine sees.  `config_edit` changes the saved config object;
+    `raw_config_edit` the saved config.json as a dict, for forms that save_pretrained would normalise."""
     torch.manual_seed(seed)
-    if spec.get("qwen3"):
-        model = build_qwen3_port(spec["config"], spec["causal"])
-        perturb(model, spec["heads"], seed)
-        save_qwen3_port(model, spec["config"], spec["arch"], out)
-        return load_qwen3_port(out, spec["causal"])
-    spec["config"]._attn_implementation = "eager"
-    model = spec["cls"](spec["config"])
-    perturb(model, spec["heads"], seed)
-    save_hf(model, out, spec.get("config_edit"))
-    return load_hf(spec["cls"], out)
+    config._attn_implementation = "eager"
+    model = cls(config)
+    perturb(model, heads, seed)
+    save_hf(model, out, config_edit)
+    if raw_config_edit is not None:
+        raw = json.loads((out / "config.json").read_text())
+        raw_config_edit(raw)
+        (out / "config.json").write_text(json.dumps(raw, indent=2) + "\n")
+    os.chmod(out / "model.safetensors", 0o644)
+    return load_hf(cls, out)
 
 
-def run_case(model, fwd, act, ids, tt, with_tokens):
+def run_case(model, fwd, act, ids, tt, with_tokens, token_outputs_first=False):
+    """Outputs of one case: `fwd` gives (per-token logits, sequence logits); a token classifier has no
+    sequence logits (empty lists), a sequence-only reference no per-token ones."""
     with torch.no_grad():
         tok_logits, logits = fwd(model, ids, tt)
-    res = {"logits": f32list(logits), "probs": f32list(apply_act(act, logits))}
-    if with_tokens:
+    seq = {"logits": [], "probs": []} if logits is None else {
+        "logits": f32list(logits), "probs": f32list(apply_act(act, logits))}
+    tok = {}
+    if with_tokens and tok_logits is not None:
         assert tok_logits.shape[0] == len(ids)
-        res["token_logits"] = f32list(tok_logits)
-        res["token_probs"] = f32list(apply_act(act, tok_logits))
-    return res
+        tok = {"token_logits": f32list(tok_logits), "token_probs": f32list(apply_act(act, tok_logits))}
+    return {**tok, **seq} if token_outputs_first else {**seq, **tok}
 
 
-def make_fixture(name, spec_fn, salt):
-    spec = spec_fn()
-    out = MODDIR / name
-    out.mkdir(parents=True)
-    model = make_model(name, spec, out, salt)
-    os.chmod(out / "model.safetensors", 0o644)
-    link_tokenizer(out, spec["tok"])
-    tok = RefTokenizer(out)
-    saved_cfg = json.loads((out / "config.json").read_text())
+def write_reference(out, model, fwd, encode, generator, texts=TEXTS, pairs=(), pair_mode="hf_pair",
+                    more_cases=(), num_labels=None, engine_args=None, architecture=None,
+                    token_outputs_first=False, **extra):
+    """Run every prompt of `texts` and (text, text_pair) of `pairs` through `fwd(model, ids, token_type_ids)`
+    and write out/reference.json.
 
-    fwd = spec["fwd"]
-    if spec.get("lm_tokens"):
-        ids = [tok.hf.convert_tokens_to_ids(t) for t in spec["lm_tokens"]]
-        assert tok.hf.unk_token_id not in ids
-        fwd = fwd_lm_tokens(ids)
-    if spec.get("two_way"):
-        no_id, yes_id = [tok.hf.convert_tokens_to_ids(t) for t in spec["two_way"]]
-        fwd = fwd_2way(no_id, yes_id)
-    if "num_labels" in spec:  # converted from an LM head: labels come from the engine args
-        id2label = {str(i): f"LABEL_{i}" for i in range(spec["num_labels"])}
+    `encode(text, text_pair=None)` gives the inputs a case records: {"input_ids": [...]}, plus
+    "token_type_ids" (None where the model takes none) unless the fixture has no such field.  Pairs are
+    encoded as a tokenizer pair ("hf_pair") or as one concatenated text ("concat").  `more_cases` are
+    further (fields, inputs) cases, such as rendered chats, that get sequence outputs only.  Labels and
+    activation come from the re-loaded model's config (config.json for a script's own reference module,
+    which has none); `num_labels` replaces the labels of an LM head converted to a classifier (the engine
+    names them).  `extra` is added after the cases."""
+    saved = json.loads((out / "config.json").read_text())
+    config = getattr(model, "config", None)
+    if isinstance(config, PretrainedConfig):
+        labels, problem_type = config.id2label.items(), config.problem_type
     else:
-        id2label = {str(k): v for k, v in sorted(model.config.id2label.items())}
-    num_labels = len(id2label)
-    assert saved_cfg.get("problem_type") == model.config.problem_type
-    act = activation_for(model.config.problem_type, num_labels)
-    bert_like = spec["tok"] in ("bert", "roberta")
+        labels, problem_type = ((int(k), v) for k, v in saved["id2label"].items()), saved.get("problem_type")
+    if num_labels is not None:
+        labels = ((i, f"LABEL_{i}") for i in range(num_labels))
+    id2label = {str(k): v for k, v in sorted(labels)}
+    act = activation_for(problem_type, len(id2label))
 
-    pad_id = saved_cfg.get("pad_token_id")
-    if tok.hf.pad_token_id is not None:
-        assert pad_id is None or pad_id == tok.hf.pad_token_id or not bert_like
+    def case(fields, inputs, with_tokens=True):
+        outputs = run_case(model, fwd, act, inputs["input_ids"], inputs.get("token_type_ids"), with_tokens,
+                           token_outputs_first)
+        return {**fields, **inputs, **outputs}
 
-    def tt_for(ids, tts):
-        # HF picks the token before the FIRST pad_token_id (decoders) / pads are masked: keep pads out.
-        assert pad_id is None or pad_id not in ids, (name, ids)
-        assert tok.hf.pad_token_id is None or tok.hf.pad_token_id not in ids, (name, ids)
-        return tts if bert_like else None
+    def pair_inputs(a, b):
+        return encode(a + b) if pair_mode == "concat" else encode(a, text_pair=b)
 
-    cases = []
-    for cname, text in TEXTS:
-        ids, tts = tok.encode(text)
-        c = {"name": cname, "kind": "text", "text": text, "input_ids": ids, "token_type_ids": tt_for(ids, tts)}
-        c.update(run_case(model, fwd, act, ids, tts, True))
-        cases.append(c)
-    for cname, a, b in PAIRS[: spec.get("pairs", 0)]:
-        if spec.get("pair_mode") == "concat":
-            ids, tts = tok.encode(a + b)
-            mode = "concat"
-        else:
-            ids, tts = tok.encode(a, text_pair=b)
-            mode = "hf_pair"
-        c = {"name": cname, "kind": "pair", "text": a, "text_pair": b, "pair_mode": mode, "input_ids": ids,
-             "token_type_ids": tt_for(ids, tts)}
-        c.update(run_case(model, fwd, act, ids, tts, True))
-        cases.append(c)
-    if spec.get("chat"):
-        variants = [
-            ("chat_no_genprompt", CHAT_MESSAGES, False, False),
-            ("chat_genprompt", CHAT_MESSAGES, True, False),
-            ("chat_continue_final", CHAT_MESSAGES[:2], False, True),
-        ]
-        for cname, msgs, agp, cfm in variants:
-            rendered = tok.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp,
-                                                  continue_final_message=cfm)
-            ids, tts = tok.encode(rendered, add_special_tokens=False)
-            c = {"name": cname, "kind": "chat", "messages": msgs, "add_generation_prompt": agp,
-                 "continue_final_message": cfm, "rendered": rendered, "input_ids": ids, "token_type_ids": None}
-            c.update(run_case(model, fwd, act, ids, tts, False))
-            cases.append(c)
-
+    cases = [case({"name": name, "kind": "text", "text": text}, encode(text)) for name, text in texts]
+    cases += [case({"name": name, "kind": "pair", "text": a, "text_pair": b, "pair_mode": pair_mode},
+                   pair_inputs(a, b)) for name, a, b in pairs]
+    cases += [case(fields, inputs, with_tokens=False) for fields, inputs in more_cases]
     ref = {
-        "generator": GENERATOR + (" (Qwen3 via in-script port of transformers 4.51.3 modeling_qwen3)"
-                                  if spec.get("qwen3") else ""),
-        "architecture": spec.get("architecture", saved_cfg["architectures"][0]),
-        "engine_args": spec.get("engine_args", {"convert": None, "hf_overrides": None}),
-        "num_labels": num_labels,
+        "generator": generator,
+        "architecture": architecture or saved["architectures"][0],
+        "engine_args": engine_args or {"convert": None, "hf_overrides": None},
+        "num_labels": len(id2label),
         "activation": act,
         "id2label": id2label,
         "cases": cases,
+        **extra,
     }
     write_json(out / "reference.json", ref)
     return ref
@@ -860,6 +840,96 @@ def outputs_are_informative(ref):
     if spread < 0.5:
         return False, f"logit spread across prompts {spread:.3f}"
     return True, ""
+
+
+def token_outputs_are_informative(ref):
+    """outputs_are_informative on the per-token outputs (token classifiers), each token row as a case."""
+    rows = [{"kind": "text", "logits": logits, "probs": probs}
+            for c in ref["cases"] for logits, probs in zip(c["token_logits"], c["token_probs"])]
+    return outputs_are_informative({**ref, "cases": rows})
+
+
+def search_seed(name, make, judge=outputs_are_informative):
+    """Deterministic search over seed salts until `judge` accepts the reference that `make(salt)` wrote."""
+    for salt in range(50):
+        ref = make(salt)
+        ok, why = judge(ref)
+        if ok:
+            summary = ", ".join(f"{c['name']}:{len(c['input_ids'])}t" for c in ref["cases"])
+            print(f"{name}: {ref['architecture']} labels={ref['num_labels']} act={ref['activation']} [{summary}]")
+            return ref
+        print(f"  {name}: seed salt {salt} rejected ({why})")
+    sys.exit(f"{name}: no seed gave informative outputs")
+
+
+# --------------------------------------------------------------------------------------
+# main
+# --------------------------------------------------------------------------------------
+
+
+def make_model(name, spec, out, salt):
+    seed = stable_seed(f"{name}/{salt}")
+    if not spec.get("qwen3"):
+        return make_hf_model(out, spec["cls"], spec["config"], spec["heads"], seed, spec.get("config_edit"))
+    torch.manual_seed(seed)
+    model = build_qwen3_port(spec["config"], spec["causal"])
+    perturb(model, spec["heads"], seed)
+    save_qwen3_port(model, spec["config"], spec["arch"], out)
+    return load_qwen3_port(out, spec["causal"])
+
+
+def make_fixture(name, spec_fn, salt):
+    spec = spec_fn()
+    out = fresh_model_dir(name)
+    model = make_model(name, spec, out, salt)
+    os.chmod(out / "model.safetensors", 0o644)
+    link_tokenizer(out, spec["tok"])
+    tok = RefTokenizer(out)
+    saved_cfg = json.loads((out / "config.json").read_text())
+
+    fwd = spec["fwd"]
+    if spec.get("lm_tokens"):
+        ids = [tok.hf.convert_tokens_to_ids(t) for t in spec["lm_tokens"]]
+        assert tok.hf.unk_token_id not in ids
+        fwd = fwd_lm_tokens(ids)
+    if spec.get("two_way"):
+        no_id, yes_id = [tok.hf.convert_tokens_to_ids(t) for t in spec["two_way"]]
+        fwd = fwd_2way(no_id, yes_id)
+    assert saved_cfg.get("problem_type") == model.config.problem_type
+    bert_like = spec["tok"] in ("bert", "roberta")
+
+    pad_id = saved_cfg.get("pad_token_id")
+    if tok.hf.pad_token_id is not None:
+        assert pad_id is None or pad_id == tok.hf.pad_token_id or not bert_like
+
+    def encode(text, text_pair=None):
+        ids, tts = tok.encode(text, text_pair=text_pair)
+        # HF picks the token before the FIRST pad_token_id (decoders) / pads are masked: keep pads out.
+        assert pad_id is None or pad_id not in ids, (name, ids)
+        assert tok.hf.pad_token_id is None or tok.hf.pad_token_id not in ids, (name, ids)
+        return {"input_ids": ids, "token_type_ids": tts if bert_like else None}
+
+    chats = []
+    if spec.get("chat"):
+        variants = [
+            ("chat_no_genprompt", CHAT_MESSAGES, False, False),
+            ("chat_genprompt", CHAT_MESSAGES, True, False),
+            ("chat_continue_final", CHAT_MESSAGES[:2], False, True),
+        ]
+        for cname, msgs, agp, cfm in variants:
+            rendered = tok.hf.apply_chat_template(msgs, tokenize=False, add_generation_prompt=agp,
+                                                  continue_final_message=cfm)
+            ids, _ = tok.encode(rendered, add_special_tokens=False)
+            chats.append(({"name": cname, "kind": "chat", "messages": msgs, "add_generation_prompt": agp,
+                           "continue_final_message": cfm, "rendered": rendered},
+                          {"input_ids": ids, "token_type_ids": None}))
+
+    generator = GENERATOR + (" (Qwen3 via in-script port of transformers 4.51.3 modeling_qwen3)"
+                             if spec.get("qwen3") else "")
+    return write_reference(out, model, fwd, encode, generator, pairs=PAIRS[: spec.get("pairs", 0)],
+                           pair_mode=spec.get("pair_mode", "hf_pair"), more_cases=chats,
+                           num_labels=spec.get("num_labels"), engine_args=spec.get("engine_args"),
+                           architecture=spec.get("architecture"))
 
 
 README = """\
@@ -920,18 +990,7 @@ def main():
     for name, spec_fn in FIXTURES:
         if only and name not in only:
             continue
-        # Deterministic search over seeds until the random model gives clearly non-trivial outputs.
-        for salt in range(50):
-            ref = make_fixture(name, spec_fn, salt)
-            ok, why = outputs_are_informative(ref)
-            if ok:
-                break
-            print(f"  {name}: seed salt {salt} rejected ({why})")
-            shutil.rmtree(MODDIR / name)
-        else:
-            sys.exit(f"{name}: no seed gave informative outputs")
-        summary = ", ".join(f"{c['name']}:{len(c['input_ids'])}t" for c in ref["cases"])
-        print(f"{name}: {ref['architecture']} labels={ref['num_labels']} act={ref['activation']} [{summary}]")
+        search_seed(name, functools.partial(make_fixture, name, spec_fn))
 
 
 if __name__ == "__main__":

@@ -24,8 +24,7 @@ local layers both run, a local window far shorter than the longer prompts, and
 distinct global/local rotary bases.
 """
 
-import json
-import os
+import functools
 import shutil
 import sys
 from pathlib import Path
@@ -127,80 +126,34 @@ def spec_ner():
 FIXTURES = [("modernbert-cls", spec_cls), ("modernbert-rerank", spec_rerank), ("modernbert-ner", spec_ner)]
 
 
-def make_fixture(name, spec, salt):
-    out = mf.MODDIR / name
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    seed = mf.stable_seed(f"{name}/{salt}")
-    torch.manual_seed(seed)
-    spec["config"]._attn_implementation = "eager"
-    model = spec["cls"](spec["config"])
-    mf.perturb(model, ["classifier"], seed)
-    mf.save_hf(model, out)
-    os.chmod(out / "model.safetensors", 0o644)
-    model = mf.load_hf(spec["cls"], out)
+def fwd_sequence(model, ids, tt):
+    return None, model(input_ids=torch.tensor([ids])).logits[0]
+
+
+def fwd_tokens(model, ids, tt):
+    return model(input_ids=torch.tensor([ids])).logits[0], None
+
+
+def make_fixture(name, spec_fn, salt):
+    spec = spec_fn()
+    out = mf.fresh_model_dir(name)
+    model = mf.make_hf_model(out, spec["cls"], spec["config"], ["classifier"], mf.stable_seed(f"{name}/{salt}"))
     assert model.config._attn_implementation == "eager"
     mf.link_tokenizer(out, "modernbert")
     tok = RefTokenizer(out)
-    saved = json.loads((out / "config.json").read_text())
-    id2label = {str(k): v for k, v in sorted(model.config.id2label.items())}
-    n = len(id2label)
-    act = mf.activation_for(model.config.problem_type, n)
-
-    def run(ids):
-        with torch.no_grad():
-            logits = model(input_ids=torch.tensor([ids])).logits[0]
-        if spec["tokens"]:
-            return {"logits": [], "probs": [], "token_logits": mf.f32list(logits),
-                    "token_probs": mf.f32list(mf.apply_act(act, logits))}
-        return {"logits": mf.f32list(logits), "probs": mf.f32list(mf.apply_act(act, logits))}
-
     texts = list(mf.TEXTS) + ([("very_long", VERY_LONG)] if spec["very_long"] else [])
-    cases = []
-    for cname, text in texts:
-        ids = tok.encode(text)
-        cases.append({"name": cname, "kind": "text", "text": text, "input_ids": ids, **run(ids)})
-    for cname, a, b in mf.PAIRS[: spec["pairs"]]:
-        ids = tok.encode(a, text_pair=b)
-        cases.append({"name": cname, "kind": "pair", "text": a, "text_pair": b, "pair_mode": "hf_pair",
-                      "input_ids": ids, **run(ids)})
-    ref = {
-        "generator": mf.GENERATOR + ', attn_implementation="eager"',
-        "architecture": saved["architectures"][0],
-        "engine_args": {"convert": None, "hf_overrides": None},
-        "num_labels": n,
-        "activation": act,
-        "id2label": id2label,
-        "cases": cases,
-    }
-    mf.write_json(out / "reference.json", ref)
-    return ref
-
-
-def informative(ref, tokens):
-    if not tokens:
-        return mf.outputs_are_informative(ref)
-    # Token classifier: judge the per-token probabilities as if they were sequences.
-    rows = [{"kind": "text", "probs": p, "logits": l} for c in ref["cases"]
-            for p, l in zip(c["token_probs"], c["token_logits"])]
-    return mf.outputs_are_informative({**ref, "cases": rows})
+    return mf.write_reference(out, model, fwd_tokens if spec["tokens"] else fwd_sequence,
+                              lambda text, text_pair=None: {"input_ids": tok.encode(text, text_pair=text_pair)},
+                              mf.GENERATOR + ', attn_implementation="eager"', texts=texts,
+                              pairs=mf.PAIRS[: spec["pairs"]])
 
 
 def main():
     build_tokenizer()
     for name, spec_fn in FIXTURES:
-        for salt in range(50):
-            spec = spec_fn()
-            ref = make_fixture(name, spec, salt)
-            ok, why = informative(ref, spec["tokens"])
-            if ok:
-                break
-            print(f"  {name}: seed salt {salt} rejected ({why})")
-        else:
-            sys.exit(f"{name}: no seed gave informative outputs")
-        summary = ", ".join(f"{c['name']}:{len(c['input_ids'])}t" for c in ref["cases"])
-        print(f"{name}: {ref['architecture']} labels={ref['num_labels']} act={ref['activation']} [{summary}]")
+        # A token classifier (no sequence output) is judged on its per-token outputs.
+        judge = mf.token_outputs_are_informative if spec_fn()["tokens"] else mf.outputs_are_informative
+        mf.search_seed(name, functools.partial(make_fixture, name, spec_fn), judge)
 
 
 if __name__ == "__main__":

@@ -38,24 +38,35 @@ from pathlib import Path
 
 import jinja2
 import torch
-import transformers
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForSequenceClassification
-from transformers import Qwen2Model, Qwen3ForCausalLM
+from transformers import (
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForSequenceClassification,
+    Qwen2Model,
+    Qwen3ForCausalLM,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from make_fixtures import PAIRS, TEXTS, f32list, link_tokenizer, perturb, stable_seed, write_json  # noqa: E402
-
-ROOT = Path(__file__).resolve().parent.parent
-MODDIR = ROOT / "fixtures" / "models"
-TOKDIR = ROOT / "fixtures" / "tokenizers"
-GENERATOR = f"transformers {transformers.__version__}, torch {torch.__version__}"
-
-torch.set_num_threads(1)
-torch.use_deterministic_algorithms(True)
-transformers.logging.set_verbosity_error()
+# (importing it also sets the deterministic single-thread torch and quiet transformers used for all fixtures)
+from make_fixtures import (  # noqa: E402
+    GENERATOR,
+    MODDIR,
+    PAIRS,
+    TEXTS,
+    TOKDIR,
+    f32list,
+    fresh_model_dir,
+    link_tokenizer,
+    make_hf_model,
+    perturb,
+    stable_seed,
+    write_json,
+)
 
 PRM_STEP_TAG = "<|quad_end|>"  # id 151651: vLLM's default step_tag_id for Qwen2ForProcessRewardModel
 PRM_PROMPTS = [
@@ -70,8 +81,8 @@ PRM_ALT_TAG = "Step"
 SHEPHERD_PROMPTS = [
     ("steps", "Janet has 3 apples and buys 2 more. Step 1: 3 + 2 = 5 ¶ Step 2: The answer is 5 ¶"),
     ("bad_step", "What is 7*8? Step 1: 7*8 = 54 ¶"),
-    ("long", "Q: A train goes 60 km in 1.5 h. Speed? Step 1: 60 / 1.5 = 40 ¶ Step 2: 40 km/h ¶ "
-             "Step 3: Check: 40 * 1.5 = 60 ¶ Step 4: So the speed is 40 km/h. ¶"),
+    ("long", ("Q: A train goes 60 km in 1.5 h. Speed? Step 1: 60 / 1.5 = 40 ¶ Step 2: 40 km/h ¶ "
+              "Step 3: Check: 40 * 1.5 = 60 ¶ Step 4: So the speed is 40 km/h. ¶")),
 ]
 SHEPHERD_TAG = " ¶"
 SHEPHERD_GOOD_BAD = [" +", " -"]
@@ -129,14 +140,6 @@ def qwen2_config(num_labels, arch):
     return cfg
 
 
-def fresh_dir(name):
-    out = MODDIR / name
-    if out.exists() or out.is_symlink():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    return out
-
-
 def save_bf16(module, out):
     state = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in module.state_dict().items()}
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
@@ -165,7 +168,7 @@ def reference(out, arch, engine_args, cases, **extra):
 
 
 def reward_fixture(name, arch, num_labels, prompts, step_tag=None, alt_tag=None):
-    out = fresh_dir(name)
+    out = fresh_model_dir(name)
     cfg = qwen2_config(num_labels, arch)
     seed = stable_seed(name)
     torch.manual_seed(seed)
@@ -203,21 +206,14 @@ def reward_fixture(name, arch, num_labels, prompts, step_tag=None, alt_tag=None)
 
 def shepherd_fixture():
     name = "llama-step-lm"
-    out = fresh_dir(name)
+    out = fresh_model_dir(name)
     # head_dim 8 at hidden 4 (explicit head_dim), tied LM head over the GPT-2 vocabulary.
     cfg = LlamaConfig(vocab_size=50257, hidden_size=4, head_dim=8, intermediate_size=12, num_hidden_layers=2,
                       num_attention_heads=2, num_key_value_heads=1, rope_theta=10000.0,
                       max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=True,
                       bos_token_id=50256, eos_token_id=50256)
     cfg.architectures = ["LlamaForCausalLM"]
-    cfg._attn_implementation = "eager"
-    seed = stable_seed(name)
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    perturb(model, ["model.embed_tokens"], seed)
-    model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
-    os.chmod(out / "model.safetensors", 0o644)
-    model = LlamaForCausalLM.from_pretrained(str(out), dtype=torch.float32, attn_implementation="eager").eval()
+    model = make_hf_model(out, LlamaForCausalLM, cfg, ["model.embed_tokens"], stable_seed(name))
     link_tokenizer(out, "gpt2")
     tok = AutoTokenizer.from_pretrained(str(out))
     tag = single_token(tok, SHEPHERD_TAG)
@@ -254,16 +250,9 @@ def pair_score_fixture():
 
 def make_pair_score(salt):
     name = "qwen2-pair-score"
-    out = fresh_dir(name)
+    out = fresh_model_dir(name)
     cfg = qwen2_config(1, "Qwen2ForSequenceClassification")
-    seed = stable_seed(f"{name}/{salt}")
-    torch.manual_seed(seed)
-    model = Qwen2ForSequenceClassification(cfg)
-    perturb(model, ["score"], seed)
-    model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
-    os.chmod(out / "model.safetensors", 0o644)
-    model = Qwen2ForSequenceClassification.from_pretrained(str(out), dtype=torch.float32,
-                                                           attn_implementation="eager").eval()
+    model = make_hf_model(out, Qwen2ForSequenceClassification, cfg, ["score"], stable_seed(f"{name}/{salt}"))
     (out / "tokenizer_post_processor.json").write_text(json.dumps(PAIR_POST_PROCESSOR, indent=1) + "\n")
     tok_dir = out / ".tokenizer"
     tok_dir.mkdir()
@@ -295,7 +284,7 @@ def make_pair_score(salt):
 def rerank_template_fixture():
     name = "qwen3-reranker-template"
     src = MODDIR / "qwen3-reranker"
-    out = fresh_dir(name)
+    out = fresh_model_dir(name)
     for f in ("config.json", "model.safetensors"):
         os.symlink(f"../qwen3-reranker/{f}", out / f)
     link_tokenizer(out, "qwen3")
