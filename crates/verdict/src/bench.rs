@@ -881,7 +881,7 @@ mod tests {
             args.device = DeviceArg::Cpu;
             let engine = Engine::new(&args).unwrap_or_else(|e| panic!("{name}: {e}"));
             let prompts = [vec![1u32, 5, 9, 13, 2], vec![3, 4]];
-            run_offline(&engine, &prompts).unwrap_or_else(|e| panic!("{name}: {e}"));
+            run_offline(&engine, &prompts, &[]).unwrap_or_else(|e| panic!("{name}: {e}"));
         }
         let _ = std::fs::remove_dir_all(&root);
     }
