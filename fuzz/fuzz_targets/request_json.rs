@@ -41,6 +41,11 @@ fn server() -> &'static Server {
         let mut args = EngineArgs::new(model);
         args.device = DeviceArg::Cpu;
         args.convert = Convert::Classify;
+        // As the fixture's reference was made: the LM head's yes/no rows as the score.
+        args.hf_overrides = Some(serde_json::json!({
+            "classifier_from_token": ["no", "yes"],
+            "method": "from_2_way_softmax"
+        }));
         args.max_model_len = Some(128);
         let engine = Arc::new(Engine::new(&args).expect("loading the fixture model"));
         let config = ServerConfig {
@@ -49,7 +54,9 @@ fn server() -> &'static Server {
             ..ServerConfig::default()
         };
         Server {
+            // Timers too: the server bounds its JSON parsing and queue waits with them.
             runtime: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
                 .build()
                 .expect("runtime"),
             app: verdict_server::app(engine, config).expect("app"),
