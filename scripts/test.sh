@@ -16,7 +16,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+# Release profile: the tests, the container's binary and the Python wheel share one
+# build of the dependencies (a debug build would be a second one).
+cargo test --release --workspace --locked 2>&1 | tee "$log"
 
 # Deployment: the Kubernetes manifests, and the container image where podman runs.
 scripts/test-deploy.sh
