@@ -145,10 +145,14 @@ pub fn disentangled_attention(
     if grouped.groups.is_empty() {
         return Ok(Tensor::zeros((total, heads * d), q.dtype(), q.device())?);
     }
+    // Each `[T, heads * d]` with a zero row appended, which padded slots read.
+    let zero_row = Tensor::zeros((1, heads * d), q.dtype(), q.device())?;
+    let with_zero_row = |t: &Tensor| Tensor::cat(&[&t.reshape((total, heads * d))?, &zero_row], 0);
+    let (qz, kz, vz) = (with_zero_row(q)?, with_zero_row(k)?, with_zero_row(v)?);
     let outputs = grouped
         .groups
         .iter()
-        .map(|group| group.attention(q, k, v, proj, scale))
+        .map(|group| group.attention(&qz, &kz, &vz, heads, proj, scale))
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&outputs, 0)?.index_select(&grouped.placement, 0)?)
 }
@@ -276,24 +280,23 @@ impl PaddedGroup {
         })
     }
 
-    /// This group's rows of the attention output, `[sum of len, heads * d]`.
+    /// This group's rows of the attention output, `[sum of len, heads * d]`, from
+    /// `q`, `k`, `v` as `[T + 1, heads * d]` (the last row zero, read by padding).
     /// Padded query rows are computed and dropped.
     fn attention(
         &self,
         q: &Tensor,
         k: &Tensor,
         v: &Tensor,
+        heads: usize,
         proj: &PositionProjections,
         scale: f64,
     ) -> Result<Tensor> {
-        let (total, heads, d) = q.dims3()?;
+        let d = q.dim(1)? / heads;
         let (batch, longest, count) = (self.batch, self.longest, self.count);
-        let zero_row = Tensor::zeros((1, heads * d), q.dtype(), q.device())?;
-        // [T, heads, d] -> [heads, batch * longest, d]
+        // [T + 1, heads * d] -> [heads, batch * longest, d]
         let pad = |t: &Tensor| -> Result<Tensor> {
-            let flat = Tensor::cat(&[&t.reshape((total, heads * d))?, &zero_row], 0)?;
-            Ok(flat
-                .index_select(&self.gather, 0)?
+            Ok(t.index_select(&self.gather, 0)?
                 .reshape((batch * longest, heads, d))?
                 .transpose(0, 1)?
                 .contiguous()?)
@@ -545,11 +548,16 @@ mod tests {
         let kernel = disentangled_attention(&q, &k, &v, &plan, &proj, scale).unwrap();
         let grouped = plan.grouped(&dev).unwrap();
         assert_eq!(grouped.groups.len(), 3);
+        let zero_row = Tensor::zeros((1, heads * d), DType::F32, &dev).unwrap();
+        let with_zero_row = |t: &Tensor| {
+            Tensor::cat(&[&t.reshape((total, heads * d)).unwrap(), &zero_row], 0).unwrap()
+        };
+        let (qz, kz, vz) = (with_zero_row(&q), with_zero_row(&k), with_zero_row(&v));
         let padded = Tensor::cat(
             &grouped
                 .groups
                 .iter()
-                .map(|g| g.attention(&q, &k, &v, &proj, scale).unwrap())
+                .map(|g| g.attention(&qz, &kz, &vz, heads, &proj, scale).unwrap())
                 .collect::<Vec<_>>(),
             0,
         )
