@@ -21,8 +21,8 @@ pub use engine::{
 pub use error::{EngineError, Result};
 pub use input::{PairLimits, Prompt, TokenizeOptions};
 pub use llm::{
-    ClassificationRequestOutput, Engine, Llm, ParamsArg, PoolingParams, PoolingRequestOutput,
-    ScoringRequestOutput,
+    into_classification, into_scores, ClassificationRequestOutput, Engine, InvalidPrompt, Llm,
+    ParamsArg, PendingCall, PoolingParams, PoolingRequestOutput, ScoringRequestOutput,
 };
 pub use pooling::{PoolerConfig, PoolingTask, PoolingType, StepParams};
 pub use tokenize::{ChatMessage, ChatOptions, TruncationSide};
