@@ -1,0 +1,97 @@
+#!/usr/bin/env python3
+"""Overhead of the Python API: `LLM.classify` on 10,000 short prompts against the
+`verdict classify` command on the same prompts, default model, CPU.
+
+Each side is timed end to end in a fresh process (start, model load, classify,
+results), best of N runs after one warm-up run; the Python side also reports
+the `classify` call alone. Needs the wheel installed in the running Python
+(scripts/test-python.sh does that) and the release binary.
+
+    python bench/python_overhead.py [--binary target/release/verdict] [--prompts 10000] [--runs 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+WORDS = ("great service friendly staff slow delivery cold food loved the coffee broke again "
+         "never coming back excellent value terrible update works fine").split()
+
+PYTHON_SIDE = """
+import sys, time, json
+t0 = time.perf_counter()
+from verdict import LLM
+llm = LLM(device="cpu")
+prompts = open(sys.argv[1], encoding="utf-8").read().splitlines()
+t1 = time.perf_counter()
+out = llm.classify(prompts, use_tqdm=False)
+t2 = time.perf_counter()
+assert len(out) == len(prompts)
+print(json.dumps({"total": t2 - t0, "classify": t2 - t1}))
+"""
+
+
+def make_prompts(n: int) -> list[str]:
+    import random
+
+    rng = random.Random(13)
+    return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n)]
+
+
+def time_python(path: str) -> dict:
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", PYTHON_SIDE, path], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    result["process"] = time.perf_counter() - started
+    return result
+
+
+def time_cli(command: list[str], path: str) -> dict:
+    started = time.perf_counter()
+    subprocess.run(
+        [*command, "classify", "--device", "cpu", "--no-progress", "--input", path, "--output", os.devnull],
+        check=True,
+        capture_output=True,
+    )
+    return {"process": time.perf_counter() - started}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--binary", default="target/release/verdict", help="the release `verdict` binary")
+    parser.add_argument("--prompts", type=int, default=10_000)
+    parser.add_argument("--runs", type=int, default=2)
+    args = parser.parse_args()
+
+    wheel_command = os.path.join(os.path.dirname(sys.executable), "verdict")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "prompts.txt")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write("\n".join(make_prompts(args.prompts)) + "\n")
+        sides = {
+            "LLM.classify (python)": lambda: time_python(path),
+            "verdict classify (binary)": lambda: time_cli([args.binary], path),
+            "verdict classify (wheel)": lambda: time_cli([wheel_command], path),
+        }
+        results: dict[str, list[dict]] = {name: [] for name in sides}
+        for name, run in sides.items():
+            run()  # warm-up: page cache, CPU frequency
+        for _ in range(args.runs):
+            for name, run in sides.items():  # interleaved, so drift hits every side alike
+                results[name].append(run())
+    best = {name: min(runs, key=lambda r: r["process"]) for name, runs in results.items()}
+    base = best["verdict classify (binary)"]["process"]
+    print(f"{args.prompts} prompts, best of {args.runs} after a warm-up, default model on the CPU")
+    for name, r in best.items():
+        extra = f"  (classify call alone {r['classify']:.2f} s)" if "classify" in r else ""
+        print(f"  {name:28s} {r['process']:7.2f} s  {100 * (r['process'] / base - 1):+6.1f}% vs binary{extra}")
+
+
+if __name__ == "__main__":
+    main()
