@@ -3,8 +3,9 @@
 `verdict classify` command on the same prompts, default model, CPU.
 
 Each side is timed end to end in a fresh process (start, model load, classify,
-results), best of N runs after one warm-up run; the Python side also reports
-the `classify` call alone. Needs the wheel installed in the running Python
+results), best of N runs after one warm-up run, as wall time and as the CPU
+time the process used (user + system: steadier than wall time on a machine
+shared with other work); the Python side also reports the `classify` call alone. Needs the wheel installed in the running Python
 (scripts/test-python.sh does that) and the release binary.
 
     python bench/python_overhead.py [--binary target/release/verdict] [--prompts 10000] [--runs 2]
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -44,22 +46,29 @@ def make_prompts(n: int) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 12))) for _ in range(n)]
 
 
-def time_python(path: str) -> dict:
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(command: list[str]) -> tuple[dict, str]:
+    cpu = children_cpu()
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", PYTHON_SIDE, path], capture_output=True, text=True, check=True)
-    result = json.loads(done.stdout)
-    result["process"] = time.perf_counter() - started
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return {"process": time.perf_counter() - started, "cpu": children_cpu() - cpu}, done.stdout
+
+
+def time_python(path: str) -> dict:
+    result, stdout = timed([sys.executable, "-c", PYTHON_SIDE, path])
+    result.update(json.loads(stdout))
     return result
 
 
 def time_cli(command: list[str], path: str) -> dict:
-    started = time.perf_counter()
-    subprocess.run(
-        [*command, "classify", "--device", "cpu", "--no-progress", "--input", path, "--output", os.devnull],
-        check=True,
-        capture_output=True,
+    result, _ = timed(
+        [*command, "classify", "--device", "cpu", "--no-progress", "--input", path, "--output", os.devnull]
     )
-    return {"process": time.perf_counter() - started}
+    return result
 
 
 def main() -> None:
@@ -85,12 +94,16 @@ def main() -> None:
         for _ in range(args.runs):
             for name, run in sides.items():  # interleaved, so drift hits every side alike
                 results[name].append(run())
-    best = {name: min(runs, key=lambda r: r["process"]) for name, runs in results.items()}
-    base = best["verdict classify (binary)"]["process"]
     print(f"{args.prompts} prompts, best of {args.runs} after a warm-up, default model on the CPU")
-    for name, r in best.items():
-        extra = f"  (classify call alone {r['classify']:.2f} s)" if "classify" in r else ""
-        print(f"  {name:28s} {r['process']:7.2f} s  {100 * (r['process'] / base - 1):+6.1f}% vs binary{extra}")
+    base = {key: min(r[key] for r in results["verdict classify (binary)"]) for key in ("process", "cpu")}
+    for name, runs in results.items():
+        wall = min(r["process"] for r in runs)
+        cpu = min(r["cpu"] for r in runs)
+        extra = f"  (classify call alone {min(r['classify'] for r in runs):.2f} s wall)" if "classify" in runs[0] else ""
+        print(
+            f"  {name:28s} wall {wall:7.2f} s {100 * (wall / base['process'] - 1):+6.1f}%   "
+            f"cpu {cpu:7.2f} s {100 * (cpu / base['cpu'] - 1):+6.1f}%{extra}"
+        )
 
 
 if __name__ == "__main__":
