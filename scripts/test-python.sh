@@ -3,9 +3,11 @@
 # the test tools (numpy, pytest, pyarrow, Ray on CPU, tqdm; python/requirements-test.txt)
 # and runs python/tests against the installed package, not the source tree.
 #
-#   VERDICT_PYTHON_ENV  the venv (default: $VERDICT_HOME/python-env, kept between runs)
-#   VERDICT_WHEEL_PROFILE  cargo profile of the wheel: release (default) or dev
-#   PYTHON              the interpreter that creates the venv (default: python3)
+#   VERDICT_PYTHON_ENV     the venv (default: $VERDICT_HOME/python-env, kept between runs)
+#   VERDICT_WHEEL_PROFILE  cargo profile of the wheel: release, dev, or auto (default:
+#                          release when a release build is there, as after the container
+#                          test's, else dev, which reuses `cargo test`'s build)
+#   PYTHON                 the interpreter that creates the venv (default: python3)
 # Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,7 +15,10 @@ repo=$(pwd)
 
 home=${VERDICT_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/verdict}
 venv=${VERDICT_PYTHON_ENV:-$home/python-env}
-profile=${VERDICT_WHEEL_PROFILE:-release}
+profile=${VERDICT_WHEEL_PROFILE:-auto}
+if [ "$profile" = auto ]; then
+    profile=$([ -x target/release/verdict ] && echo release || echo dev)
+fi
 
 if [ ! -x "$venv/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$venv"
