@@ -53,11 +53,12 @@ def test_encode_needs_a_task(qwen):
 
 
 def test_embedding_is_refused(qwen):
-    with pytest.raises(ValueError) as err:
-        qwen.encode("hi", pooling_task="embed")
-    assert str(err.value) == (
-        "Embedding API is not supported by this model. Try converting the model using `--convert embed`."
-    )
+    for call in (lambda: qwen.encode("hi", pooling_task="embed"), lambda: qwen.embed("hi")):
+        with pytest.raises(ValueError) as err:
+            call()
+        assert str(err.value) == (
+            "Embedding API is not supported by this model. Try converting the model using `--convert embed`."
+        )
 
 
 def test_unknown_task(qwen):

@@ -142,3 +142,18 @@ def test_default_model_matches_transformers(default_model):
     positive = [i for i, label in llm.id2label.items() if label == "positive"][0]
     assert good.outputs.probs[positive] > 0.9
     assert bad.outputs.probs[positive] < 0.1
+
+
+def test_reward_model_rewards():
+    """LLM.reward on a Qwen2 reward model: one raw reward per token (vLLM's
+    default for it), the last row the sequence reward; sigmoid on request."""
+    reference = load_reference(fixture_dir("qwen2-rm"))
+    llm = LLM(str(fixture_dir("qwen2-rm")), device="cpu")
+    cases = reference["cases"]
+    outputs = llm.reward([c["text"] for c in cases], use_tqdm=False)
+    activated = llm.reward([c["text"] for c in cases], PoolingParams(use_activation=True), use_tqdm=False)
+    for out, act, case in zip(outputs, activated, cases):
+        assert out.prompt_token_ids == case["input_ids"]
+        np.testing.assert_allclose(out.outputs.data, np.asarray(case["token_logits"], dtype=np.float32), atol=ATOL)
+        np.testing.assert_allclose(act.outputs.data, np.asarray(case["token_probs"], dtype=np.float32), atol=ATOL)
+        assert abs(float(out.outputs.data[-1, 0]) - case["sequence_reward"]) <= ATOL

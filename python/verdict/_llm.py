@@ -230,6 +230,22 @@ class LLM:
             prompts, pooling_params, "token_classify", use_tqdm, truncate_prompt_tokens, tokenization_kwargs, lora_request
         )
 
+    def embed(
+        self,
+        prompts: PromptInput,
+        pooling_params: Optional[Union[PoolingParams, Sequence[PoolingParams]]] = None,
+        *,
+        use_tqdm: Union[bool, Callable[..., Any]] = True,
+        truncate_prompt_tokens: Optional[int] = None,
+        tokenization_kwargs: Optional[Dict[str, Any]] = None,
+        lora_request: Any = None,
+    ) -> List[PoolingRequestOutput[PoolingOutput]]:
+        """vLLM's `embed`: verdict serves classifiers, so this raises vLLM's
+        "Embedding API is not supported by this model" error for them."""
+        return self._encode(
+            prompts, pooling_params, "embed", use_tqdm, truncate_prompt_tokens, tokenization_kwargs, lora_request
+        )
+
     def score(
         self,
         data_1: Union[str, Sequence[str]],
