@@ -107,9 +107,15 @@ def test_missing_model_directory(tmp_path):
         LLM(str(tmp_path / "nowhere"))
 
 
-def test_bad_engine_setting():
-    with pytest.raises(ValueError, match="dtype"):
+def test_bad_engine_settings():
+    with pytest.raises(ValueError) as err:
         LLM(str(fixture_dir("qwen2-cls")), dtype="float8")
+    assert str(err.value).startswith("invalid value 'float8' for '--dtype <DTYPE>' [possible values: auto, float32")
+    assert "--help" not in str(err.value)
+    with pytest.raises(ValueError, match="^--hf-overrides is not valid JSON"):
+        LLM(str(fixture_dir("qwen2-cls")), hf_overrides="{bad")
+    with pytest.raises(ValueError, match="^max_model_len must be a positive integer, not -3$"):
+        LLM(str(fixture_dir("qwen2-cls")), max_model_len=-3)
 
 
 def test_generate_runner_refused():

@@ -137,6 +137,14 @@ class LLM:
             dtype = str(dtype).replace("torch.", "")
         flags: List[str] = []
 
+        for name, number in (
+            ("max_model_len", max_model_len),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_num_seqs", max_num_seqs),
+        ):
+            if number is not None and (isinstance(number, bool) or not isinstance(number, int) or number < 1):
+                raise ValueError(f"{name} must be a positive integer, not {number!r}")
+
         def add(name: str, value: Any) -> None:
             if value is not None:
                 flags.extend([f"--{name.replace('_', '-')}", _flag_value(value)])

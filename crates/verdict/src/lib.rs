@@ -101,6 +101,19 @@ where
     I: IntoIterator<Item = T>,
     T: Into<OsString> + Clone,
 {
-    let parsed = ModelFlags::try_parse_from(flags).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let parsed = ModelFlags::try_parse_from(flags).map_err(flag_error)?;
     parsed.engine.to_engine_args()
+}
+
+/// clap's message on one line, without the terminal's usage and `--help` hints.
+fn flag_error(e: clap::Error) -> anyhow::Error {
+    let text = e.to_string();
+    let kept: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| {
+            !l.is_empty() && !l.starts_with("Usage:") && !l.starts_with("For more information")
+        })
+        .collect();
+    anyhow::anyhow!("{}", kept.join(" ").trim_start_matches("error: "))
 }
