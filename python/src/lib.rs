@@ -196,7 +196,20 @@ impl Engine {
     fn new(py: Python<'_>, flags: Vec<String>) -> PyResult<Self> {
         let args = verdict::engine_args_from_flags(flags)
             .map_err(|e| PyValueError::new_err(format!("{e:#}")))?;
-        let llm = py.detach(|| Llm::new(args)).map_err(to_py_err)?;
+        // Loading (a download, a large checkpoint) runs on its own thread so
+        // Ctrl-C is noticed meanwhile; an abandoned load finishes and is dropped there.
+        let loading = std::thread::Builder::new()
+            .name("verdict-load".into())
+            .spawn(move || Llm::new(args))
+            .map_err(|e| PyRuntimeError::new_err(format!("starting the model loader: {e}")))?;
+        while !loading.is_finished() {
+            py.detach(|| std::thread::sleep(WAIT_SLICE));
+            py.check_signals()?;
+        }
+        let llm = loading
+            .join()
+            .map_err(|_| PyRuntimeError::new_err("the model loader panicked"))?
+            .map_err(to_py_err)?;
         Ok(Engine {
             llm: ManuallyDrop::new(llm),
         })
