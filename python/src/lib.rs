@@ -333,18 +333,6 @@ impl Engine {
             .map(|s| (s.request_id, s.prompt_token_ids, s.score))
             .collect())
     }
-
-    /// Token ids of a text as the engine tokenizes a prompt.
-    #[pyo3(signature = (text, add_special_tokens=None))]
-    fn tokenize(&self, text: String, add_special_tokens: Option<bool>) -> PyResult<Vec<u32>> {
-        let opts = to_tokenization(None, None, add_special_tokens)?;
-        self.llm
-            .engine()
-            .processor()
-            .process(&Prompt::Text(text), &opts)
-            .map(|t| t.ids)
-            .map_err(to_py_err)
-    }
 }
 
 fn supported_tasks(llm: &Llm) -> String {

@@ -124,5 +124,3 @@ class ScoringRequestOutput(PoolingRequestOutput[ScoringOutput]):
 
     __slots__ = ()
 
-
-EmbeddingRequestOutput = PoolingRequestOutput
