@@ -6,7 +6,7 @@ import dataclasses
 import json
 import sys
 import warnings
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -277,10 +277,18 @@ class LLM:
         if pooling_params is not None and not isinstance(pooling_params, PoolingParams):
             raise TypeError("pooling_params must be a PoolingParams")
         params = pooling_params._native("classify") if pooling_params is not None else None
-        tokenize = _tokenization(truncate_prompt_tokens, tokenization_kwargs, pooling_params)
+        truncate, side, special = _tokenization(truncate_prompt_tokens, tokenization_kwargs, pooling_params)
         total = len(documents) if len(queries) == 1 else len(queries)
         with _Progress(use_tqdm, total) as progress:
-            results = self._engine.score(queries, documents, params, *tokenize, progress=progress.update)
+            results = self._engine.score(
+                queries,
+                documents,
+                params,
+                truncate_prompt_tokens=truncate,
+                truncation_side=side,
+                add_special_tokens=special,
+                progress=progress.update,
+            )
         return [ScoringRequestOutput(rid, ScoringOutput(float(s)), ids) for rid, ids, s in results]
 
     # ---- internals ---------------------------------------------------------
@@ -309,9 +317,17 @@ class LLM:
             if not all(isinstance(p, PoolingParams) for p in per_prompt):
                 raise TypeError("pooling_params must be a PoolingParams or a list of them")
             params = [p._native(task_name) for p in per_prompt]
-        tokenize = _tokenization(truncate_prompt_tokens, tokenization_kwargs, single)
+        truncate, side, special = _tokenization(truncate_prompt_tokens, tokenization_kwargs, single)
         with _Progress(use_tqdm, len(batch)) as progress:
-            results = self._engine.encode(batch, params, task, *tokenize, progress=progress.update)
+            results = self._engine.encode(
+                batch,
+                params,
+                task,
+                truncate_prompt_tokens=truncate,
+                truncation_side=side,
+                add_special_tokens=special,
+                progress=progress.update,
+            )
         return [
             PoolingRequestOutput(rid, PoolingOutput(np.frombuffer(data, dtype="<f4").reshape(shape)), ids)
             for rid, ids, data, shape in results
@@ -327,7 +343,7 @@ def _tokenization(
     truncate_prompt_tokens: Optional[int],
     tokenization_kwargs: Optional[Dict[str, Any]],
     params: Optional[PoolingParams],
-) -> tuple:
+) -> Tuple[Optional[int], Optional[str], Optional[bool]]:
     """(truncate_prompt_tokens, truncation_side, add_special_tokens) from the
     call's keywords, `tokenization_kwargs` (vLLM >= 0.11) or the params."""
     kwargs = dict(tokenization_kwargs or {})
@@ -424,14 +440,15 @@ class _Progress:
         self._total = total
         if not use_tqdm or total < PROGRESS_MIN_PROMPTS:
             return
-        factory: Optional[Callable[..., Any]] = use_tqdm if callable(use_tqdm) else None
-        if factory is None:
-            try:
-                from tqdm.auto import tqdm as factory  # type: ignore[no-redef]
-            except ImportError:
-                self._plain = sys.stderr.isatty()
-                return
-        self._bar = factory(total=total, desc="Processed prompts", dynamic_ncols=True)
+        if callable(use_tqdm):
+            self._bar = use_tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
+            return
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            self._plain = sys.stderr.isatty()
+            return
+        self._bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True)
 
     def update(self, done: int) -> None:
         step = done - self._done

@@ -219,7 +219,7 @@ def serve_deployment(
 ) -> Any:
     """The Ray Serve deployment behind `serve_app`, for composing it yourself:
     `serve_deployment(...).bind(["--model", "org/name", ...])`."""
-    from ray import serve
+    import ray.serve as serve
 
     return serve.deployment(
         VerdictServer,
