@@ -66,51 +66,30 @@ impl Engine {
         on_done: &dyn Fn(usize),
     ) -> Vec<Result<PooledData>> {
         let total = inputs.len();
-        let mut results: Vec<Option<Result<PooledData>>> = (0..total).map(|_| None).collect();
-        let (tx, rx) = mpsc::channel::<(usize, SequenceResult)>();
-        // Stay under the queue limit: submit in chunks as earlier ones finish.
-        let chunk = (self.scheduler.limits().max_queued_sequences / 2).max(1);
-        let mut pending = inputs.into_iter().enumerate().peekable();
-        let mut in_flight = 0usize;
-        let mut done = 0usize;
-        while done < total {
-            while in_flight < chunk && pending.peek().is_some() {
-                let mut items = Vec::new();
-                while items.len() + in_flight < chunk {
-                    let Some((i, input)) = pending.next() else {
-                        break;
-                    };
-                    let tx = tx.clone();
-                    items.push(WorkItem::new(input, move |r| {
-                        let _ = tx.send((i, r));
-                    }));
-                }
-                let n = items.len();
-                if let Err(e) = self.scheduler.submit(items) {
-                    // Nothing of this chunk was queued: fail what is left.
-                    let msg = e.to_string();
-                    for slot in results.iter_mut().filter(|s| s.is_none()) {
-                        *slot = Some(Err(EngineError::Unavailable(msg.clone())));
-                    }
-                    return results
-                        .into_iter()
-                        .map(|r| r.unwrap_or_else(|| Err(EngineError::Unavailable(msg.clone()))))
-                        .collect();
-                }
-                in_flight += n;
+        let mut inputs: Vec<Option<SequenceInput>> = inputs.into_iter().map(Some).collect();
+        let prepare = move |i: usize| {
+            inputs[i]
+                .take()
+                .ok_or_else(|| EngineError::Unavailable("input already queued".into()))
+        };
+        let request_ids = AtomicU64::new(0);
+        let call = PendingCall::new(
+            self,
+            &request_ids,
+            total,
+            Box::new(prepare),
+            InvalidPrompt::FailPrompt,
+        );
+        match wait_all(call, on_done) {
+            Ok(outputs) => outputs.into_iter().map(|r| r.map(|o| o.outputs)).collect(),
+            // Only `InvalidPrompt::FailCall` fails a whole call.
+            Err(e) => {
+                let msg = e.to_string();
+                (0..total)
+                    .map(|_| Err(EngineError::Unavailable(msg.clone())))
+                    .collect()
             }
-            let Ok((i, r)) = rx.recv() else { break };
-            results[i] = Some(r.map(|(data, _)| data));
-            in_flight -= 1;
-            done += 1;
-            on_done(done);
         }
-        results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| Err(EngineError::Unavailable("the engine stopped".into())))
-            })
-            .collect()
     }
 
     /// Checks a requested pooling task against the model, with vLLM's messages.
@@ -269,12 +248,6 @@ impl Llm {
         self.engine.info()
     }
 
-    fn request_id(&self) -> String {
-        self.next_request_id
-            .fetch_add(1, Ordering::Relaxed)
-            .to_string()
-    }
-
     /// Probability vectors, one per prompt, in input order.
     pub fn classify(
         &self,
@@ -356,7 +329,8 @@ impl Llm {
             )
         };
         Ok(PendingCall::new(
-            self,
+            &self.engine,
+            &self.next_request_id,
             prompts.len(),
             Box::new(prepare),
             invalid,
@@ -418,7 +392,8 @@ impl Llm {
             Ok(SequenceInput::new(t, use_activation).with_step(params.step.clone()))
         };
         Ok(PendingCall::new(
-            self,
+            &self.engine,
+            &self.next_request_id,
             total,
             Box::new(prepare),
             InvalidPrompt::FailCall,
@@ -448,7 +423,8 @@ const MAX_IN_FLIGHT: usize = 8192;
 /// waits in slices, free to report progress or stop the call between them.
 /// Dropping it unfinished drops its queued work.
 pub struct PendingCall<'a> {
-    llm: &'a Llm,
+    engine: &'a Engine,
+    request_ids: &'a AtomicU64,
     prepare: PrepareFn<'a>,
     invalid: InvalidPrompt,
     total: usize,
@@ -467,11 +443,18 @@ pub struct PendingCall<'a> {
 }
 
 impl<'a> PendingCall<'a> {
-    fn new(llm: &'a Llm, total: usize, prepare: PrepareFn<'a>, invalid: InvalidPrompt) -> Self {
+    fn new(
+        engine: &'a Engine,
+        request_ids: &'a AtomicU64,
+        total: usize,
+        prepare: PrepareFn<'a>,
+        invalid: InvalidPrompt,
+    ) -> Self {
         let (tx, rx) = mpsc::channel();
-        let queue_limit = llm.engine.scheduler.limits().max_queued_sequences;
+        let queue_limit = engine.scheduler.limits().max_queued_sequences;
         PendingCall {
-            llm,
+            engine,
+            request_ids,
             prepare,
             invalid,
             total,
@@ -533,7 +516,7 @@ impl<'a> PendingCall<'a> {
                     self.collect_ready();
                 }
                 Err(_) => {
-                    if !self.llm.engine.is_alive() {
+                    if !self.engine.is_alive() {
                         self.fail_unfinished("the engine stopped");
                     }
                     return self.is_finished();
@@ -548,7 +531,7 @@ impl<'a> PendingCall<'a> {
         if let Some(e) = self.failure.take() {
             return Err(e);
         }
-        let llm = self.llm;
+        let request_ids = self.request_ids;
         let ids = std::mem::take(&mut self.ids);
         let results = std::mem::take(&mut self.results);
         Ok(results
@@ -559,7 +542,7 @@ impl<'a> PendingCall<'a> {
                     Err(EngineError::Unavailable("the call was cancelled".into()))
                 })?;
                 Ok(PoolingRequestOutput {
-                    request_id: llm.request_id(),
+                    request_id: request_ids.fetch_add(1, Ordering::Relaxed).to_string(),
                     prompt_token_ids,
                     num_cached_tokens: 0,
                     finished: true,
@@ -603,7 +586,7 @@ impl<'a> PendingCall<'a> {
         if n == 0 {
             return;
         }
-        match self.llm.engine.scheduler.submit(items) {
+        match self.engine.scheduler.submit(items) {
             Ok(()) => self.in_flight += n,
             Err(e) => {
                 // Nothing of these was queued; what is still to come cannot be either.
