@@ -104,6 +104,7 @@ def main() -> None:
             f"  {name:28s} wall {wall:7.2f} s {100 * (wall / base['process'] - 1):+6.1f}%   "
             f"cpu {cpu:7.2f} s {100 * (cpu / base['cpu'] - 1):+6.1f}%{extra}"
         )
+        print("  " + " " * 28 + " runs: " + ", ".join(f"{r['process']:.2f}/{r['cpu']:.2f}" for r in runs))
 
 
 if __name__ == "__main__":
