@@ -23,8 +23,8 @@ pub use engine::{
 pub use error::{EngineError, Result};
 pub use input::{PairLimits, Prompt, TokenizeOptions};
 pub use llm::{
-    ClassificationRequestOutput, Engine, Llm, LoraRequest, ParamsArg, PoolingParams,
-    PoolingRequestOutput, ScoringRequestOutput,
+    into_classification, into_scores, ClassificationRequestOutput, Engine, InvalidPrompt, Llm,
+    LoraRequest, ParamsArg, PendingCall, PoolingParams, PoolingRequestOutput, ScoringRequestOutput,
 };
 pub use lora::{LoraInfo, LoraLimits, LoraModuleArg, LoraRegistry};
 pub use pooling::{PoolerConfig, PoolingTask, PoolingType, StepParams};

@@ -1,9 +1,10 @@
 //! The engine handle shared by the server and the offline API, and the offline
 //! `Llm` API itself (vLLM's `LLM.classify / encode / score`).
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use crate::engine::{self, task_list, EngineArgs, ModelInfo, PooledData, SequenceInput};
 use crate::error::{EngineError, Result};
@@ -11,7 +12,6 @@ use crate::input::{InputProcessor, PairLimits, Prompt, TokenizeOptions};
 use crate::lora::{LoraRef, LoraRegistry};
 use crate::pooling::{PoolingTask, PoolingType, StepParams};
 use crate::scheduler::{BatchLimits, Scheduler, SchedulerStats, SequenceResult, WorkItem};
-use crate::tokenize::TokenizedPrompt;
 
 /// A loaded model behind its scheduler: the one path every result takes.
 pub struct Engine {
@@ -96,51 +96,30 @@ impl Engine {
         on_done: &dyn Fn(usize),
     ) -> Vec<Result<PooledData>> {
         let total = inputs.len();
-        let mut results: Vec<Option<Result<PooledData>>> = (0..total).map(|_| None).collect();
-        let (tx, rx) = mpsc::channel::<(usize, SequenceResult)>();
-        // Stay under the queue limit: submit in chunks as earlier ones finish.
-        let chunk = (self.scheduler.limits().max_queued_sequences / 2).max(1);
-        let mut pending = inputs.into_iter().enumerate().peekable();
-        let mut in_flight = 0usize;
-        let mut done = 0usize;
-        while done < total {
-            while in_flight < chunk && pending.peek().is_some() {
-                let mut items = Vec::new();
-                while items.len() + in_flight < chunk {
-                    let Some((i, input)) = pending.next() else {
-                        break;
-                    };
-                    let tx = tx.clone();
-                    items.push(WorkItem::new(input, move |r| {
-                        let _ = tx.send((i, r));
-                    }));
-                }
-                let n = items.len();
-                if let Err(e) = self.scheduler.submit(items) {
-                    // Nothing of this chunk was queued: fail what is left.
-                    let msg = e.to_string();
-                    for slot in results.iter_mut().filter(|s| s.is_none()) {
-                        *slot = Some(Err(EngineError::Unavailable(msg.clone())));
-                    }
-                    return results
-                        .into_iter()
-                        .map(|r| r.unwrap_or_else(|| Err(EngineError::Unavailable(msg.clone()))))
-                        .collect();
-                }
-                in_flight += n;
+        let mut inputs: Vec<Option<SequenceInput>> = inputs.into_iter().map(Some).collect();
+        let prepare = move |i: usize| {
+            inputs[i]
+                .take()
+                .ok_or_else(|| EngineError::Unavailable("input already queued".into()))
+        };
+        let request_ids = AtomicU64::new(0);
+        let call = PendingCall::new(
+            self,
+            &request_ids,
+            total,
+            Box::new(prepare),
+            InvalidPrompt::FailPrompt,
+        );
+        match wait_all(call, on_done) {
+            Ok(outputs) => outputs.into_iter().map(|r| r.map(|o| o.outputs)).collect(),
+            // Only `InvalidPrompt::FailCall` fails a whole call.
+            Err(e) => {
+                let msg = e.to_string();
+                (0..total)
+                    .map(|_| Err(EngineError::Unavailable(msg.clone())))
+                    .collect()
             }
-            let Ok((i, r)) = rx.recv() else { break };
-            results[i] = Some(r.map(|(data, _)| data));
-            in_flight -= 1;
-            done += 1;
-            on_done(done);
         }
-        results
-            .into_iter()
-            .map(|r| {
-                r.unwrap_or_else(|| Err(EngineError::Unavailable("the engine stopped".into())))
-            })
-            .collect()
     }
 
     /// Checks a requested pooling task against the model, with vLLM's messages.
@@ -318,12 +297,6 @@ impl Llm {
         self.engine.info()
     }
 
-    fn request_id(&self) -> String {
-        self.next_request_id
-            .fetch_add(1, Ordering::Relaxed)
-            .to_string()
-    }
-
     /// Probability vectors, one per prompt, in input order.
     pub fn classify(
         &self,
@@ -342,32 +315,16 @@ impl Llm {
         tokenization: &TokenizeOptions,
         lora: Option<&LoraRequest>,
     ) -> Result<Vec<ClassificationRequestOutput>> {
-        let outputs = self
-            .encode_each(
-                prompts,
-                params,
-                Some(PoolingTask::Classify),
-                tokenization,
-                lora,
-                &|_| {},
-            )?
-            .into_iter()
-            .collect::<Result<Vec<_>>>()?;
-        outputs
-            .into_iter()
-            .map(|o| match o.outputs {
-                PooledData::Vector(probs) => Ok(ClassificationRequestOutput {
-                    request_id: o.request_id,
-                    prompt_token_ids: o.prompt_token_ids,
-                    num_cached_tokens: 0,
-                    finished: true,
-                    probs,
-                }),
-                PooledData::Matrix(_) => Err(EngineError::validation(
-                    "pooled_data should be a 1-D probability vector",
-                )),
-            })
-            .collect()
+        self.encode_with_lora(
+            prompts,
+            params,
+            Some(PoolingTask::Classify),
+            tokenization,
+            lora,
+        )?
+        .into_iter()
+        .map(into_classification)
+        .collect()
     }
 
     /// Pooled outputs for a task; fails as a whole on the first invalid prompt (as vLLM).
@@ -390,9 +347,15 @@ impl Llm {
         tokenization: &TokenizeOptions,
         lora: Option<&LoraRequest>,
     ) -> Result<Vec<PoolingRequestOutput>> {
-        self.encode_each(prompts, params, task, tokenization, lora, &|_| {})?
-            .into_iter()
-            .collect()
+        let call = self.start_encode_with_lora(
+            prompts,
+            params,
+            task,
+            tokenization,
+            InvalidPrompt::FailCall,
+            lora,
+        )?;
+        wait_all(call, &|_| {})?.into_iter().collect()
     }
 
     /// Like `encode`, but a bad prompt fails only itself: one result per prompt.
@@ -406,6 +369,40 @@ impl Llm {
         lora: Option<&LoraRequest>,
         on_done: &dyn Fn(usize),
     ) -> Result<Vec<Result<PoolingRequestOutput>>> {
+        let call = self.start_encode_with_lora(
+            prompts,
+            params,
+            task,
+            tokenization,
+            InvalidPrompt::FailPrompt,
+            lora,
+        )?;
+        wait_all(call, on_done)
+    }
+
+    /// Starts an `encode` call without waiting for it: the caller drives it with
+    /// [`PendingCall::wait`] (to show progress or stop it between waits).
+    pub fn start_encode<'a>(
+        &'a self,
+        prompts: &'a [Prompt],
+        params: ParamsArg,
+        task: Option<PoolingTask>,
+        tokenization: &'a TokenizeOptions,
+        invalid: InvalidPrompt,
+    ) -> Result<PendingCall<'a>> {
+        self.start_encode_with_lora(prompts, params, task, tokenization, invalid, None)
+    }
+
+    /// `start_encode` through a LoRA adapter (`None`: the base model).
+    pub fn start_encode_with_lora<'a>(
+        &'a self,
+        prompts: &'a [Prompt],
+        params: ParamsArg,
+        task: Option<PoolingTask>,
+        tokenization: &'a TokenizeOptions,
+        invalid: InvalidPrompt,
+        lora: Option<&LoraRequest>,
+    ) -> Result<PendingCall<'a>> {
         let task = task.ok_or_else(|| {
             EngineError::validation(
                 "pooling_task required for `LLM.encode`.\nPlease use one of the more specific methods or set the \
@@ -419,63 +416,26 @@ impl Llm {
         }
         let params = params.expand(prompts.len())?;
         let lora = lora.map(|r| self.engine.lora_adapter(r)).transpose()?;
-        let tokenized: Vec<Result<TokenizedPrompt>> = prompts
-            .iter()
-            .zip(&params)
-            .map(|(p, pp)| {
-                check_params(pp)?;
-                self.engine.check_step_params(task, &pp.step)?;
-                self.engine.processor().process(p, tokenization)
-            })
-            .collect();
-        Ok(self.run_tokenized(tokenized, &params, lora, on_done))
-    }
-
-    fn run_tokenized(
-        &self,
-        tokenized: Vec<Result<TokenizedPrompt>>,
-        params: &[PoolingParams],
-        lora: Option<LoraRef>,
-        on_done: &dyn Fn(usize),
-    ) -> Vec<Result<PoolingRequestOutput>> {
         let default_act = self.info().default_use_activation;
-        let mut inputs = Vec::new();
-        let mut slots = Vec::with_capacity(tokenized.len());
-        for (t, p) in tokenized.into_iter().zip(params) {
-            match t {
-                Ok(t) => {
-                    slots.push(Ok((inputs.len(), t.ids.clone())));
-                    inputs.push(
-                        SequenceInput::new(t, p.use_activation.unwrap_or(default_act))
-                            .with_step(p.step.clone())
-                            .with_lora(lora.clone()),
-                    );
-                }
-                Err(e) => slots.push(Err(e)),
-            }
-        }
-        let mut results: Vec<Option<Result<PooledData>>> = self
-            .engine
-            .run_blocking(inputs, on_done)
-            .into_iter()
-            .map(Some)
-            .collect();
-        slots
-            .into_iter()
-            .map(|slot| {
-                let (idx, ids) = slot?;
-                let data = results[idx]
-                    .take()
-                    .unwrap_or_else(|| Err(EngineError::Unavailable("result missing".into())))?;
-                Ok(PoolingRequestOutput {
-                    request_id: self.request_id(),
-                    prompt_token_ids: ids,
-                    num_cached_tokens: 0,
-                    finished: true,
-                    outputs: data,
-                })
-            })
-            .collect()
+        let engine = &self.engine;
+        let prepare = move |i: usize| -> Result<SequenceInput> {
+            let pp = &params[i];
+            check_params(pp)?;
+            engine.check_step_params(task, &pp.step)?;
+            let t = engine.processor().process(&prompts[i], tokenization)?;
+            Ok(
+                SequenceInput::new(t, pp.use_activation.unwrap_or(default_act))
+                    .with_step(pp.step.clone())
+                    .with_lora(lora.clone()),
+            )
+        };
+        Ok(PendingCall::new(
+            &self.engine,
+            &self.next_request_id,
+            prompts.len(),
+            Box::new(prepare),
+            invalid,
+        ))
     }
 
     /// Cross-encoder scores for 1:1, 1:N or N:N text pairs (num_labels == 1 only).
@@ -499,6 +459,31 @@ impl Llm {
         tokenization: &TokenizeOptions,
         lora: Option<&LoraRequest>,
     ) -> Result<Vec<ScoringRequestOutput>> {
+        let call = self.start_score_with_lora(data_1, data_2, params, tokenization, lora)?;
+        into_scores(wait_all(call, &|_| {})?)
+    }
+
+    /// Starts a `score` call without waiting for it (see [`Llm::start_encode`]);
+    /// [`into_scores`] turns its outputs into scores.
+    pub fn start_score<'a>(
+        &'a self,
+        data_1: &'a [String],
+        data_2: &'a [String],
+        params: Option<&PoolingParams>,
+        tokenization: &'a TokenizeOptions,
+    ) -> Result<PendingCall<'a>> {
+        self.start_score_with_lora(data_1, data_2, params, tokenization, None)
+    }
+
+    /// `start_score` through a LoRA adapter (`None`: the base model).
+    pub fn start_score_with_lora<'a>(
+        &'a self,
+        data_1: &'a [String],
+        data_2: &'a [String],
+        params: Option<&PoolingParams>,
+        tokenization: &'a TokenizeOptions,
+        lora: Option<&LoraRequest>,
+    ) -> Result<PendingCall<'a>> {
         let info = self.info();
         if info.task != PoolingTask::Classify {
             return Err(EngineError::validation(
@@ -524,33 +509,309 @@ impl Llm {
             max_tokens_per_doc: params.max_tokens_per_doc,
             score_template: None,
         };
-        let mut tokenized = Vec::with_capacity(pairs.len());
-        for (q, d) in &pairs {
-            tokenized.push(Ok(self.engine.processor().process_pair(
-                q,
-                d,
-                tokenization,
-                &limits,
-            )?));
-        }
-        let all_params = vec![params; pairs.len()];
-        self.run_tokenized(tokenized, &all_params, lora, &|_| {})
-            .into_iter()
-            .map(|r| {
-                let r = r?;
-                match r.outputs {
-                    PooledData::Vector(v) if v.len() == 1 => Ok(ScoringRequestOutput {
-                        request_id: r.request_id,
-                        prompt_token_ids: r.prompt_token_ids,
-                        score: v[0],
-                    }),
-                    _ => Err(EngineError::validation(
-                        "pooled_data should be a scalar score",
-                    )),
-                }
-            })
-            .collect()
+        let use_activation = params
+            .use_activation
+            .unwrap_or(self.info().default_use_activation);
+        let engine = &self.engine;
+        let total = pairs.len();
+        let prepare = move |i: usize| -> Result<SequenceInput> {
+            let (q, d) = pairs[i];
+            let t = engine
+                .processor()
+                .process_pair(q, d, tokenization, &limits)?;
+            Ok(SequenceInput::new(t, use_activation)
+                .with_step(params.step.clone())
+                .with_lora(lora.clone()))
+        };
+        Ok(PendingCall::new(
+            &self.engine,
+            &self.next_request_id,
+            total,
+            Box::new(prepare),
+            InvalidPrompt::FailCall,
+        ))
     }
+}
+
+/// What a prompt that fails tokenization or validation does to its call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InvalidPrompt {
+    /// The call fails with that prompt's error (vLLM's `LLM`).
+    FailCall,
+    /// Only that prompt fails; the others still run.
+    FailPrompt,
+}
+
+type PrepareFn<'a> = Box<dyn FnMut(usize) -> Result<SequenceInput> + Send + 'a>;
+
+/// Prompts prepared and queued per submission: small enough that tokenizing
+/// overlaps the model, large enough that queue locking stays negligible.
+const SUBMIT_BATCH: usize = 256;
+/// Most sequences one call keeps queued, so concurrent calls share the queue.
+const MAX_IN_FLIGHT: usize = 8192;
+
+/// An offline call in progress. Prompts are tokenized only as the queue has room
+/// (so tokenizing overlaps the model and the queue limit holds), and the caller
+/// waits in slices, free to report progress or stop the call between them.
+/// Dropping it unfinished drops its queued work.
+pub struct PendingCall<'a> {
+    engine: &'a Engine,
+    request_ids: &'a AtomicU64,
+    prepare: PrepareFn<'a>,
+    invalid: InvalidPrompt,
+    total: usize,
+    /// The next prompt to prepare.
+    next: usize,
+    done: usize,
+    in_flight: usize,
+    max_in_flight: usize,
+    ids: Vec<Vec<u32>>,
+    results: Vec<Option<Result<PooledData>>>,
+    tx: mpsc::Sender<(usize, SequenceResult)>,
+    rx: mpsc::Receiver<(usize, SequenceResult)>,
+    cancelled: Arc<AtomicBool>,
+    /// The error that failed the whole call (`InvalidPrompt::FailCall`).
+    failure: Option<EngineError>,
+}
+
+impl<'a> PendingCall<'a> {
+    fn new(
+        engine: &'a Engine,
+        request_ids: &'a AtomicU64,
+        total: usize,
+        prepare: PrepareFn<'a>,
+        invalid: InvalidPrompt,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel();
+        let queue_limit = engine.scheduler.limits().max_queued_sequences;
+        PendingCall {
+            engine,
+            request_ids,
+            prepare,
+            invalid,
+            total,
+            next: 0,
+            done: 0,
+            in_flight: 0,
+            max_in_flight: (queue_limit / 2).clamp(1, MAX_IN_FLIGHT),
+            ids: vec![Vec::new(); total],
+            results: (0..total).map(|_| None).collect(),
+            tx,
+            rx,
+            cancelled: Arc::new(AtomicBool::new(false)),
+            failure: None,
+        }
+    }
+
+    /// Prompts in the call.
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Prompts finished so far (run or failed).
+    pub fn done(&self) -> usize {
+        self.done
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.done == self.total || self.failure.is_some() || self.cancelled.load(Ordering::Relaxed)
+    }
+
+    /// Stops the call: queued sequences are dropped instead of run, and
+    /// `finish` reports the unfinished prompts as cancelled.
+    pub fn cancel(&mut self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+
+    /// Makes progress for up to `timeout`: queues prompts as there is room and
+    /// collects results. True once the call is finished.
+    pub fn wait(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        loop {
+            while !self.is_finished()
+                && self.in_flight < self.max_in_flight
+                && self.next < self.total
+            {
+                self.submit_some();
+                self.collect_ready();
+                if Instant::now() >= deadline {
+                    return self.is_finished();
+                }
+            }
+            if self.is_finished() {
+                return true;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((i, r)) => {
+                    self.record(i, r);
+                    self.collect_ready();
+                }
+                Err(_) => {
+                    if !self.engine.is_alive() {
+                        self.fail_unfinished("the engine stopped");
+                    }
+                    return self.is_finished();
+                }
+            }
+        }
+    }
+
+    /// One result per prompt, in input order; fails as a whole with the first
+    /// invalid prompt's error under `InvalidPrompt::FailCall`.
+    pub fn finish(mut self) -> Result<Vec<Result<PoolingRequestOutput>>> {
+        if let Some(e) = self.failure.take() {
+            return Err(e);
+        }
+        let request_ids = self.request_ids;
+        let ids = std::mem::take(&mut self.ids);
+        let results = std::mem::take(&mut self.results);
+        Ok(results
+            .into_iter()
+            .zip(ids)
+            .map(|(r, prompt_token_ids)| {
+                let data = r.unwrap_or_else(|| {
+                    Err(EngineError::Unavailable("the call was cancelled".into()))
+                })?;
+                Ok(PoolingRequestOutput {
+                    request_id: request_ids.fetch_add(1, Ordering::Relaxed).to_string(),
+                    prompt_token_ids,
+                    num_cached_tokens: 0,
+                    finished: true,
+                    outputs: data,
+                })
+            })
+            .collect())
+    }
+
+    /// Prepares and queues up to `SUBMIT_BATCH` prompts.
+    fn submit_some(&mut self) {
+        let room = (self.max_in_flight - self.in_flight).min(SUBMIT_BATCH);
+        let mut items = Vec::with_capacity(room);
+        while items.len() < room && self.next < self.total {
+            let i = self.next;
+            self.next += 1;
+            match (self.prepare)(i) {
+                Ok(input) => {
+                    self.ids[i] = input.ids.clone();
+                    let tx = self.tx.clone();
+                    let mut item = WorkItem::new(input, move |r| {
+                        let _ = tx.send((i, r));
+                    });
+                    item.cancelled = Some(self.cancelled.clone());
+                    items.push(item);
+                }
+                Err(e) => match self.invalid {
+                    InvalidPrompt::FailCall => {
+                        self.failure = Some(e);
+                        self.cancel();
+                        return;
+                    }
+                    InvalidPrompt::FailPrompt => {
+                        self.results[i] = Some(Err(e));
+                        self.done += 1;
+                    }
+                },
+            }
+        }
+        let n = items.len();
+        if n == 0 {
+            return;
+        }
+        match self.engine.scheduler.submit(items) {
+            Ok(()) => self.in_flight += n,
+            Err(e) => {
+                // Nothing of these was queued; what is still to come cannot be either.
+                self.fail_unfinished(&e.to_string());
+            }
+        }
+    }
+
+    fn collect_ready(&mut self) {
+        while let Ok((i, r)) = self.rx.try_recv() {
+            self.record(i, r);
+        }
+    }
+
+    fn record(&mut self, i: usize, r: SequenceResult) {
+        if self.results[i].is_none() {
+            self.results[i] = Some(r.map(|(data, _)| data));
+            self.done += 1;
+        }
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    /// Fails every prompt without a result yet.
+    fn fail_unfinished(&mut self, msg: &str) {
+        for slot in self.results.iter_mut().filter(|s| s.is_none()) {
+            *slot = Some(Err(EngineError::Unavailable(msg.to_string())));
+        }
+        self.next = self.total;
+        self.done = self.total;
+        self.cancel();
+    }
+}
+
+impl Drop for PendingCall<'_> {
+    fn drop(&mut self) {
+        self.cancelled.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Waits for a whole call, telling `on_done` how many prompts have finished.
+fn wait_all(
+    mut call: PendingCall<'_>,
+    on_done: &dyn Fn(usize),
+) -> Result<Vec<Result<PoolingRequestOutput>>> {
+    let mut reported = 0;
+    loop {
+        let finished = call.wait(Duration::from_millis(200));
+        if call.done() != reported {
+            reported = call.done();
+            on_done(reported);
+        }
+        if finished {
+            return call.finish();
+        }
+    }
+}
+
+/// The probability vectors of a `classify` call.
+pub fn into_classification(o: PoolingRequestOutput) -> Result<ClassificationRequestOutput> {
+    match o.outputs {
+        PooledData::Vector(probs) => Ok(ClassificationRequestOutput {
+            request_id: o.request_id,
+            prompt_token_ids: o.prompt_token_ids,
+            num_cached_tokens: 0,
+            finished: true,
+            probs,
+        }),
+        PooledData::Matrix(_) => Err(EngineError::validation(
+            "pooled_data should be a 1-D probability vector",
+        )),
+    }
+}
+
+/// The scores of a `score` call; fails on the first failed pair.
+pub fn into_scores(
+    outputs: Vec<Result<PoolingRequestOutput>>,
+) -> Result<Vec<ScoringRequestOutput>> {
+    outputs
+        .into_iter()
+        .map(|r| {
+            let r = r?;
+            match r.outputs {
+                PooledData::Vector(v) if v.len() == 1 => Ok(ScoringRequestOutput {
+                    request_id: r.request_id,
+                    prompt_token_ids: r.prompt_token_ids,
+                    score: v[0],
+                }),
+                _ => Err(EngineError::validation(
+                    "pooled_data should be a scalar score",
+                )),
+            }
+        })
+        .collect()
 }
 
 /// `returned_token_ids` must name columns of the head (vocabulary ids for an LM head).

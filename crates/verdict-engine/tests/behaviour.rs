@@ -619,3 +619,84 @@ fn many_prompts_across_many_batches_keep_order() {
         assert_close(&format!("prompt {i}"), &alone[0].probs, &all[i].probs, 1e-5);
     }
 }
+
+/// An offline call driven in slices (the Python API's way): progress counts up
+/// to every prompt, and a cancelled call stops early, its queued prompts dropped
+/// and reported as cancelled; the engine then serves the next call as usual.
+#[test]
+fn pending_calls_report_progress_and_cancel() {
+    use std::time::Duration;
+    use verdict_engine::InvalidPrompt;
+
+    let (llm, _) = load("bert-cls");
+    let tok = TokenizeOptions::default();
+    let prompts: Vec<Prompt> = (0..3000)
+        .map(|i| Prompt::from(format!("prompt number {i} with a few more words")))
+        .collect();
+    let want = llm
+        .classify(&prompts[..50], ParamsArg::Default, &tok)
+        .expect("classify");
+
+    let mut call = llm
+        .start_encode(
+            &prompts,
+            ParamsArg::Default,
+            Some(PoolingTask::Classify),
+            &tok,
+            InvalidPrompt::FailCall,
+        )
+        .expect("start");
+    assert_eq!(call.total(), 3000);
+    let mut seen = Vec::new();
+    while !call.wait(Duration::from_millis(5)) {
+        seen.push(call.done());
+    }
+    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "progress only grows");
+    assert_eq!(call.done(), 3000);
+    let outputs = call.finish().expect("finished call");
+    assert_eq!(outputs.len(), 3000);
+    for (o, w) in outputs.iter().zip(&want) {
+        let PooledData::Vector(probs) = &o.as_ref().expect("output").outputs else {
+            panic!("expected a vector");
+        };
+        assert_eq!(probs, &w.probs);
+    }
+
+    let mut call = llm
+        .start_encode(
+            &prompts,
+            ParamsArg::Default,
+            Some(PoolingTask::Classify),
+            &tok,
+            InvalidPrompt::FailCall,
+        )
+        .expect("start");
+    call.wait(Duration::from_millis(1));
+    call.cancel();
+    assert!(call.is_finished());
+    let outputs = call
+        .finish()
+        .expect("a cancelled call still returns per-prompt results");
+    let cancelled = outputs
+        .iter()
+        .filter(|o| matches!(o, Err(e) if e.to_string() == "the call was cancelled"))
+        .count();
+    assert!(cancelled > 0, "nothing was cancelled");
+    assert!(outputs
+        .iter()
+        .all(|o| o.is_ok() || matches!(o, Err(e) if e.to_string() == "the call was cancelled")));
+
+    // An invalid prompt fails the call as a whole and stops its queued work.
+    let mut bad = prompts[..600].to_vec();
+    bad[500] = Prompt::from("word ".repeat(2000));
+    let err = err_text(llm.classify(&bad, ParamsArg::Default, &tok));
+    assert!(
+        err.starts_with("This model's maximum context length is"),
+        "{err}"
+    );
+    let again = llm
+        .classify(&prompts[..50], ParamsArg::Default, &tok)
+        .expect("classify after cancel");
+    assert_eq!(again.len(), 50);
+    assert_eq!(again[7].probs, want[7].probs);
+}

@@ -339,7 +339,23 @@ fn build_batches(shared: &Shared, tx: SyncSender<Batch>) {
 
 fn run_batches(runner: &ModelRunner, rx: Receiver<Batch>, stats: &SchedulerStats) {
     crate::priority::lower_current_thread();
-    while let Ok(batch) = rx.recv() {
+    while let Ok(mut batch) = rx.recv() {
+        // Sequences cancelled while their batch waited for the model are dropped
+        // here too, so a cancelled call stops after at most the running batch.
+        let prepared_tokens = batch.tokens;
+        batch.items.retain(|q| {
+            !q.item
+                .cancelled
+                .as_ref()
+                .is_some_and(|c| c.load(AtomicOrdering::Relaxed))
+        });
+        batch.tokens = batch.items.iter().map(|q| q.item.input.ids.len()).sum();
+        stats
+            .pending_tokens
+            .fetch_sub(prepared_tokens - batch.tokens, AtomicOrdering::Relaxed);
+        if batch.items.is_empty() {
+            continue;
+        }
         let started = Instant::now();
         let n = batch.items.len();
         stats.running_sequences.store(n, AtomicOrdering::Relaxed);
