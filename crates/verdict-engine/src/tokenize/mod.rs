@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use serde_json::Value;
-use tokenizers::{Encoding, PostProcessor, Tokenizer, TruncationDirection};
+use tokenizers::{Encoding, ModelWrapper, PostProcessor, Tokenizer, TruncationDirection};
 
 use crate::error::{EngineError, Result};
 use crate::multimodal::VisualInput;
@@ -64,6 +64,11 @@ pub struct TextTokenizer {
     max_chars_per_token: usize,
     /// Does encoding a second segment give it token type 1 (BERT-style)?
     pair_has_type_ids: bool,
+    /// May a truncation window end inside a word? Not for WordPiece: a word longer
+    /// than its `max_input_chars_per_word` is one [UNK], so a word cut short
+    /// tokenizes differently. BPE has no such cliff, and a giant word is what the
+    /// cut keeps from being tokenized whole.
+    cuts_inside_words: bool,
     /// Passed to chat templates compiled later (a request's own template).
     bos_token: Option<String>,
     eos_token: Option<String>,
@@ -138,8 +143,10 @@ impl TextTokenizer {
             .map(|e| e.get_type_ids().iter().any(|&t| t != 0))
             .unwrap_or(false);
 
+        let cuts_inside_words = !matches!(inner.get_model(), ModelWrapper::WordPiece(_));
         Ok(TextTokenizer {
             inner,
+            cuts_inside_words,
             chat_template,
             truncation_side,
             model_max_length,
@@ -274,7 +281,7 @@ impl TextTokenizer {
         let want = need.saturating_add(WINDOW_SLACK_TOKENS);
         let mut chars = want.saturating_mul(WINDOW_CHARS_PER_TOKEN);
         loop {
-            let Some(cut) = head_cut(text, chars) else {
+            let Some(cut) = head_cut(text, chars, self.cuts_inside_words) else {
                 return Ok((encode(text)?, text.len()));
             };
             let enc = encode(&text[..cut])?;
@@ -297,7 +304,7 @@ impl TextTokenizer {
         let want = need.saturating_add(WINDOW_SLACK_TOKENS);
         let mut chars = want.saturating_mul(WINDOW_CHARS_PER_TOKEN);
         loop {
-            let Some(start) = tail_cut(text, chars) else {
+            let Some(start) = tail_cut(text, chars, self.cuts_inside_words) else {
                 return self.raw_encode(text, add_special_tokens);
             };
             let enc = self.raw_encode(&text[start..], add_special_tokens)?;
@@ -403,13 +410,21 @@ const WINDOW_SLACK_TOKENS: usize = 16;
 /// First guess at characters per token for the window (doubled as needed).
 const WINDOW_CHARS_PER_TOKEN: usize = 8;
 
+/// Whitespace that separates words for every tokenizer. Not all of Unicode's:
+/// BERT's normalizer deletes control characters such as form feed, which joins
+/// the words on either side of them.
+fn is_word_separator(c: char) -> bool {
+    matches!(c, ' ' | '\t' | '\n' | '\r')
+}
+
 /// Byte index to cut `text` at so that the head keeps at most `chars`
 /// characters; None when the whole text fits. The cut goes where tokenizers
 /// split words anyway, so the head's tokens are the full text's: before the
-/// last whitespace run in the window's second half, else before its last
-/// ASCII punctuation run, else (one giant word) mid-word, where the slack
-/// tokens absorb the difference.
-fn head_cut(text: &str, chars: usize) -> Option<usize> {
+/// last separator run in the window's second half, else before its last
+/// ASCII punctuation run, else (one giant word) mid-word where `inside_words`
+/// allows it (the slack tokens absorb the difference), or at 0 (an empty head:
+/// the caller grows the window) where it does not.
+fn head_cut(text: &str, chars: usize, inside_words: bool) -> Option<usize> {
     let (end, _) = text.char_indices().nth(chars)?;
     // Half the bytes may fall inside a multi-byte character: step back to its start.
     let floor = (0..=end / 2)
@@ -431,17 +446,17 @@ fn head_cut(text: &str, chars: usize) -> Option<usize> {
         }
         last
     };
-    let cut = run_starts(char::is_whitespace)
+    let cut = run_starts(is_word_separator)
         .or_else(|| run_starts(|c| c.is_ascii_punctuation()))
         .filter(|&i| i > 0)
-        .unwrap_or(end);
+        .unwrap_or(if inside_words { end } else { 0 });
     Some(cut)
 }
 
 /// Byte index where a tail of at most `chars` characters of `text` starts;
-/// None when the whole text fits. As [`head_cut`], at the first whitespace run
+/// None when the whole text fits. As [`head_cut`], at the first separator run
 /// (else ASCII punctuation run) in the window's first half.
-fn tail_cut(text: &str, chars: usize) -> Option<usize> {
+fn tail_cut(text: &str, chars: usize, inside_words: bool) -> Option<usize> {
     let (start, _) = text.char_indices().rev().nth(chars.checked_sub(1)?)?;
     if start == 0 {
         return None;
@@ -454,7 +469,7 @@ fn tail_cut(text: &str, chars: usize) -> Option<usize> {
         if i > limit {
             break;
         }
-        if whitespace.is_none() && c.is_whitespace() && !prev.is_some_and(char::is_whitespace) {
+        if whitespace.is_none() && is_word_separator(c) && !prev.is_some_and(is_word_separator) {
             whitespace = Some(i);
             break;
         }
@@ -466,7 +481,12 @@ fn tail_cut(text: &str, chars: usize) -> Option<usize> {
         }
         prev = Some(c);
     }
-    Some(whitespace.or(punctuation).unwrap_or(start))
+    // Without a word boundary an empty tail (`text.len()`) makes the caller grow the window.
+    Some(
+        whitespace
+            .or(punctuation)
+            .unwrap_or(if inside_words { start } else { text.len() }),
+    )
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -595,6 +615,33 @@ mod tests {
                                 got.ids, want,
                                 "{name} seed {seed} max {max} {side:?} specials {specials}"
                             );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Found by the tokenize_truncation fuzz target: BERT's normalizer deletes form
+    /// feeds and NULs, so words either side of them are one word, and a word over
+    /// 100 characters is one [UNK]; a window cut at the form feed, or inside the
+    /// giant word, tokenized the word's head as pieces instead.
+    #[test]
+    fn windows_never_split_a_wordpiece_word() {
+        let giant = "a".repeat(68) + "\u{6}\u{c}" + &"a".repeat(88);
+        let texts = [
+            format!("\u{1}\0\0{}{giant} tail words here", "\u{fffd}".repeat(28)),
+            format!("{} {}", "b".repeat(150), "word ".repeat(40)),
+            format!("{giant} {giant}"),
+        ];
+        for (name, tokenizer) in fixture_tokenizers() {
+            for text in &texts {
+                for max in [3, 12, 40] {
+                    for side in [TruncationSide::Right, TruncationSide::Left] {
+                        for specials in [false, true] {
+                            let got = tokenizer.encode(text, specials, Some(max), side).unwrap();
+                            let want = reference(&tokenizer, text, specials, max, side);
+                            assert_eq!(got.ids, want, "{name} max {max} {side:?} {text:?}");
                         }
                     }
                 }
