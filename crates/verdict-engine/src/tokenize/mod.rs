@@ -64,10 +64,10 @@ pub struct TextTokenizer {
     max_chars_per_token: usize,
     /// Does encoding a second segment give it token type 1 (BERT-style)?
     pair_has_type_ids: bool,
-    /// May a truncation window end inside a word? Not for WordPiece: a word longer
-    /// than its `max_input_chars_per_word` is one [UNK], so a word cut short
-    /// tokenizes differently. BPE has no such cliff, and a giant word is what the
-    /// cut keeps from being tokenized whole.
+    /// May a (right truncation) window end inside a word? Not for WordPiece: a word
+    /// longer than its `max_input_chars_per_word` is one [UNK], so a word cut short
+    /// tokenizes differently. BPE merges a word from its start, so its head's tokens
+    /// hold, and a giant word is what the cut keeps from being tokenized whole.
     cuts_inside_words: bool,
     /// Passed to chat templates compiled later (a request's own template).
     bos_token: Option<String>,
@@ -304,7 +304,7 @@ impl TextTokenizer {
         let want = need.saturating_add(WINDOW_SLACK_TOKENS);
         let mut chars = want.saturating_mul(WINDOW_CHARS_PER_TOKEN);
         loop {
-            let Some(start) = tail_cut(text, chars, self.cuts_inside_words) else {
+            let Some(start) = tail_cut(text, chars) else {
                 return self.raw_encode(text, add_special_tokens);
             };
             let enc = self.raw_encode(&text[start..], add_special_tokens)?;
@@ -455,8 +455,8 @@ fn head_cut(text: &str, chars: usize, inside_words: bool) -> Option<usize> {
 
 /// Byte index where a tail of at most `chars` characters of `text` starts;
 /// None when the whole text fits. As [`head_cut`], at the first separator run
-/// (else ASCII punctuation run) in the window's first half.
-fn tail_cut(text: &str, chars: usize, inside_words: bool) -> Option<usize> {
+/// (else ASCII punctuation run) in the window's first half, but never inside a word.
+fn tail_cut(text: &str, chars: usize) -> Option<usize> {
     let (start, _) = text.char_indices().rev().nth(chars.checked_sub(1)?)?;
     if start == 0 {
         return None;
@@ -481,12 +481,10 @@ fn tail_cut(text: &str, chars: usize, inside_words: bool) -> Option<usize> {
         }
         prev = Some(c);
     }
-    // Without a word boundary an empty tail (`text.len()`) makes the caller grow the window.
-    Some(
-        whitespace
-            .or(punctuation)
-            .unwrap_or(if inside_words { start } else { text.len() }),
-    )
+    // Never inside a word: BPE merges a run of repeated symbols pairwise from the
+    // word's start, so a word's last tokens depend on where it starts. Without a
+    // word boundary an empty tail (`text.len()`) makes the caller grow the window.
+    Some(whitespace.or(punctuation).unwrap_or(text.len()))
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -622,10 +620,12 @@ mod tests {
         }
     }
 
-    /// Found by the tokenize_truncation fuzz target: BERT's normalizer deletes form
+    /// Found by the tokenize_truncation fuzz target. BERT's normalizer deletes form
     /// feeds and NULs, so words either side of them are one word, and a word over
     /// 100 characters is one [UNK]; a window cut at the form feed, or inside the
-    /// giant word, tokenized the word's head as pieces instead.
+    /// giant word, tokenized the word's head as pieces instead. And byte-level BPE
+    /// merges a run of one repeated symbol pairwise from its start, so a tail
+    /// window starting inside the run ended in different tokens.
     #[test]
     fn windows_never_split_a_wordpiece_word() {
         let giant = "a".repeat(68) + "\u{6}\u{c}" + &"a".repeat(88);
@@ -633,6 +633,8 @@ mod tests {
             format!("\u{1}\0\0{}{giant} tail words here", "\u{fffd}".repeat(28)),
             format!("{} {}", "b".repeat(150), "word ".repeat(40)),
             format!("{giant} {giant}"),
+            // The second fuzz input: one long run of a repeated 3-byte symbol, left-truncated.
+            format!("{}\0", "\u{fffd}".repeat(150)),
         ];
         for (name, tokenizer) in fixture_tokenizers() {
             for text in &texts {
