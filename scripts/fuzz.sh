@@ -6,7 +6,7 @@
 #   VERDICT_FUZZ_TARGETS  space-separated targets to run (default: all)
 #   VERDICT_FUZZ=0        skip (as VERDICT_FUZZ_SECONDS=0)
 # Needs a nightly toolchain (libFuzzer's sanitizer flags); without one it says so
-# and skips. cargo-fuzz is installed from crates.io when missing. The sanitized
+# and skips. cargo-fuzz is installed with `cargo install` when missing. The sanitized
 # build is one more build of the engine (its own target directory, fuzz/target).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../fuzz"
