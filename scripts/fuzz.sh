@@ -5,6 +5,8 @@
 #   VERDICT_FUZZ_SECONDS  seconds per target (default 20; 0 skips fuzzing)
 #   VERDICT_FUZZ_TARGETS  space-separated targets to run (default: all)
 #   VERDICT_FUZZ=0        skip (as VERDICT_FUZZ_SECONDS=0)
+#   VERDICT_FUZZ_SEED     libFuzzer's seed (default 1: CI replays the inputs a run here
+#                         did; 0 picks a new one each run, for exploring)
 # Needs a nightly toolchain (libFuzzer's sanitizer flags); without one it says so
 # and skips. cargo-fuzz is installed with `cargo install` when missing. The sanitized
 # build is one more build of the engine (its own target directory, fuzz/target).
@@ -41,7 +43,8 @@ for target in $targets; do
     cp -r "seeds/$target/." "$corpus/"
     echo "fuzz: $target for ${seconds} s"
     if ! cargo +nightly fuzz run "$target" "$corpus" -- \
-        -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 -print_final_stats=1 \
+        -seed="${VERDICT_FUZZ_SEED:-1}" -max_total_time="$seconds" -timeout=10 -rss_limit_mb=4096 \
+        -print_final_stats=1 \
         2>"$corpus.log"; then
         tail -n 60 "$corpus.log"
         echo "fuzz: $target CRASHED; the input is under fuzz/artifacts/$target/"
