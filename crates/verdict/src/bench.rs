@@ -316,13 +316,7 @@ fn ensure_checkpoint(dir: &Path, shape: &Shape, bf16: bool) -> Result<()> {
         return Ok(());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.04
-    };
+    let mut next = random_weights(0x9E37_79B9_7F4A_7C15, 0.04);
     // Gemma's norms scale by (1 + w): w = 0 is the neutral norm there.
     let norm_weight = match shape.config["model_type"].as_str() {
         Some(t) if t.starts_with("gemma") => 0.0,
@@ -339,31 +333,11 @@ fn ensure_checkpoint(dir: &Path, shape: &Shape, bf16: bool) -> Result<()> {
             } else {
                 next()
             };
-            if bf16 {
-                bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
-            } else {
-                bytes.extend_from_slice(&v.to_le_bytes());
-            }
+            push_value(&mut bytes, v, bf16);
         }
         buffers.push((name, dims, bytes));
     }
-    let dtype = if bf16 {
-        safetensors::Dtype::BF16
-    } else {
-        safetensors::Dtype::F32
-    };
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
-        .iter()
-        .map(|(n, d, b)| {
-            Ok((
-                n.clone(),
-                safetensors::tensor::TensorView::new(dtype, d.clone(), b)?,
-            ))
-        })
-        .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let tmp = dir.join("model.safetensors.partial");
-    safetensors::serialize_to_file(views, None, &tmp)?;
-    std::fs::rename(&tmp, dir.join("model.safetensors"))?;
+    write_safetensors(&dir.join("model.safetensors"), &buffers, bf16)?;
     std::fs::write(
         dir.join("config.json"),
         serde_json::to_string_pretty(&shape.config)?,
@@ -383,13 +357,10 @@ fn ensure_adapter(dir: &Path, shape: &Shape, rank: usize, seed: u64, bf16: bool)
         return Ok(());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let mut rng = 0x2545_F491_4F6C_DD1Du64 ^ (seed + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    let mut next = move || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        ((rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.02
-    };
+    let mut next = random_weights(
+        0x2545_F491_4F6C_DD1D ^ (seed + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        0.02,
+    );
     let linears: Vec<(String, usize, usize)> = tensor_shapes(&shape.config)
         .into_iter()
         .filter(|(name, dims)| {
@@ -408,12 +379,7 @@ fn ensure_adapter(dir: &Path, shape: &Shape, rank: usize, seed: u64, bf16: bool)
             let n: usize = dims.iter().product();
             let mut bytes = Vec::with_capacity(n * 4);
             for _ in 0..n {
-                let v = next();
-                if bf16 {
-                    bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
-                } else {
-                    bytes.extend_from_slice(&v.to_le_bytes());
-                }
+                push_value(&mut bytes, next(), bf16);
             }
             buffers.push((
                 format!("base_model.model.{module}.{suffix}.weight"),
@@ -422,20 +388,6 @@ fn ensure_adapter(dir: &Path, shape: &Shape, rank: usize, seed: u64, bf16: bool)
             ));
         }
     }
-    let dtype = if bf16 {
-        safetensors::Dtype::BF16
-    } else {
-        safetensors::Dtype::F32
-    };
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = buffers
-        .iter()
-        .map(|(n, d, b)| {
-            Ok((
-                n.clone(),
-                safetensors::tensor::TensorView::new(dtype, d.clone(), b)?,
-            ))
-        })
-        .collect::<Result<_, safetensors::SafeTensorError>>()?;
     let names: Vec<&str> = linears
         .iter()
         .filter_map(|(m, _, _)| m.rsplit('.').next())
@@ -449,9 +401,52 @@ fn ensure_adapter(dir: &Path, shape: &Shape, rank: usize, seed: u64, bf16: bool)
             "target_modules": names, "bias": "none", "use_rslora": false, "use_dora": false,
         }))?,
     )?;
-    let tmp = dir.join("adapter_model.safetensors.partial");
+    write_safetensors(&dir.join("adapter_model.safetensors"), &buffers, bf16)
+}
+
+/// Uniform values in `[-width/2, width/2)` from an xorshift generator seeded with `state`.
+fn random_weights(mut state: u64, width: f32) -> impl FnMut() -> f32 {
+    move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * width
+    }
+}
+
+/// Appends one value in the checkpoint's storage type.
+fn push_value(bytes: &mut Vec<u8>, v: f32, bf16: bool) {
+    if bf16 {
+        bytes.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+    } else {
+        bytes.extend_from_slice(&v.to_le_bytes());
+    }
+}
+
+/// Writes `(name, dims, bytes)` tensors to `path` through a `.partial` file and a
+/// rename, so an interrupted write never leaves a file that looks cached.
+fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, Vec<u8>)],
+    bf16: bool,
+) -> Result<()> {
+    let dtype = if bf16 {
+        safetensors::Dtype::BF16
+    } else {
+        safetensors::Dtype::F32
+    };
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = tensors
+        .iter()
+        .map(|(n, d, b)| {
+            Ok((
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, d.clone(), b)?,
+            ))
+        })
+        .collect::<Result<_, safetensors::SafeTensorError>>()?;
+    let tmp = path.with_extension("safetensors.partial");
     safetensors::serialize_to_file(views, None, &tmp)?;
-    std::fs::rename(&tmp, dir.join("adapter_model.safetensors"))?;
+    std::fs::rename(&tmp, path)?;
     Ok(())
 }
 
