@@ -20,6 +20,23 @@ pub(crate) fn with_cpu_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option
     Some(f(&data[start..start + t.elem_count()]))
 }
 
+/// `len` floats written by `write`, without a zeroing pass first (a matmul with
+/// `read_dst` false overwrites its output; zeroing it cost ~4% of an encoder's time).
+///
+/// # Safety
+/// `write` must initialise all `len` floats behind the pointer it gets.
+unsafe fn filled_f32(len: usize, write: impl FnOnce(*mut f32)) -> Vec<f32> {
+    let mut buf: Vec<std::mem::MaybeUninit<f32>> = Vec::with_capacity(len);
+    write(buf.as_mut_ptr().cast::<f32>());
+    // SAFETY: `write` initialised every element (the caller's contract); the
+    // allocation is handed over whole, as a Vec of the same layout.
+    unsafe {
+        buf.set_len(len);
+        let mut buf = std::mem::ManuallyDrop::new(buf);
+        Vec::from_raw_parts(buf.as_mut_ptr().cast::<f32>(), len, buf.capacity())
+    }
+}
+
 /// candle's thread count, read once: asking each time parses /proc/cpuinfo.
 fn num_threads() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
@@ -49,16 +66,6 @@ pub(crate) fn linear_f32(
     }
     let out = with_cpu_f32(x, |xs| {
         with_cpu_f32(wt, |ws| {
-            let mut dst = match bias {
-                Some(b) => {
-                    let mut d = Vec::with_capacity(m * n);
-                    for _ in 0..m {
-                        d.extend_from_slice(b);
-                    }
-                    d
-                }
-                None => vec![0f32; m * n],
-            };
             let threads = num_threads();
             // Waking the pool costs more than it saves on a few rows.
             let parallelism = if threads > 1 && m * n * k >= PARALLEL_MIN_MACS {
@@ -66,17 +73,18 @@ pub(crate) fn linear_f32(
             } else {
                 gemm::Parallelism::None
             };
+            // dst (+)= x · wt; with `accumulate` dst holds the bias already.
             // SAFETY: the slices cover m*k, k*n and m*n elements with the strides given:
             // lhs row-major [m, k]; rhs row-major [k, n]; dst row-major [m, n].
-            unsafe {
+            let matmul = |dst: *mut f32, accumulate: bool| unsafe {
                 gemm::gemm(
                     m,
                     n,
                     k,
-                    dst.as_mut_ptr(),
+                    dst,
                     1,
                     n as isize,
-                    bias.is_some(),
+                    accumulate,
                     xs.as_ptr(),
                     1,
                     k as isize,
@@ -89,8 +97,20 @@ pub(crate) fn linear_f32(
                     false,
                     false,
                     parallelism,
-                );
-            }
+                )
+            };
+            let mut dst = match bias {
+                Some(b) => {
+                    let mut d = Vec::with_capacity(m * n);
+                    for _ in 0..m {
+                        d.extend_from_slice(b);
+                    }
+                    matmul(d.as_mut_ptr(), true);
+                    d
+                }
+                // SAFETY: without `accumulate` the matmul writes every element.
+                None => unsafe { filled_f32(m * n, |dst| matmul(dst, false)) },
+            };
             // The activation runs on the fresh buffer while it is still in cache.
             match act {
                 Some(super::HiddenAct::Gelu) => super::simd::gelu_erf_in_place(&mut dst),
@@ -223,32 +243,34 @@ pub(crate) fn attention_f32(
                     // Keys of the whole block: from the first row's first to the last row's last.
                     let (k0, k1) = (keys_of(r0, len).0, keys_of(r1 - 1, len).1);
                     let cols = k1 - k0;
-                    let mut scores = vec![0f32; rows * cols];
                     // SAFETY: all offsets stay inside this sequence's rows of the
-                    // [T, stride] buffers; strides match the layouts above.
-                    unsafe {
-                        gemm::gemm(
-                            rows,
-                            cols,
-                            d,
-                            scores.as_mut_ptr(),
-                            1,
-                            cols as isize,
-                            false,
-                            qs.as_ptr().add((start + r0) * q_stride + h * d),
-                            1,
-                            q_stride as isize,
-                            ks.as_ptr().add((start + k0) * kv_stride + kh * d),
-                            kv_stride as isize,
-                            1,
-                            0.0,
-                            scale,
-                            false,
-                            false,
-                            false,
-                            gemm::Parallelism::None,
-                        );
-                    }
+                    // [T, stride] buffers; strides match the layouts above; with
+                    // `read_dst` false the matmul writes all rows x cols scores.
+                    let mut scores = unsafe {
+                        filled_f32(rows * cols, |scores| {
+                            gemm::gemm(
+                                rows,
+                                cols,
+                                d,
+                                scores,
+                                1,
+                                cols as isize,
+                                false,
+                                qs.as_ptr().add((start + r0) * q_stride + h * d),
+                                1,
+                                q_stride as isize,
+                                ks.as_ptr().add((start + k0) * kv_stride + kh * d),
+                                kv_stride as isize,
+                                1,
+                                0.0,
+                                scale,
+                                false,
+                                false,
+                                false,
+                                gemm::Parallelism::None,
+                            );
+                        })
+                    };
                     if let Some(bias) = bias {
                         bias(ScoreBlock {
                             seq,
