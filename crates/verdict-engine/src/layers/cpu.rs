@@ -112,12 +112,8 @@ pub(crate) fn linear_f32(
                 None => unsafe { filled_f32(m * n, |dst| matmul(dst, false)) },
             };
             // The activation runs on the fresh buffer while it is still in cache.
-            match act {
-                Some(super::HiddenAct::Gelu) => super::simd::gelu_erf_in_place(&mut dst),
-                Some(super::HiddenAct::GeluTanh) => super::simd::gelu_tanh_in_place(&mut dst),
-                Some(super::HiddenAct::Silu) => super::simd::silu_in_place(&mut dst),
-                Some(super::HiddenAct::Relu) => dst.iter_mut().for_each(|v| *v = v.max(0.0)),
-                None => {}
+            if let Some(act) = act {
+                act_in_place(&mut dst, act);
             }
             dst
         })
@@ -125,6 +121,64 @@ pub(crate) fn linear_f32(
     .flatten();
     match out {
         Some(dst) => Ok(Some(Tensor::from_vec(dst, (m, n), &Device::Cpu)?)),
+        None => Ok(None),
+    }
+}
+
+fn act_in_place(xs: &mut [f32], act: super::HiddenAct) {
+    match act {
+        super::HiddenAct::Gelu => super::simd::gelu_erf_in_place(xs),
+        super::HiddenAct::GeluTanh => super::simd::gelu_tanh_in_place(xs),
+        super::HiddenAct::Silu => super::simd::silu_in_place(xs),
+        super::HiddenAct::Relu => xs.iter_mut().for_each(|v| *v = v.max(0.0)),
+    }
+}
+
+/// `act(gate) * up` for contiguous f32 CPU tensors of one shape, in one pass over
+/// L1-sized chunks (instead of an activation pass, then a multiply that allocates);
+/// None for other tensors.
+pub(crate) fn act_mul_f32(
+    gate: &Tensor,
+    up: &Tensor,
+    act: super::HiddenAct,
+) -> Result<Option<Tensor>> {
+    use rayon::prelude::*;
+    use std::mem::MaybeUninit;
+    const CHUNK: usize = 4096;
+    if gate.shape() != up.shape() {
+        return Ok(None);
+    }
+    let n = gate.elem_count();
+    let out = with_cpu_f32(gate, |g| {
+        with_cpu_f32(up, |u| {
+            let mut buf: Vec<MaybeUninit<f32>> = Vec::with_capacity(n);
+            // SAFETY: MaybeUninit needs no initialisation.
+            unsafe { buf.set_len(n) };
+            let chunk = |(i, dst): (usize, &mut [MaybeUninit<f32>])| {
+                let range = i * CHUNK..i * CHUNK + dst.len();
+                for (d, &v) in dst.iter_mut().zip(&g[range.clone()]) {
+                    d.write(v);
+                }
+                // SAFETY: every element was written just above.
+                let dst = unsafe { &mut *(dst as *mut [MaybeUninit<f32>] as *mut [f32]) };
+                act_in_place(dst, act);
+                for (d, &v) in dst.iter_mut().zip(&u[range]) {
+                    *d *= v;
+                }
+            };
+            if n >= 1 << 16 && num_threads() > 1 {
+                buf.par_chunks_mut(CHUNK).enumerate().for_each(chunk);
+            } else {
+                buf.chunks_mut(CHUNK).enumerate().for_each(chunk);
+            }
+            let mut buf = std::mem::ManuallyDrop::new(buf);
+            // SAFETY: all n elements are initialised; same allocation and layout.
+            unsafe { Vec::from_raw_parts(buf.as_mut_ptr().cast::<f32>(), n, buf.capacity()) }
+        })
+    })
+    .flatten();
+    match out {
+        Some(out) => Ok(Some(Tensor::from_vec(out, gate.shape(), &Device::Cpu)?)),
         None => Ok(None),
     }
 }

@@ -241,11 +241,18 @@ impl Linear {
 }
 
 /// `act(gate(x)) * up(x)`, the gated MLP's first half; one fused pass after the two
-/// matmuls on CUDA.
+/// matmuls on CUDA and on the CPU.
 pub fn gated_mlp(gate: &Linear, up: &Linear, x: &Tensor, act: HiddenAct) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() {
         return cuda_ops::act_mul(&gate.forward(x)?, &up.forward(x)?, act);
+    }
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        let (g, u) = (gate.forward(x)?, up.forward(x)?);
+        if let Some(out) = cpu::act_mul_f32(&g, &u, act)? {
+            return Ok(out);
+        }
+        return Ok((act.forward(&g)? * u)?);
     }
     Ok((gate.forward_act(x, act)? * up.forward(x)?)?)
 }
