@@ -363,15 +363,19 @@ pub struct ModelRunner {
     activation: Activation,
     calibration: Calibration,
     step_defaults: StepParams,
+    /// The adapters' stacked factors come from here.
+    lora: Option<Arc<LoraRegistry>>,
 }
 
 impl ModelRunner {
     /// Runs a batch in one forward pass. Inputs must already be validated.
     pub fn run(&self, seqs: &[SequenceInput]) -> Result<Vec<PooledData>> {
+        let loaded = self.lora.as_ref().map(|r| r.stack());
         let adapters = BatchAdapters::for_sequences(
+            loaded.as_ref(),
             seqs.iter()
                 .map(|s| (s.lora.as_ref().map(|a| &a.0), s.ids.len())),
-        );
+        )?;
         self.run_packed(seqs, adapters)
     }
 
@@ -914,6 +918,7 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
             sigma: pooler.logit_sigma,
         },
         step_defaults,
+        lora: lora.clone(),
     };
     Ok(LoadedEngine {
         runner,

@@ -575,3 +575,148 @@ impl KernelOp for QkvRope {
         Shape::from((tokens, self.heads, self.d))
     }
 }
+
+/// `y += u b` in place, as one cuBLAS GEMM with beta 1: a low-rank (LoRA) update
+/// lands on a layer's fresh output without another pass over it. `y` `[T, out]`
+/// must be contiguous and not shared; `u` `[T, R]`, `b` `[R, out]`.
+pub(crate) fn add_matmul_in_place(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<()> {
+    let u = u.contiguous()?;
+    let b = b.contiguous()?;
+    y.inplace_op3(&u, &b, &AddMatmul)?;
+    Ok(())
+}
+
+struct AddMatmul;
+
+impl candle_core::InplaceOp3 for AddMatmul {
+    fn name(&self) -> &'static str {
+        "verdict-add-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &mut CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<()> {
+        candle_core::bail!("verdict-add-matmul runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        y: &mut CudaStorage,
+        y_layout: &Layout,
+        u: &CudaStorage,
+        u_layout: &Layout,
+        b: &CudaStorage,
+        b_layout: &Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType_t;
+        let (rows, out) = y_layout.shape().dims2()?;
+        let (u_rows, rank) = u_layout.shape().dims2()?;
+        let (b_rank, b_out) = b_layout.shape().dims2()?;
+        if u_rows != rows || b_rank != rank || b_out != out {
+            candle_core::bail!(
+                "verdict-add-matmul: [{rows}, {out}] += [{u_rows}, {rank}] x [{b_rank}, {b_out}]"
+            );
+        }
+        if !(y_layout.is_contiguous() && u_layout.is_contiguous() && b_layout.is_contiguous()) {
+            candle_core::bail!("verdict-add-matmul: operands must be contiguous");
+        }
+        if rows == 0 || out == 0 || rank == 0 {
+            return Ok(());
+        }
+        let gemm = Gemm {
+            blas: y.device.cublas_handle(),
+            stream: y.device.cuda_stream(),
+            rows,
+            out,
+            rank,
+        };
+        let offsets = (
+            y_layout.start_offset(),
+            u_layout.start_offset(),
+            b_layout.start_offset(),
+        );
+        match (&mut y.slice, &u.slice, &b.slice) {
+            (
+                CudaStorageSlice::BF16(ys),
+                CudaStorageSlice::BF16(us),
+                CudaStorageSlice::BF16(bs),
+            ) => gemm.run(cudaDataType_t::CUDA_R_16BF, ys, us, bs, offsets),
+            (CudaStorageSlice::F16(ys), CudaStorageSlice::F16(us), CudaStorageSlice::F16(bs)) => {
+                gemm.run(cudaDataType_t::CUDA_R_16F, ys, us, bs, offsets)
+            }
+            (CudaStorageSlice::F32(ys), CudaStorageSlice::F32(us), CudaStorageSlice::F32(bs)) => {
+                gemm.run(cudaDataType_t::CUDA_R_32F, ys, us, bs, offsets)
+            }
+            _ => candle_core::bail!(
+                "verdict-add-matmul: y, u and b must share a dtype (bf16, f16 or f32)"
+            ),
+        }
+        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        Ok(())
+    }
+}
+
+/// One `y += u b` GEMM's shape and handles.
+struct Gemm {
+    blas: Arc<candle_core::cuda_backend::cudarc::cublas::CudaBlas>,
+    stream: Arc<CudaStream>,
+    rows: usize,
+    out: usize,
+    rank: usize,
+}
+
+impl Gemm {
+    /// Row-major `y[T, out] += u[T, R] b[R, out]` is column-major
+    /// `y^T = b^T u^T`: cuBLAS's A is `b` (ld out), its B is `u` (ld R).
+    fn run<T: DeviceRepr>(
+        &self,
+        data_type: candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType_t,
+        y: &mut CudaSlice<T>,
+        u: &CudaSlice<T>,
+        b: &CudaSlice<T>,
+        (y_start, u_start, b_start): (usize, usize, usize),
+    ) -> std::result::Result<(), candle_core::cuda_backend::cudarc::cublas::result::CublasError>
+    {
+        use candle_core::cuda_backend::cudarc::cublas::{result, sys};
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+        let alpha = 1f32;
+        let beta = 1f32;
+        let b_view = b.slice(b_start..);
+        let u_view = u.slice(u_start..);
+        let mut y_view = y.slice_mut(y_start..);
+        let (b_ptr, _b_guard) = b_view.device_ptr(&self.stream);
+        let (u_ptr, _u_guard) = u_view.device_ptr(&self.stream);
+        let (y_ptr, _y_guard) = y_view.device_ptr_mut(&self.stream);
+        // fp32 accumulation for every dtype, as candle's own matmuls.
+        // SAFETY: the three pointers cover the checked shapes on the handle's stream.
+        unsafe {
+            result::gemm_ex(
+                *self.blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                self.out as i32,
+                self.rows as i32,
+                self.rank as i32,
+                &alpha as *const f32 as *const _,
+                b_ptr as *const _,
+                data_type,
+                self.out as i32,
+                u_ptr as *const _,
+                data_type,
+                self.rank as i32,
+                &beta as *const f32 as *const _,
+                y_ptr as *mut _,
+                data_type,
+                self.out as i32,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+    }
+}

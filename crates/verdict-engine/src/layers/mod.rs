@@ -13,6 +13,8 @@ mod rotary;
 mod simd;
 
 pub use attention::{packed_attention, packed_attention_capped, AttentionMask};
+#[cfg(feature = "cuda")]
+pub(crate) use cuda_ops::add_matmul_in_place;
 pub use disentangled::{
     disentangled_attention, DisentangledPlan, PositionProjections, RelativePositions,
 };
@@ -196,7 +198,7 @@ impl Linear {
             LinearWeight::InOut(wt) => WeightRef::InOut(wt),
             LinearWeight::OutIn(w) => WeightRef::OutIn(w),
         };
-        crate::lora::adapted_matmul(target, x, weight)
+        crate::lora::adapted_matmul(target, x, weight, || self.matmul(x))
     }
 
     #[cfg(feature = "cuda")]

@@ -98,12 +98,10 @@ impl TargetCollector {
     }
 }
 
-/// `x A^T B^T` for one layer: `a_t` `[in, R]`, and B with the scaling in it in both
-/// layouts a layer's weight may have (`b` `[out, R]`, `b_t` `[R, out]`).
+/// `x A^T B^T` for one layer: `a_t` `[in, R]` and `b_t` `[R, out]`, the scaling in B.
 #[derive(Debug, Clone)]
 struct LowRank {
     a_t: Tensor,
-    b: Tensor,
     b_t: Tensor,
 }
 
@@ -213,59 +211,132 @@ impl std::ops::Deref for LoraRef {
 /// Marks rows that run with the base model.
 const BASE_ROW: u32 = u32::MAX;
 
-/// The adapters of a packed batch: which adapter each token row runs with.
-#[derive(Debug, Clone)]
-pub struct BatchAdapters {
-    /// The distinct adapters, in order of first appearance.
-    adapters: Vec<Arc<LoraAdapter>>,
-    /// Per batch row: its adapter's index in `adapters`, or `BASE_ROW`.
-    row_slots: Vec<u32>,
+/// One layer's factors of every adapter of a [`LoraStack`] that adapts it, side
+/// by side: `a_t` `[in, R]`, B as `b_t` `[R, out]` and `b` `[out, R]`, and the
+/// adapter slot of each of the R columns.
+#[derive(Debug)]
+struct StackedLayer {
+    a_t: Tensor,
+    b_t: Tensor,
+    b: Tensor,
+    column_slots: Vec<u32>,
+    /// The distinct slots of `column_slots`.
+    slots: Vec<u32>,
 }
 
-impl BatchAdapters {
-    /// From each sequence's adapter and token count; `None` when no sequence has one.
-    pub fn for_sequences<'a>(
-        seqs: impl IntoIterator<Item = (Option<&'a Arc<LoraAdapter>>, usize)>,
-    ) -> Option<Self> {
-        let mut adapters: Vec<Arc<LoraAdapter>> = Vec::new();
-        let mut row_slots = Vec::new();
-        for (adapter, rows) in seqs {
-            let slot = match adapter {
-                None => BASE_ROW,
-                Some(a) => match adapters.iter().position(|b| b.id == a.id) {
-                    Some(i) => i as u32,
-                    None => {
-                        adapters.push(a.clone());
-                        (adapters.len() - 1) as u32
-                    }
-                },
-            };
-            row_slots.extend(std::iter::repeat_n(slot, rows));
+/// The adapters a batch may use, with each layer's factors concatenated once (not
+/// per batch): the registry rebuilds it when an adapter loads or unloads, so a
+/// forward pass runs the same few products per layer whichever adapters its rows use.
+#[derive(Debug, Default)]
+pub struct LoraStack {
+    /// Slot order.
+    adapters: Vec<Arc<LoraAdapter>>,
+    /// One entry per model target; `None` where no adapter adapts the layer.
+    layers: Vec<Option<StackedLayer>>,
+}
+
+impl LoraStack {
+    pub(crate) fn build(adapters: Vec<Arc<LoraAdapter>>) -> Result<Self> {
+        let targets = adapters.iter().map(|a| a.layers.len()).max().unwrap_or(0);
+        let mut layers = Vec::with_capacity(targets);
+        for t in 0..targets {
+            let mut a_parts = Vec::new();
+            let mut b_parts = Vec::new();
+            let mut column_slots = Vec::new();
+            let mut slots = Vec::new();
+            for (slot, adapter) in adapters.iter().enumerate() {
+                if let Some(pair) = adapter.layers.get(t).and_then(Option::as_ref) {
+                    a_parts.push(&pair.a_t);
+                    b_parts.push(&pair.b_t);
+                    column_slots.extend(std::iter::repeat_n(slot as u32, pair.b_t.dim(0)?));
+                    slots.push(slot as u32);
+                }
+            }
+            layers.push(if a_parts.is_empty() {
+                None
+            } else {
+                let b_t = Tensor::cat(&b_parts, 0)?.contiguous()?;
+                Some(StackedLayer {
+                    a_t: Tensor::cat(&a_parts, 1)?.contiguous()?,
+                    b: b_t.t()?.contiguous()?,
+                    b_t,
+                    column_slots,
+                    slots,
+                })
+            });
         }
-        (!adapters.is_empty()).then_some(BatchAdapters {
-            adapters,
-            row_slots,
-        })
+        Ok(LoraStack { adapters, layers })
+    }
+
+    fn slot_of(&self, adapter: &LoraAdapter) -> Option<u32> {
+        self.adapters
+            .iter()
+            .position(|a| a.id == adapter.id)
+            .map(|i| i as u32)
     }
 }
 
-/// Column layout of a layer's gathered low-rank factors: (adapter slot, rank) in order.
-type Layout = Vec<(u32, usize)>;
+/// The adapters of a packed batch: which adapter each token row runs with.
+#[derive(Debug, Clone)]
+pub struct BatchAdapters {
+    stack: Arc<LoraStack>,
+    /// Per batch row: its adapter's slot in `stack`, or `BASE_ROW`.
+    row_slots: Vec<u32>,
+    /// The slots some row uses.
+    used_slots: Vec<u32>,
+}
+
+impl BatchAdapters {
+    /// From each sequence's adapter and token count, with the factors of `loaded`
+    /// (the registry's stack) when it holds all the batch's adapters, else stacked
+    /// for this batch (an adapter unloaded while its requests waited); `None` when
+    /// no sequence has an adapter.
+    pub fn for_sequences<'a>(
+        loaded: Option<&Arc<LoraStack>>,
+        seqs: impl IntoIterator<Item = (Option<&'a Arc<LoraAdapter>>, usize)>,
+    ) -> Result<Option<Self>> {
+        let seqs: Vec<_> = seqs.into_iter().collect();
+        let mut used: Vec<Arc<LoraAdapter>> = Vec::new();
+        for adapter in seqs.iter().filter_map(|(a, _)| *a) {
+            if !used.iter().any(|b| b.id == adapter.id) {
+                used.push(adapter.clone());
+            }
+        }
+        if used.is_empty() {
+            return Ok(None);
+        }
+        let stack = match loaded {
+            Some(stack) if used.iter().all(|a| stack.slot_of(a).is_some()) => stack.clone(),
+            _ => Arc::new(LoraStack::build(used.clone())?),
+        };
+        let used_slots = used.iter().filter_map(|a| stack.slot_of(a)).collect();
+        let mut row_slots = Vec::new();
+        for (adapter, rows) in seqs {
+            let slot = adapter.and_then(|a| stack.slot_of(a)).unwrap_or(BASE_ROW);
+            row_slots.extend(std::iter::repeat_n(slot, rows));
+        }
+        Ok(Some(BatchAdapters {
+            stack,
+            row_slots,
+            used_slots,
+        }))
+    }
+}
 
 struct Scope {
     batch: BatchAdapters,
     /// Row of the batch that row 0 of the current layer input is (row-chunked MLPs).
     row_offset: usize,
-    /// `[T, sum of ranks]` 0/1 masks, one per column layout and dtype: row r keeps
-    /// only the columns of its own adapter.
-    masks: RefCell<HashMap<(Layout, DType), Tensor>>,
+    /// `[T, R]` 0/1 masks, one per column layout and dtype: row r keeps only the
+    /// columns of its own adapter.
+    masks: RefCell<HashMap<(Vec<u32>, DType), Tensor>>,
     /// `row_slots` as a `[T, 1]` tensor on the model's device.
     device_rows: RefCell<Option<Tensor>>,
 }
 
 impl Scope {
-    fn mask(&self, layout: &Layout, dtype: DType, device: &Device) -> Result<Tensor> {
-        let key = (layout.clone(), dtype);
+    fn mask(&self, column_slots: &[u32], dtype: DType, device: &Device) -> Result<Tensor> {
+        let key = (column_slots.to_vec(), dtype);
         if let Some(mask) = self.masks.borrow().get(&key) {
             return Ok(mask.clone());
         }
@@ -279,12 +350,7 @@ impl Scope {
             }
         };
         self.device_rows.replace(Some(rows.clone()));
-        let columns: Vec<u32> = layout
-            .iter()
-            .flat_map(|&(slot, rank)| std::iter::repeat_n(slot, rank))
-            .collect();
-        let width = columns.len();
-        let columns = Tensor::from_vec(columns, (1, width), device)?;
+        let columns = Tensor::from_slice(column_slots, (1, column_slots.len()), device)?;
         let mask = rows
             .broadcast_eq(&columns)?
             .to_dtype(DType::F32)?
@@ -346,37 +412,68 @@ pub(crate) fn offset_rows<R>(start: usize, f: impl FnOnce() -> R) -> R {
     result
 }
 
-/// `x W^T` plus each row's adapter update for layer `target`, or `None` when no
-/// row of `x` is adapted there (the caller runs the plain layer).
+/// How a layer's update joins its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Join {
+    /// `y = x W^T`, then `y += U B_all^T`: on CUDA one GEMM with beta 1 over `y`.
+    Accumulate,
+    /// `y = [x | U] [W | B_all]^T`: one GEMM over copies of `x` and `W` widened by
+    /// the R columns, instead of a second pass over a wide output.
+    Widen,
+}
+
+impl Join {
+    /// Accumulating reads and writes the output again (T x out values); widening
+    /// copies the input (T x (in + R)) and the weight. On the GPU a layer whose
+    /// output is much wider than its input (an MLP's up and gate projections)
+    /// widens; on the CPU the weight copy is not worth it. For comparisons,
+    /// `VERDICT_LORA_JOIN=accumulate` never widens and `widen` always does.
+    fn for_layer(device: &Device, in_dim: usize, out_dim: usize, rank: usize) -> Self {
+        static FORCED: std::sync::OnceLock<Option<Join>> = std::sync::OnceLock::new();
+        let forced = FORCED.get_or_init(|| match std::env::var("VERDICT_LORA_JOIN").as_deref() {
+            Ok("accumulate") => Some(Join::Accumulate),
+            Ok("widen") => Some(Join::Widen),
+            _ => None,
+        });
+        if let Some(join) = forced {
+            return *join;
+        }
+        if device.is_cuda() && out_dim >= 2 * (in_dim + rank) {
+            Join::Widen
+        } else {
+            Join::Accumulate
+        }
+    }
+}
+
+/// `base()` (the layer's `x W^T`, with `weight` as stored) plus each row's adapter
+/// update for layer `target`, or `None` when no row of `x` is adapted there (the
+/// caller runs the plain layer).
 ///
-/// One gathered product for all the batch's adapters: `U = (x A_all) * mask`
-/// (`A_all` the adapters' A stacked, the mask keeping each row's own columns),
-/// then `[x | U] [W | B_all]^T`, so the update lands in the layer's own matmul
-/// instead of a second pass over its output, and the kernel count does not grow
-/// with the number of adapters.
+/// One gathered product for all the batch's adapters, with their factors stacked
+/// once per registry change: `U = (x A_all) * mask` (the mask keeping each row's
+/// own adapter's columns), then `U B_all^T` joins the output (see [`Join`]). The
+/// kernel count does not grow with the number of adapters.
 pub(crate) fn adapted_matmul(
     target: TargetId,
     x: &Tensor,
     weight: WeightRef,
+    base: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Option<Tensor>> {
-    ACTIVE.with(|a| {
+    let factors = ACTIVE.with(|a| -> Result<Option<(Tensor, Tensor, Tensor)>> {
         let active = a.borrow();
         let Some(scope) = active.as_ref() else {
             return Ok(None);
         };
-        let mut layout: Layout = Vec::new();
-        let mut a_parts = Vec::new();
-        let mut b_parts = Vec::new();
-        for (slot, adapter) in scope.batch.adapters.iter().enumerate() {
-            if let Some(pair) = adapter.layers.get(target.0).and_then(Option::as_ref) {
-                layout.push((slot as u32, pair.b_t.dim(0)?));
-                a_parts.push(&pair.a_t);
-                b_parts.push(match weight {
-                    WeightRef::OutIn(_) => &pair.b,
-                    WeightRef::InOut(_) => &pair.b_t,
-                });
-            }
-        }
+        let Some(layer) = scope
+            .batch
+            .stack
+            .layers
+            .get(target.0)
+            .and_then(Option::as_ref)
+        else {
+            return Ok(None);
+        };
         let n = x.dim(0)?;
         let rows = scope
             .batch
@@ -390,35 +487,58 @@ pub(crate) fn adapted_matmul(
                     scope.batch.row_slots.len()
                 ))
             })?;
-        // Every adapter of the batch has rows in it: only a row slice (a CPU MLP
-        // chunk) can miss the layout's adapters.
-        let whole = n == scope.batch.row_slots.len();
-        if layout.is_empty()
-            || (!whole
-                && !rows
-                    .iter()
-                    .any(|r| layout.iter().any(|(slot, _)| slot == r)))
-        {
+        // The whole batch uses every slot in `used_slots`; a row slice (a CPU MLP
+        // chunk) may miss them all.
+        let adapted = if n == scope.batch.row_slots.len() {
+            layer
+                .slots
+                .iter()
+                .any(|s| scope.batch.used_slots.contains(s))
+        } else {
+            rows.iter().any(|r| layer.slots.contains(r))
+        };
+        if !adapted {
             return Ok(None);
         }
         let mask = scope
-            .mask(&layout, x.dtype(), x.device())?
+            .mask(&layer.column_slots, x.dtype(), x.device())?
             .narrow(0, scope.row_offset, n)?;
-        let a_all = Tensor::cat(&a_parts, 1)?;
-        let u = (x.matmul(&a_all)? * mask)?;
-        let x_aug = Tensor::cat(&[x, &u], 1)?;
-        // Both concatenations join contiguous blocks, in the weight's own layout.
-        Ok(Some(match weight {
-            WeightRef::OutIn(w) => {
-                let w_aug = Tensor::cat(&[w, &Tensor::cat(&b_parts, 1)?], 1)?;
-                x_aug.matmul(&w_aug.t()?)?
-            }
-            WeightRef::InOut(wt) => {
-                let w_aug = Tensor::cat(&[wt, &Tensor::cat(&b_parts, 0)?], 0)?;
-                x_aug.matmul(&w_aug)?
-            }
-        }))
-    })
+        let u = (x.matmul(&layer.a_t)? * mask)?;
+        Ok(Some((u, layer.b_t.clone(), layer.b.clone())))
+    })?;
+    let Some((u, b_t, b)) = factors else {
+        return Ok(None);
+    };
+    let (rank, out_dim) = b_t.dims2()?;
+    let join = Join::for_layer(x.device(), x.dim(1)?, out_dim, rank);
+    join_update(join, x, &u, weight, &b_t, &b, base).map(Some)
+}
+
+/// The layer's output with the update `u B^T` (`b_t` `[R, out]`, `b` `[out, R]`) joined.
+fn join_update(
+    join: Join,
+    x: &Tensor,
+    u: &Tensor,
+    weight: WeightRef,
+    b_t: &Tensor,
+    b: &Tensor,
+    base: impl FnOnce() -> Result<Tensor>,
+) -> Result<Tensor> {
+    if join == Join::Widen {
+        let x_wide = Tensor::cat(&[x, u], 1)?;
+        // Each concatenation joins contiguous blocks in the weight's own layout.
+        return Ok(match weight {
+            WeightRef::OutIn(w) => x_wide.matmul(&Tensor::cat(&[w, b], 1)?.t()?)?,
+            WeightRef::InOut(wt) => x_wide.matmul(&Tensor::cat(&[wt, b_t], 0)?)?,
+        });
+    }
+    let y = base()?;
+    #[cfg(feature = "cuda")]
+    if y.device().is_cuda() && y.is_contiguous() && y.rank() == 2 {
+        crate::layers::add_matmul_in_place(&y, u, b_t)?;
+        return Ok(y);
+    }
+    Ok((y + u.matmul(b_t)?)?)
 }
 
 #[cfg(test)]
@@ -439,7 +559,6 @@ mod tests {
                 l.map(|(a, b)| LowRank {
                     a_t: a.t().unwrap().contiguous().unwrap(),
                     b_t: b.t().unwrap().contiguous().unwrap(),
-                    b,
                 })
             })
             .collect();
@@ -459,9 +578,17 @@ mod tests {
         })
     }
 
+    fn assert_close(got: &Tensor, want: &[Vec<f32>]) {
+        let got = got.to_vec2::<f32>().unwrap();
+        for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
+        }
+    }
+
     /// Rows of base, adapter 1, adapter 2 (other ranks; no update on layer 1) and
-    /// adapter 1 again, in both weight layouts and in row chunks: each row gets
-    /// `x W^T` plus its own adapter's `x A^T B^T`.
+    /// adapter 1 again, in row chunks too, with the factors stacked for the batch
+    /// and from a registry stack that also holds an adapter the batch does not use:
+    /// each row gets `x W^T` plus its own adapter's `x A^T B^T`.
     #[test]
     fn each_row_gets_its_own_adapters_update() {
         let (inp, out) = (5, 3);
@@ -471,9 +598,13 @@ mod tests {
         let (a2, b2) = (tensor(3, inp, 2.3), tensor(out, 3, 2.9));
         let one = adapter(1, 2, vec![Some((a1.clone(), b1.clone())), None]);
         let two = adapter(2, 3, vec![Some((a2.clone(), b2.clone())), None]);
+        let idle = adapter(
+            3,
+            2,
+            vec![Some((tensor(2, inp, 3.1), tensor(out, 2, 3.3))), None],
+        );
         let seqs = [(None, 2), (Some(&one), 2), (Some(&two), 2), (Some(&one), 1)];
-        let batch = BatchAdapters::for_sequences(seqs).expect("adapters");
-        let base = x.matmul(&w.t().unwrap()).unwrap();
+        let base = || Ok(x.matmul(&w.t()?)?);
         let update = |rows: std::ops::Range<usize>, a: &Tensor, b: &Tensor| {
             x.narrow(0, rows.start, rows.len())
                 .unwrap()
@@ -483,7 +614,7 @@ mod tests {
                 .unwrap()
         };
         let zeros = Tensor::zeros((2, out), DType::F32, &Device::Cpu).unwrap();
-        let want = (base
+        let want = (base().unwrap()
             + Tensor::cat(
                 &[
                     zeros,
@@ -497,42 +628,73 @@ mod tests {
         .unwrap()
         .to_vec2::<f32>()
         .unwrap();
-        let w_t = w.t().unwrap().contiguous().unwrap();
-        scoped(Some(batch), || {
-            for weight in [WeightRef::OutIn(&w), WeightRef::InOut(&w_t)] {
-                let got = adapted_matmul(TargetId(0), &x, weight)
+        let registry_stack =
+            Arc::new(LoraStack::build(vec![idle.clone(), two.clone(), one.clone()]).unwrap());
+        // The registry's stack lacks adapter 2 (unloaded while its request waited).
+        let stale_stack = Arc::new(LoraStack::build(vec![idle, one.clone()]).unwrap());
+        for loaded in [None, Some(&registry_stack), Some(&stale_stack)] {
+            let batch = BatchAdapters::for_sequences(loaded, seqs)
+                .unwrap()
+                .expect("adapters");
+            scoped(Some(batch), || {
+                let got = adapted_matmul(TargetId(0), &x, WeightRef::OutIn(&w), base)
                     .unwrap()
                     .expect("adapted rows");
-                let got = got.to_vec2::<f32>().unwrap();
-                for (g, w) in got.iter().flatten().zip(want.iter().flatten()) {
-                    assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
-                }
-            }
-            // Rows 4.. as a chunk of their own.
-            let chunk = x.narrow(0, 4, 3).unwrap();
-            let got = offset_rows(4, || {
-                adapted_matmul(TargetId(0), &chunk, WeightRef::OutIn(&w))
-            })
-            .unwrap()
-            .expect("adapted rows")
-            .to_vec2::<f32>()
-            .unwrap();
-            for (g, w) in got.iter().flatten().zip(want[4..].iter().flatten()) {
-                assert!((g - w).abs() < 1e-5, "{got:?} vs {want:?}");
-            }
-            // Only the base rows, or a layer no adapter targets: the plain layer.
-            let base_rows = x.narrow(0, 0, 2).unwrap();
-            assert!(
-                adapted_matmul(TargetId(0), &base_rows, WeightRef::OutIn(&w))
-                    .unwrap()
-                    .is_none()
-            );
-            assert!(adapted_matmul(TargetId(1), &x, WeightRef::OutIn(&w))
+                assert_close(&got, &want);
+                // Rows 4.. as a chunk of their own.
+                let chunk = x.narrow(0, 4, 3).unwrap();
+                let chunk_base = || Ok(chunk.matmul(&w.t()?)?);
+                let got = offset_rows(4, || {
+                    adapted_matmul(TargetId(0), &chunk, WeightRef::OutIn(&w), chunk_base)
+                })
                 .unwrap()
-                .is_none());
-        });
-        assert!(adapted_matmul(TargetId(0), &x, WeightRef::OutIn(&w))
+                .expect("adapted rows");
+                assert_close(&got, &want[4..]);
+                // Only the base rows, or a layer no adapter targets: the plain layer.
+                let base_rows = x.narrow(0, 0, 2).unwrap();
+                let rows_base = || Ok(base_rows.matmul(&w.t()?)?);
+                assert!(
+                    adapted_matmul(TargetId(0), &base_rows, WeightRef::OutIn(&w), rows_base)
+                        .unwrap()
+                        .is_none()
+                );
+                assert!(adapted_matmul(TargetId(1), &x, WeightRef::OutIn(&w), base)
+                    .unwrap()
+                    .is_none());
+            });
+        }
+        assert!(adapted_matmul(TargetId(0), &x, WeightRef::OutIn(&w), base)
             .unwrap()
             .is_none());
+        let base_only = [(None, 3)];
+        assert!(
+            BatchAdapters::for_sequences(Some(&registry_stack), base_only)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    /// Widening the matmul and accumulating after it give the same output, for
+    /// both weight layouts.
+    #[test]
+    fn both_joins_agree() {
+        let (inp, out, rank) = (6, 4, 3);
+        let x = tensor(5, inp, 0.2);
+        let w = tensor(out, inp, 0.9);
+        let w_t = w.t().unwrap().contiguous().unwrap();
+        let u = tensor(5, rank, 1.7);
+        let b = tensor(out, rank, 2.1);
+        let b_t = b.t().unwrap().contiguous().unwrap();
+        let want = (x.matmul(&w_t).unwrap() + u.matmul(&b_t).unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for join in [Join::Accumulate, Join::Widen] {
+            for weight in [WeightRef::OutIn(&w), WeightRef::InOut(&w_t)] {
+                let base = || Ok(x.matmul(&w_t)?);
+                let got = join_update(join, &x, &u, weight, &b_t, &b, base).unwrap();
+                assert_close(&got, &want);
+            }
+        }
     }
 }
