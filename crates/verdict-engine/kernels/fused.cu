@@ -95,18 +95,23 @@ FUSED(bf16, __nv_bfloat16)
 FUSED(f16, __half)
 
 // ---------------------------------------------------------------------------
-// Residual add + RMSNorm, one block per row:
+// Residual add + RMSNorm or LayerNorm, one block per row:
 //   sum_out = T(x + delta), the residual stream as a separate add would store it;
-//   out = T(s * rsqrt(mean(s^2) + eps) * (w + w_offset)) with s = x + delta in f32: one
-//   rounding at the end, so the norm sees the sum before it is rounded (closer to f32
-//   math). w_offset is 1 for Gemma's (1 + w) scale, else 0.
-// delta may be null (plain RMSNorm of x; sum_out unused). Rows are `cols` apart.
+//   RMSNorm (center 0): out = T(s * rsqrt(mean(s^2) + eps) * (w + w_offset));
+//   LayerNorm (center 1): out = T((s - mean(s)) * rsqrt(var(s) + eps) * w + b);
+//   with s = x + delta in f32: one rounding at the end, so the norm sees the sum
+//   before it is rounded (closer to f32 math). w_offset is 1 for Gemma's (1 + w)
+//   scale, else 0; b (LayerNorm's bias) may be null.
+// delta may be null (the norm of x); sum_out may be null (the sum is not kept, as
+// in a post-norm block). Rows are `cols` apart.
 // ---------------------------------------------------------------------------
 __device__ __forceinline__ float block_sum(float v) {
     __shared__ float part[32];
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    // A second reduction must not overwrite `part` before every warp has read it.
+    __syncthreads();
     if (lane == 0) part[warp] = v;
     __syncthreads();
     const int nw = (blockDim.x + 31) >> 5;
@@ -116,11 +121,12 @@ __device__ __forceinline__ float block_sum(float v) {
     return v;
 }
 
-// Up to VPT 16-byte vectors per thread stay in registers between the two passes.
+// Up to VPT 16-byte vectors per thread stay in registers between the passes.
 template <typename T, int VPT>
-__device__ void add_rmsnorm_vec(const T* __restrict__ x, const T* __restrict__ delta,
-                                const T* __restrict__ w, T* __restrict__ sum_out,
-                                T* __restrict__ out, int cols, float eps, float w_offset) {
+__device__ void add_norm_vec(const T* __restrict__ x, const T* __restrict__ delta,
+                             const T* __restrict__ w, const T* __restrict__ b,
+                             T* __restrict__ sum_out, T* __restrict__ out, int cols, float eps,
+                             float w_offset, int center) {
     constexpr int V = 16 / sizeof(T);
     const i64 base = (i64)blockIdx.x * cols;
     const int nvec = cols / V;
@@ -129,8 +135,9 @@ __device__ void add_rmsnorm_vec(const T* __restrict__ x, const T* __restrict__ d
     uint4* sr = reinterpret_cast<uint4*>(sum_out + base);
     uint4* orow = reinterpret_cast<uint4*>(out + base);
     const uint4* wr = reinterpret_cast<const uint4*>(w);
+    const uint4* br = reinterpret_cast<const uint4*>(b);
     float vals[VPT][V];
-    float ss = 0.f;
+    float total = 0.f;
 #pragma unroll
     for (int j = 0; j < VPT; ++j) {
         const int i = threadIdx.x + j * blockDim.x;
@@ -140,17 +147,30 @@ __device__ void add_rmsnorm_vec(const T* __restrict__ x, const T* __restrict__ d
 #pragma unroll
             for (int e = 0; e < V; ++e) vals[j][e] = to_f(ae[e]);
             if (delta) {
-                const uint4 b = dr[i];
-                const T* be = reinterpret_cast<const T*>(&b);
+                const uint4 d = dr[i];
+                const T* de = reinterpret_cast<const T*>(&d);
 #pragma unroll
                 for (int e = 0; e < V; ++e) {
-                    vals[j][e] += to_f(be[e]);
+                    vals[j][e] += to_f(de[e]);
                     ae[e] = from_f<T>(vals[j][e]);
                 }
-                sr[i] = a;
+                if (sum_out) sr[i] = a;
             }
 #pragma unroll
-            for (int e = 0; e < V; ++e) ss += vals[j][e] * vals[j][e];
+            for (int e = 0; e < V; ++e) total += vals[j][e];
+        }
+    }
+    const float mean = center ? block_sum(total) / cols : 0.f;
+    float ss = 0.f;
+#pragma unroll
+    for (int j = 0; j < VPT; ++j) {
+        const int i = threadIdx.x + j * blockDim.x;
+        if (i < nvec) {
+#pragma unroll
+            for (int e = 0; e < V; ++e) {
+                vals[j][e] -= mean;
+                ss += vals[j][e] * vals[j][e];
+            }
         }
     }
     const float r = rsqrtf(block_sum(ss) / cols + eps);
@@ -160,34 +180,45 @@ __device__ void add_rmsnorm_vec(const T* __restrict__ x, const T* __restrict__ d
         if (i < nvec) {
             const uint4 wv = wr[i];
             const T* we = reinterpret_cast<const T*>(&wv);
+            uint4 bv = make_uint4(0, 0, 0, 0);
+            if (b) bv = br[i];
+            const T* be = reinterpret_cast<const T*>(&bv);
             uint4 o;
             T* oe = reinterpret_cast<T*>(&o);
 #pragma unroll
-            for (int e = 0; e < V; ++e) oe[e] = from_f<T>(vals[j][e] * r * (to_f(we[e]) + w_offset));
+            for (int e = 0; e < V; ++e)
+                oe[e] = from_f<T>(vals[j][e] * r * (to_f(we[e]) + w_offset) + (b ? to_f(be[e]) : 0.f));
             orow[i] = o;
         }
     }
 }
 
-// Any row length: element by element, reading x and delta again in the second pass.
+// Any row length: element by element, reading x and delta again in each pass.
 template <typename T>
-__device__ void add_rmsnorm_any(const T* __restrict__ x, const T* __restrict__ delta,
-                                const T* __restrict__ w, T* __restrict__ sum_out,
-                                T* __restrict__ out, int cols, float eps, float w_offset) {
+__device__ void add_norm_any(const T* __restrict__ x, const T* __restrict__ delta,
+                             const T* __restrict__ w, const T* __restrict__ b,
+                             T* __restrict__ sum_out, T* __restrict__ out, int cols, float eps,
+                             float w_offset, int center) {
     const i64 base = (i64)blockIdx.x * cols;
-    float ss = 0.f;
+    float total = 0.f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
         float f = to_f(x[base + c]);
         if (delta) {
             f += to_f(delta[base + c]);
-            sum_out[base + c] = from_f<T>(f);
+            if (sum_out) sum_out[base + c] = from_f<T>(f);
         }
+        total += f;
+    }
+    const float mean = center ? block_sum(total) / cols : 0.f;
+    float ss = 0.f;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) {
+        const float f = to_f(x[base + c]) + (delta ? to_f(delta[base + c]) : 0.f) - mean;
         ss += f * f;
     }
     const float r = rsqrtf(block_sum(ss) / cols + eps);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float f = to_f(x[base + c]) + (delta ? to_f(delta[base + c]) : 0.f);
-        out[base + c] = from_f<T>(f * r * (to_f(w[c]) + w_offset));
+        const float f = to_f(x[base + c]) + (delta ? to_f(delta[base + c]) : 0.f) - mean;
+        out[base + c] = from_f<T>(f * r * (to_f(w[c]) + w_offset) + (b ? to_f(b[c]) : 0.f));
     }
 }
 
@@ -260,14 +291,15 @@ __device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias,
 }
 
 #define NORM_ROPE(SUFFIX, T)                                                                   \
-    extern "C" __global__ void add_rmsnorm_##SUFFIX(const T* x, const T* delta, const T* w,   \
-                                                    T* sum_out, T* out, int cols, float eps,  \
-                                                    int vpt, float w_offset) {                \
+    extern "C" __global__ void add_norm_##SUFFIX(const T* x, const T* delta, const T* w,      \
+                                                 const T* b, T* sum_out, T* out, int cols,    \
+                                                 float eps, int vpt, float w_offset,          \
+                                                 int center) {                                \
         switch (vpt) {                                                                        \
-            case 1: add_rmsnorm_vec<T, 1>(x, delta, w, sum_out, out, cols, eps, w_offset); break; \
-            case 2: add_rmsnorm_vec<T, 2>(x, delta, w, sum_out, out, cols, eps, w_offset); break; \
-            case 4: add_rmsnorm_vec<T, 4>(x, delta, w, sum_out, out, cols, eps, w_offset); break; \
-            default: add_rmsnorm_any<T>(x, delta, w, sum_out, out, cols, eps, w_offset); break;   \
+            case 1: add_norm_vec<T, 1>(x, delta, w, b, sum_out, out, cols, eps, w_offset, center); break; \
+            case 2: add_norm_vec<T, 2>(x, delta, w, b, sum_out, out, cols, eps, w_offset, center); break; \
+            case 4: add_norm_vec<T, 4>(x, delta, w, b, sum_out, out, cols, eps, w_offset, center); break; \
+            default: add_norm_any<T>(x, delta, w, b, sum_out, out, cols, eps, w_offset, center); break;   \
         }                                                                                     \
     }                                                                                         \
     extern "C" __global__ void qkv_rope_##SUFFIX(const T* qkv, const T* bias, const T* cos,   \

@@ -387,62 +387,97 @@ impl KernelOp for ActMul {
     }
 }
 
-/// `(x + delta, rms_norm(x + delta) * (weight + w_offset))` in one pass over the rows
-/// (`delta` None: just the norm, and the first value is None). None when the kernel
-/// does not apply.
-pub(super) fn add_rms_norm(
+/// Which norm [`add_norm`] applies.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum NormKind<'a> {
+    /// `s * rsqrt(mean(s^2) + eps) * (weight + w_offset)`.
+    Rms { w_offset: f32 },
+    /// `(s - mean) * rsqrt(var + eps) * weight + bias`.
+    Layer { bias: Option<&'a Tensor> },
+}
+
+/// What [`add_norm`] returns: the norm of `x + delta`, and the sum itself when asked.
+pub(super) struct AddNorm {
+    pub(super) sum: Option<Tensor>,
+    pub(super) normed: Tensor,
+}
+
+/// `norm(x + delta)` in one pass over the rows (`delta` None: the norm of `x`), also
+/// returning `x + delta` with `keep_sum`. None when the kernel does not apply.
+pub(super) fn add_norm(
     x: &Tensor,
     delta: Option<&Tensor>,
+    keep_sum: bool,
     weight: &Tensor,
+    kind: NormKind,
     eps: f32,
-    w_offset: f32,
-) -> Result<Option<(Option<Tensor>, Tensor)>> {
+) -> Result<Option<AddNorm>> {
     let cols = x.dims().last().copied().unwrap_or(0);
     let same = |t: &Tensor| t.dtype() == x.dtype() && t.device().same_device(x.device());
+    let held_ok = |t: &Tensor| t.dims() == [cols] && same(t) && aligned_in_place(t);
+    let (w_offset, bias) = match kind {
+        NormKind::Rms { w_offset } => (w_offset, None),
+        NormKind::Layer { bias } => (0.0, bias),
+    };
     if !fused_enabled("VERDICT_CUDA_NORM")
         || cols == 0
-        || weight.dims() != [cols]
-        || !same(weight)
-        || !aligned_in_place(weight)
+        || !held_ok(weight)
+        || bias.is_some_and(|b| !held_ok(b))
         || delta.is_some_and(|d| d.shape() != x.shape() || !same(d))
     {
         return Ok(None);
     }
-    let op = CudaOp(AddRmsNorm {
+    let op = CudaOp(AddNormOp {
         eps,
         w_offset,
+        center: matches!(kind, NormKind::Layer { .. }),
+        keep_sum: keep_sum && delta.is_some(),
         cols,
         weight: weight.clone(),
+        bias: bias.cloned(),
     });
     let x = aligned(x)?;
     Ok(Some(match delta {
-        Some(d) => {
+        Some(d) if keep_sum => {
             let both = x.apply_op2_no_bwd(&aligned(d)?, &op)?;
-            let (sum, normed) = (both.get(0)?, both.get(1)?);
-            (Some(sum.reshape(x.shape())?), normed.reshape(x.shape())?)
+            AddNorm {
+                sum: Some(both.get(0)?.reshape(x.shape())?),
+                normed: both.get(1)?.reshape(x.shape())?,
+            }
         }
-        None => (None, x.apply_op1_no_bwd(&op)?),
+        Some(d) => AddNorm {
+            sum: None,
+            normed: x.apply_op2_no_bwd(&aligned(d)?, &op)?,
+        },
+        None => AddNorm {
+            sum: None,
+            normed: x.apply_op1_no_bwd(&op)?,
+        },
     }))
 }
 
-struct AddRmsNorm {
+struct AddNormOp {
     eps: f32,
     w_offset: f32,
+    /// LayerNorm (subtract the mean) rather than RMSNorm.
+    center: bool,
+    /// Write `x + delta` before the norm.
+    keep_sum: bool,
     cols: usize,
     weight: Tensor,
+    bias: Option<Tensor>,
 }
 
-impl KernelOp for AddRmsNorm {
-    const NAME: &'static str = "verdict-add-rms-norm";
+impl KernelOp for AddNormOp {
+    const NAME: &'static str = "verdict-add-norm";
     const OPERANDS: &'static [&'static str] = &["x", "delta"];
 
-    /// Writes `[sum; normed]` (delta given) or `normed`.
+    /// Writes `[sum; normed]` (with `keep_sum`) or `normed`.
     fn launch<T: DeviceRepr + CudaDType>(&self, call: Launch<'_, T>) -> candle_core::Result<()> {
         let x = &call.operands[0];
         let delta = call.operands.get(1);
         let n = x.layout.shape().elem_count();
         let rows = n / self.cols;
-        let outputs = if delta.is_some() { 2 } else { 1 };
         let v = 16 / std::mem::size_of::<T>();
         let nvec = self.cols / v;
         let vpt = if !self.cols.is_multiple_of(v) {
@@ -459,32 +494,49 @@ impl KernelOp for AddRmsNorm {
             nvec.div_ceil(vpt).next_multiple_of(32)
         };
         let cfg = launch_cfg((rows, 1), threads);
-        let func = FUSED.kernel(call.dev, &format!("add_rmsnorm_{}", call.dtype))?;
-        let (cols, vpt) = (self.cols as i32, vpt as i32);
+        let func = FUSED.kernel(call.dev, &format!("add_norm_{}", call.dtype))?;
+        let (cols, vpt, center) = (self.cols as i32, vpt as i32, self.center as i32);
+        let null = 0u64;
         held_slice::<T>(&self.weight, |w| {
-            let mut b = func.builder();
-            let null = 0u64;
-            b.arg(&x.view);
-            let sum = call.out.slice(0..n);
-            let normed = call.out.slice((outputs - 1) * n..);
-            match delta {
-                Some(d) => b.arg(&d.view).arg(w).arg(&sum),
-                None => b.arg(&null).arg(w).arg(&null),
+            let launch = |b_arg: Option<&CudaView<'_, T>>| -> candle_core::Result<()> {
+                let mut b = func.builder();
+                b.arg(&x.view);
+                match delta {
+                    Some(d) => b.arg(&d.view),
+                    None => b.arg(&null),
+                };
+                b.arg(w);
+                match b_arg {
+                    Some(bias) => b.arg(bias),
+                    None => b.arg(&null),
+                };
+                let sum = call.out.slice(0..n);
+                let normed = call.out.slice(if self.keep_sum { n.. } else { 0.. });
+                if self.keep_sum {
+                    b.arg(&sum);
+                } else {
+                    b.arg(&null);
+                }
+                b.arg(&normed)
+                    .arg(&cols)
+                    .arg(&self.eps)
+                    .arg(&vpt)
+                    .arg(&self.w_offset)
+                    .arg(&center);
+                // SAFETY: the argument list matches the kernel's signature.
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(())
             };
-            b.arg(&normed)
-                .arg(&cols)
-                .arg(&self.eps)
-                .arg(&vpt)
-                .arg(&self.w_offset);
-            // SAFETY: the argument list matches the kernel's signature.
-            unsafe { b.launch(cfg) }.w()?;
-            Ok(())
+            match &self.bias {
+                Some(bias) => held_slice::<T>(bias, |b| launch(Some(b))),
+                None => launch(None),
+            }
         })
     }
 
-    /// `[2, rows, cols]` (sum and normed) with a delta, else the shape of `x`.
-    fn out_shape(&self, x: &Layout, operands: usize) -> Shape {
-        if operands == 1 {
+    /// `[2, rows, cols]` (sum and normed) with `keep_sum`, else the shape of `x`.
+    fn out_shape(&self, x: &Layout, _operands: usize) -> Shape {
+        if !self.keep_sum {
             return x.shape().clone();
         }
         let rows = x.shape().elem_count() / self.cols;

@@ -303,12 +303,57 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.cuda(x, None, false)? {
+            return Ok(y.normed);
+        }
         Ok(candle_nn::ops::layer_norm(
             x,
             &self.weight,
             &self.bias,
             self.eps,
         )?)
+    }
+
+    /// `norm(x + delta)`, the step of a post-norm block; one pass on CUDA.
+    pub fn forward_add(&self, x: &Tensor, delta: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.cuda(x, Some(delta), false)? {
+            return Ok(y.normed);
+        }
+        self.forward(&(x + delta)?)
+    }
+
+    /// `(x + delta, norm(x + delta))`, the residual step of a pre-norm block; one pass
+    /// on CUDA.
+    pub fn forward_residual(&self, x: &Tensor, delta: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if let Some(cuda_ops::AddNorm {
+            sum: Some(sum),
+            normed,
+        }) = self.cuda(x, Some(delta), true)?
+        {
+            return Ok((sum, normed));
+        }
+        let sum = (x + delta)?;
+        let y = self.forward(&sum)?;
+        Ok((sum, y))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda(
+        &self,
+        x: &Tensor,
+        delta: Option<&Tensor>,
+        keep_sum: bool,
+    ) -> Result<Option<cuda_ops::AddNorm>> {
+        if !x.device().is_cuda() {
+            return Ok(None);
+        }
+        let kind = cuda_ops::NormKind::Layer {
+            bias: Some(&self.bias),
+        };
+        cuda_ops::add_norm(x, delta, keep_sum, &self.weight, kind, self.eps)
     }
 }
 
@@ -344,10 +389,11 @@ impl RmsNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            if let Some((_, y)) =
-                cuda_ops::add_rms_norm(x, None, &self.weight, self.eps, self.w_offset())?
-            {
-                return Ok(y);
+            let kind = cuda_ops::NormKind::Rms {
+                w_offset: self.w_offset(),
+            };
+            if let Some(y) = cuda_ops::add_norm(x, None, false, &self.weight, kind, self.eps)? {
+                return Ok(y.normed);
             }
         }
         match &self.unit_offset {
@@ -373,10 +419,15 @@ impl RmsNorm {
     pub fn forward_residual(&self, x: &Tensor, delta: &Tensor) -> Result<(Tensor, Tensor)> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() {
-            if let Some((Some(sum), y)) =
-                cuda_ops::add_rms_norm(x, Some(delta), &self.weight, self.eps, self.w_offset())?
+            let kind = cuda_ops::NormKind::Rms {
+                w_offset: self.w_offset(),
+            };
+            if let Some(cuda_ops::AddNorm {
+                sum: Some(sum),
+                normed,
+            }) = cuda_ops::add_norm(x, Some(delta), true, &self.weight, kind, self.eps)?
             {
-                return Ok((sum, y));
+                return Ok((sum, normed));
             }
         }
         let sum = (x + delta)?;

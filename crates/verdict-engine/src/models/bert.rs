@@ -522,9 +522,9 @@ impl Backbone for BertModel {
             )?;
             let attn = layer
                 .attn_norm
-                .forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
+                .forward_add(&layer.attn_out.forward(&ctx)?, &x)?;
             let ffn = in_row_chunks(&attn, |rows| layer.mlp.forward(rows, self.cfg.act))?;
-            x = layer.out_norm.forward(&(ffn + &attn)?)?;
+            x = layer.out_norm.forward_add(&ffn, &attn)?;
         }
         Ok(x)
     }

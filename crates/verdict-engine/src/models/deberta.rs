@@ -177,7 +177,7 @@ impl ConvLayer {
             outs.push(conv.squeeze(0)?.t()?);
         }
         let conv = Tensor::cat(&outs, 0)?.broadcast_add(&self.bias)?;
-        self.norm.forward(&(layer_out + self.act.forward(&conv)?)?)
+        self.norm.forward_add(layer_out, &self.act.forward(&conv)?)
     }
 }
 
@@ -458,13 +458,13 @@ impl Backbone for DebertaModel {
             };
             let attn = layer
                 .attn_norm
-                .forward(&(layer.attn_out.forward(&ctx)? + &x)?)?;
+                .forward_add(&layer.attn_out.forward(&ctx)?, &x)?;
             let ffn = in_row_chunks(&attn, |rows| {
                 layer
                     .output
                     .forward(&layer.intermediate.forward_act(rows, self.act)?)
             })?;
-            x = layer.out_norm.forward(&(ffn + &attn)?)?;
+            x = layer.out_norm.forward_add(&ffn, &attn)?;
             if i == 0 {
                 if let Some(conv) = &self.conv {
                     x = conv.forward(&embeddings, &x, &batch.cu_seqlens)?;

@@ -269,26 +269,42 @@ impl Backbone for ModernBertModel {
         let (global_cos, global_sin) = tables(&self.global_rotary)?;
         let (local_cos, local_sin) = tables(&self.local_rotary)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        // The MLP output not yet added to `x`: the add is fused into the next norm.
+        let mut pending: Option<Tensor> = None;
         for layer in &self.layers {
             let (cos, sin) = if layer.global {
                 (&global_cos, &global_sin)
             } else {
                 (&local_cos, &local_sin)
             };
-            let normed = match &layer.attn_norm {
-                Some(norm) => norm.forward(&x)?,
-                None => x.clone(),
+            let normed = match (&layer.attn_norm, pending.take()) {
+                (Some(norm), Some(delta)) => {
+                    let (sum, normed) = norm.forward_residual(&x, &delta)?;
+                    x = sum;
+                    normed
+                }
+                (Some(norm), None) => norm.forward(&x)?,
+                (None, Some(delta)) => {
+                    x = (&x + delta)?;
+                    x.clone()
+                }
+                (None, None) => x.clone(),
             };
             let (q, k, v) = layer.qkv.forward(&normed, None, cos, sin)?;
             let ctx = packed_attention(&q, &k, &v, &batch.cu_seqlens, layer.mask, scale)?;
-            x = (&x + layer.attn_out.forward(&ctx)?)?;
-            let mlp = in_row_chunks(&layer.mlp_norm.forward(&x)?, |rows| {
+            let (sum, mlp_in) = layer
+                .mlp_norm
+                .forward_residual(&x, &layer.attn_out.forward(&ctx)?)?;
+            x = sum;
+            pending = Some(in_row_chunks(&mlp_in, |rows| {
                 let gated = gated_mlp(&layer.mlp_input, &layer.mlp_gate, rows, self.act)?;
                 layer.mlp_out.forward(&gated)
-            })?;
-            x = (&x + mlp)?;
+            })?);
         }
-        self.final_norm.forward(&x)
+        match pending {
+            Some(delta) => self.final_norm.forward_add(&x, &delta),
+            None => self.final_norm.forward(&x),
+        }
     }
 
     fn hidden_size(&self) -> usize {
