@@ -107,6 +107,26 @@ pub fn pool_sequences(
             let idx = Tensor::from_vec(rows, cu_seqlens.len() - 1, device)?;
             Ok(hidden.index_select(&idx, 0)?.to_dtype(DType::F32)?)
         }
+        PoolingType::Mean if !device.is_cpu() => {
+            // One matmul instead of a few launches per sequence: row b of `weights`
+            // is 1/len over sequence b's tokens and 0 elsewhere.
+            let seqs = cu_seqlens.len() - 1;
+            let mut owner = Vec::with_capacity(hidden.dim(0)?);
+            let mut inv_len = Vec::with_capacity(seqs);
+            for (b, w) in cu_seqlens.windows(2).enumerate() {
+                owner.extend(std::iter::repeat_n(b as u32, w[1] - w[0]));
+                inv_len.push(1.0 / (w[1] - w[0]).max(1) as f32);
+            }
+            let tokens = owner.len();
+            let owner = Tensor::from_vec(owner, (1, tokens), device)?;
+            let inv_len = Tensor::from_vec(inv_len, (seqs, 1), device)?;
+            let weights = Tensor::arange(0u32, seqs as u32, device)?
+                .reshape((seqs, 1))?
+                .broadcast_eq(&owner)?
+                .to_dtype(DType::F32)?
+                .broadcast_mul(&inv_len)?;
+            Ok(weights.matmul(&hidden.to_dtype(DType::F32)?)?)
+        }
         PoolingType::Mean => {
             let mut means = Vec::with_capacity(cu_seqlens.len() - 1);
             for w in cu_seqlens.windows(2) {
