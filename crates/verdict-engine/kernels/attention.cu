@@ -17,6 +17,11 @@
 //   (mma.sync m16n8k16, f32 accumulators), one block of 4 warps per
 //   (64-query tile of a sequence, head), 64-key tiles through shared memory,
 //   online softmax in registers.
+//
+// The flash kernel also takes DeBERTa's disentangled position terms: with `rel`
+// non-null, score (i, j) of a sequence gains c2p[h][start + i][r] + p2c[h][start + j][r]
+// before scaling, where r = rel[i - j + rel_mid] is the relative-embedding row of the
+// distance (rows `rel_w` apart, heads `total` rows apart; either term may be null).
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -170,7 +175,10 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
                                       const int* __restrict__ cu, const int* __restrict__ tiles,
                                       int heads, int kv_heads, i64 q_ts, i64 k_ts, i64 v_ts,
                                       int causal, int window, float scale_log2,
-                                      float softcap_log2) {
+                                      float softcap_log2, const T* __restrict__ c2p,
+                                      const T* __restrict__ p2c,
+                                      const unsigned* __restrict__ rel, int rel_mid, int rel_w,
+                                      i64 total) {
     constexpr int BM = 64, BN = 64, LD = D + 8, VEC = 8, NT = 128;
     __shared__ __align__(16) T sK[BN * LD];
     __shared__ __align__(16) T sV[BN * LD];
@@ -257,9 +265,14 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
             for (int e = 0; e < 4; ++e) {
                 const int row = e < 2 ? qi0 : qi1;
                 const int key = n0 + nb * 8 + cq + (e & 1);
-                bool ok = key < len;
+                bool ok = key < len && row < len;
                 if (causal) ok = ok && key <= row && (window <= 0 || row - key < window);
                 else if (window > 0) ok = ok && abs(row - key) < window;
+                if (rel && ok) {
+                    const i64 r = rel[row - key + rel_mid];
+                    if (c2p) sc[nb][e] += to_f(c2p[((i64)h * total + start + row) * rel_w + r]);
+                    if (p2c) sc[nb][e] += to_f(p2c[((i64)h * total + start + key) * rel_w + r]);
+                }
                 sc[nb][e] = ok ? soft_cap(sc[nb][e] * scale_log2, softcap_log2) : -INFINITY;
             }
             mx[0] = fmaxf(mx[0], fmaxf(sc[nb][0], sc[nb][1]));
@@ -342,9 +355,10 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
     extern "C" __global__ void __launch_bounds__(128)                                            \
         NAME(const T* q, const T* k, const T* v, T* out, const int* cu, const int* tiles,         \
              int heads, int kv_heads, i64 q_ts, i64 k_ts, i64 v_ts, int causal, int window,       \
-             float scale_log2, float softcap_log2) {                                              \
+             float scale_log2, float softcap_log2, const T* c2p, const T* p2c,                    \
+             const unsigned* rel, int rel_mid, int rel_w, i64 total) {                            \
         flash<T, D>(q, k, v, out, cu, tiles, heads, kv_heads, q_ts, k_ts, v_ts, causal, window,  \
-                    scale_log2, softcap_log2);                                                    \
+                    scale_log2, softcap_log2, c2p, p2c, rel, rel_mid, rel_w, total);              \
     }
 FLASH_KERNEL(flash_bf16_d64, __nv_bfloat16, 64)
 FLASH_KERNEL(flash_bf16_d128, __nv_bfloat16, 128)

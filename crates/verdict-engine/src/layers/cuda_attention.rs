@@ -12,11 +12,11 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DeviceRepr, PushKernelArg};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{CudaDevice, DType, Layout, Shape, Tensor};
 
-use super::cuda_ops::{launch_cfg, CudaOp, KernelOp, Launch, Ptx};
+use super::cuda_ops::{held_slice, launch_cfg, CudaOp, KernelOp, Launch, Ptx};
 use crate::error::Result;
 
 const ATTENTION: Ptx = Ptx::new(
@@ -118,8 +118,55 @@ pub(super) fn packed_attention(
         scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
         softcap_log2: softcap.map_or(0.0, |c| (c * std::f64::consts::LOG2_E) as f32),
         allow_flash: mode() == Mode::Auto,
+        positions: None,
     });
     Ok(Some(fix(q)?.apply_op3_no_bwd(&fix(k)?, &fix(v)?, &op)?))
+}
+
+/// DeBERTa's position terms for the flash kernel (see kernels/attention.cu).
+pub(super) struct PositionTerms {
+    /// c2p `[heads, T, rel_w]`: each query against the key projection of every table
+    /// row the batch reaches.
+    pub(super) c2p: Option<Tensor>,
+    /// p2c `[heads, T, rel_w]`: each key against the query projection of those rows.
+    pub(super) p2c: Option<Tensor>,
+    /// u32 `[2 rel_mid + 1]`: the row (from the first reached) of distance `i - j`,
+    /// at `i - j + rel_mid`.
+    pub(super) rel: Tensor,
+    pub(super) rel_mid: usize,
+    pub(super) rel_w: usize,
+}
+
+/// Bidirectional packed attention with DeBERTa's disentangled position terms added
+/// to the scores inside the flash kernel; `None` where that kernel does not apply
+/// (f32, head dims other than 64 and 128): the caller takes another path.
+pub(super) fn disentangled_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    cu_seqlens: &[usize],
+    positions: PositionTerms,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let (_, heads, d) = q.dims3()?;
+    let flash_dtype = matches!(q.dtype(), DType::BF16 | DType::F16);
+    if mode() != Mode::Auto || !flash_dtype || !(d == 64 || d == 128) || cu_seqlens.len() < 2 {
+        return Ok(None);
+    }
+    let op = CudaOp(PackedAttention {
+        cu: cu_seqlens.iter().map(|&c| c as i32).collect(),
+        heads,
+        kv_heads: k.dim(1)?,
+        d,
+        causal: false,
+        window: 0,
+        scale_log2: (scale * std::f64::consts::LOG2_E) as f32,
+        softcap_log2: 0.0,
+        allow_flash: true,
+        positions: Some(positions),
+    });
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    Ok(Some(q.apply_op3_no_bwd(&k, &v, &op)?))
 }
 
 struct PackedAttention {
@@ -133,6 +180,8 @@ struct PackedAttention {
     /// The soft-cap in the kernels' log2 units (cap * log2 e); 0 when off.
     softcap_log2: f32,
     allow_flash: bool,
+    /// DeBERTa's position terms: flash kernel only.
+    positions: Option<PositionTerms>,
 }
 
 /// Elements between consecutive tokens of a `[T, heads, d]` tensor.
@@ -199,21 +248,62 @@ impl KernelOp for PackedAttention {
         let aligned = [q_ts, k_ts, v_ts].iter().all(|s| s % 8 == 0)
             && [ql, kl, vl].iter().all(|l| l.start_offset() % 8 == 0);
         let flash = self.allow_flash && call.dtype != "f32" && (d == 64 || d == 128) && aligned;
+        if self.positions.is_some() && !flash {
+            candle_core::bail!("verdict-packed-attention: position terms need the flash kernel");
+        }
         let (meta, tiles) = self.metadata(call.dev)?;
         let cu = meta.slice(0..self.cu.len());
         if flash {
             let tl = meta.slice(self.cu.len()..);
             let func = ATTENTION.kernel(call.dev, &format!("flash_{}_d{d}", call.dtype))?;
             let cfg = launch_cfg((tiles, heads), 128);
-            let mut b = func.builder();
-            b.arg(&q.view).arg(&k.view).arg(&v.view).arg(call.out);
-            b.arg(&cu).arg(&tl);
-            let (h, kvh) = (heads as i32, kv_heads as i32);
-            b.arg(&h).arg(&kvh).arg(&q_ts).arg(&k_ts).arg(&v_ts);
-            b.arg(&causal).arg(&self.window).arg(&self.scale_log2);
-            b.arg(&self.softcap_log2);
-            // SAFETY: the argument list matches the kernel's signature.
-            unsafe { b.launch(cfg) }.w()?;
+            let launch = |c2p: Option<&CudaView<'_, T>>,
+                          p2c: Option<&CudaView<'_, T>>,
+                          rel: Option<&CudaView<'_, u32>>|
+             -> candle_core::Result<()> {
+                let null = 0u64;
+                let mut b = func.builder();
+                b.arg(&q.view).arg(&k.view).arg(&v.view).arg(&*call.out);
+                b.arg(&cu).arg(&tl);
+                let (h, kvh) = (heads as i32, kv_heads as i32);
+                b.arg(&h).arg(&kvh).arg(&q_ts).arg(&k_ts).arg(&v_ts);
+                b.arg(&causal).arg(&self.window).arg(&self.scale_log2);
+                b.arg(&self.softcap_log2);
+                match c2p {
+                    Some(t) => b.arg(t),
+                    None => b.arg(&null),
+                };
+                match p2c {
+                    Some(t) => b.arg(t),
+                    None => b.arg(&null),
+                };
+                match rel {
+                    Some(t) => b.arg(t),
+                    None => b.arg(&null),
+                };
+                let (rel_mid, rel_w) = self
+                    .positions
+                    .as_ref()
+                    .map_or((0, 0), |p| (p.rel_mid as i32, p.rel_w as i32));
+                let total = total as i64;
+                b.arg(&rel_mid).arg(&rel_w).arg(&total);
+                // SAFETY: the argument list matches the kernel's signature.
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(())
+            };
+            match &self.positions {
+                None => launch(None, None, None)?,
+                Some(p) => held_slice::<u32>(&p.rel, |rel| {
+                    let with_p2c = |c2p: Option<&CudaView<'_, T>>| match &p.p2c {
+                        Some(t) => held_slice::<T>(t, |p2c| launch(c2p, Some(p2c), Some(rel))),
+                        None => launch(c2p, None, Some(rel)),
+                    };
+                    match &p.c2p {
+                        Some(t) => held_slice::<T>(t, |c2p| with_p2c(Some(c2p))),
+                        None => with_p2c(None),
+                    }
+                })?,
+            }
         } else {
             let func = ATTENTION.kernel(call.dev, &format!("attn_rows_{}", call.dtype))?;
             // One warp per (token, head), four warps per block.

@@ -268,7 +268,7 @@ fn aligned_in_place(t: &Tensor) -> bool {
 
 /// The CUDA storage of a tensor held by an op (weights, biases): its slice of type `T`
 /// from the tensor's start, checked against the dtype of the launch.
-fn held_slice<T: DeviceRepr + CudaDType>(
+pub(super) fn held_slice<T: DeviceRepr + CudaDType>(
     t: &Tensor,
     f: impl FnOnce(&CudaView<'_, T>) -> candle_core::Result<()>,
 ) -> candle_core::Result<()> {

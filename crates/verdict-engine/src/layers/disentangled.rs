@@ -101,6 +101,19 @@ pub struct DisentangledPlan {
     positions: RelativePositions,
     seq_rows: Vec<(Vec<usize>, usize, usize)>,
     groups: OnceLock<GroupedPlan>,
+    #[cfg(feature = "cuda")]
+    fused: OnceLock<FusedPlan>,
+}
+
+/// What the fused CUDA kernel reads: the distance rows of the batch's longest
+/// sequence (they cover every shorter one), on the device.
+#[cfg(feature = "cuda")]
+struct FusedPlan {
+    /// u32 table row (from `first`) of distance `i - j`, at `i - j + longest - 1`.
+    rel: Tensor,
+    longest: usize,
+    first: usize,
+    count: usize,
 }
 
 impl DisentangledPlan {
@@ -114,7 +127,33 @@ impl DisentangledPlan {
             positions: *positions,
             seq_rows,
             groups: OnceLock::new(),
+            #[cfg(feature = "cuda")]
+            fused: OnceLock::new(),
         }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn fused(&self, device: &Device) -> Result<&FusedPlan> {
+        if let Some(plan) = self.fused.get() {
+            return Ok(plan);
+        }
+        let longest = self
+            .cu_seqlens
+            .windows(2)
+            .map(|w| w[1] - w[0])
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        let (rows, first, count) = self.positions.sequence_rows(longest);
+        let rel: Vec<u32> = rows.into_iter().map(|r| r as u32).collect();
+        let rel_len = rel.len();
+        let plan = FusedPlan {
+            rel: Tensor::from_vec(rel, rel_len, device)?,
+            longest,
+            first,
+            count,
+        };
+        Ok(self.fused.get_or_init(|| plan))
     }
 
     fn grouped(&self, device: &Device) -> Result<&GroupedPlan> {
@@ -140,6 +179,10 @@ pub fn disentangled_attention(
     if let Some(out) = cpu_f32(q, k, v, cu_seqlens, &plan.seq_rows, proj, scale as f32)? {
         return Ok(out);
     }
+    #[cfg(feature = "cuda")]
+    if let Some(out) = cuda_fused(q, k, v, plan, proj, scale)? {
+        return Ok(out);
+    }
     let grouped = plan.grouped(q.device())?;
     let (total, heads, d) = q.dims3()?;
     if grouped.groups.is_empty() {
@@ -155,6 +198,52 @@ pub fn disentangled_attention(
         .map(|group| group.attention(&qz, &kz, &vz, heads, proj, scale))
         .collect::<Result<Vec<_>>>()?;
     Ok(Tensor::cat(&outputs, 0)?.index_select(&grouped.placement, 0)?)
+}
+
+/// The GPU path for bf16/f16: both position terms as one batched matmul each against
+/// the table rows the batch reaches (`[heads, T, rows]`), read by the flash kernel,
+/// which adds them to each score; no padding, one attention launch.
+#[cfg(feature = "cuda")]
+fn cuda_fused(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    plan: &DisentangledPlan,
+    proj: &PositionProjections,
+    scale: f64,
+) -> Result<Option<Tensor>> {
+    let (_, heads, d) = q.dims3()?;
+    if !q.device().is_cuda()
+        || !matches!(q.dtype(), DType::BF16 | DType::F16)
+        || !(d == 64 || d == 128)
+    {
+        return Ok(None);
+    }
+    let fused = plan.fused(q.device())?;
+    // [count, heads * d] -> [heads, d, count]
+    let table = |t: &Tensor| -> Result<Tensor> {
+        Ok(t.narrow(0, fused.first, fused.count)?
+            .reshape((fused.count, heads, d))?
+            .permute((1, 2, 0))?
+            .contiguous()?
+            .to_dtype(q.dtype())?)
+    };
+    // [T, heads, d] -> [heads, T, d]
+    let per_head = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(0, 1)?.contiguous()?) };
+    let term = |side: &Tensor, projection: &Option<Tensor>| -> Result<Option<Tensor>> {
+        projection
+            .as_ref()
+            .map(|p| Ok(per_head(side)?.matmul(&table(p)?)?))
+            .transpose()
+    };
+    let positions = super::cuda_attention::PositionTerms {
+        c2p: term(q, &proj.key)?,
+        p2c: term(k, &proj.query)?,
+        rel: fused.rel.clone(),
+        rel_mid: fused.longest - 1,
+        rel_w: fused.count,
+    };
+    super::cuda_attention::disentangled_attention(q, k, v, &plan.cu_seqlens, positions, scale)
 }
 
 /// How much padding a group of sequences may carry: its padded tokens stay within
