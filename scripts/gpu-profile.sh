@@ -2,6 +2,8 @@
 # On the GPU machine: where a `verdict bench` batch spends GPU time. Nsight Compute
 # times each kernel of a window of launches (past the warm-up); a table sums them by name.
 #   scripts/gpu-profile.sh SHAPE [PROMPTS] [SKIP] [COUNT]
+# BENCH_ARGS adds `verdict bench` options (e.g. "--lora-adapters 8", with a SKIP past
+# the first base-model run).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/gpu-env.sh ""
@@ -10,7 +12,7 @@ csv=${PROFILE_CSV:-/tmp/ncu-$shape.csv}
 ncu --metrics gpu__time_duration.sum --launch-skip "$skip" --launch-count "$count" \
     --cache-control none --clock-control none --csv --log-file "$csv" \
     "$VERDICT_BIN" bench --shape "$shape" --num-prompts "$n" --device cuda --dtype bfloat16 \
-    --cache-dir /tmp/verdict-bench >/dev/null
+    --cache-dir /tmp/verdict-bench ${BENCH_ARGS:-} >/dev/null
 python3 - "$csv" <<'PY'
 import csv, collections, sys
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 5]

@@ -11,6 +11,7 @@ Standard library only, so it runs on the GPU machine as it is.
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1e-2}
 # VERDICT_PARITY_DEVICE=cpu runs the same table with the CPU binary (to check this script).
 DEVICE = os.environ.get("VERDICT_PARITY_DEVICE", "cuda")
+# A regular expression: only the rows whose name (as printed) it matches run.
+ONLY = re.compile(os.environ.get("VERDICT_PARITY_ONLY", ""))
 # bf16 is held to 1e-2 on the fixtures the CPU bf16 test holds (tests/parity.rs); the
 # others have hidden sizes of 4 or 8, where one bf16 rounding can move a probability
 # by more, so their bf16 gaps are shown for information ("info").
@@ -137,6 +140,8 @@ def main():
     failures = 0
     print(f"{'fixture':<22} {'float32 max|dp|':>16} {'bfloat16 max|dp|':>17}")
     for fixture in sorted((ROOT / "fixtures/models").iterdir()):
+        if not ONLY.search(fixture.name):
+            continue
         cells = []
         for dtype, tol in TOLERANCE.items():
             worst, err = run_fixture(binary, fixture, dtype)
@@ -150,6 +155,8 @@ def main():
                 cells.append(f"{worst:.2e} {'ok' if ok else ('FAIL' if gated else 'info')}")
         print(f"{fixture.name:<22} {cells[0]:>16} {cells[1]:>17}")
     for adapter in sorted((ROOT / "fixtures/lora").iterdir()):
+        if not ONLY.search("lora/" + adapter.name):
+            continue
         base = ROOT / "fixtures/models" / json.loads((adapter / "reference.json").read_text())["base"]
         cells = []
         for dtype, tol in TOLERANCE.items():
@@ -168,6 +175,8 @@ def main():
         bases.setdefault(base, []).append(adapter)
     print(f"{'mixed batch (fp32)':<22} {'max|dp|':>16} {'alone vs mixed':>17}")
     for base, adapters in sorted(bases.items()):
+        if not ONLY.search("lora-mix/" + base):
+            continue
         worst, alone, err = lora_mixed(binary, ROOT / "fixtures/models" / base, adapters)
         if worst is None:
             failures += 1
