@@ -25,7 +25,7 @@ use candle_core::{DType, Module, Tensor};
 
 use crate::checkpoint::WeightPath;
 use crate::error::{EngineError, Result};
-use crate::lora::{TargetId, WeightRef};
+use crate::lora::TargetId;
 
 /// Prepares a device for serving (see `cuda_ops::configure_device`); nothing on the CPU.
 pub fn configure_device(device: &candle_core::Device) -> Result<()> {
@@ -194,11 +194,7 @@ impl Linear {
         let Some(target) = self.lora else {
             return Ok(None);
         };
-        let weight = match &self.weight {
-            LinearWeight::InOut(wt) => WeightRef::InOut(wt),
-            LinearWeight::OutIn(w) => WeightRef::OutIn(w),
-        };
-        crate::lora::adapted_matmul(target, x, weight, || self.matmul(x))
+        crate::lora::adapted_matmul(target, x, || self.matmul(x))
     }
 
     #[cfg(feature = "cuda")]

@@ -105,14 +105,6 @@ struct LowRank {
     b_t: Tensor,
 }
 
-/// A layer's weight as it is stored.
-pub(crate) enum WeightRef<'a> {
-    /// `[out, in]`.
-    OutIn(&'a Tensor),
-    /// `[in, out]`.
-    InOut(&'a Tensor),
-}
-
 /// A classification head an adapter brings (`modules_to_save`).
 pub struct AdapterHead {
     pub head: ClassifierHead,
@@ -212,13 +204,12 @@ impl std::ops::Deref for LoraRef {
 const BASE_ROW: u32 = u32::MAX;
 
 /// One layer's factors of every adapter of a [`LoraStack`] that adapts it, side
-/// by side: `a_t` `[in, R]`, B as `b_t` `[R, out]` and `b` `[out, R]`, and the
-/// adapter slot of each of the R columns.
+/// by side: `a_t` `[in, R]`, `b_t` `[R, out]`, and the adapter slot of each of
+/// the R columns.
 #[derive(Debug)]
 struct StackedLayer {
     a_t: Tensor,
     b_t: Tensor,
-    b: Tensor,
     column_slots: Vec<u32>,
     /// The distinct slots of `column_slots`.
     slots: Vec<u32>,
@@ -255,11 +246,9 @@ impl LoraStack {
             layers.push(if a_parts.is_empty() {
                 None
             } else {
-                let b_t = Tensor::cat(&b_parts, 0)?.contiguous()?;
                 Some(StackedLayer {
                     a_t: Tensor::cat(&a_parts, 1)?.contiguous()?,
-                    b: b_t.t()?.contiguous()?,
-                    b_t,
+                    b_t: Tensor::cat(&b_parts, 0)?.contiguous()?,
                     column_slots,
                     slots,
                 })
@@ -412,55 +401,23 @@ pub(crate) fn offset_rows<R>(start: usize, f: impl FnOnce() -> R) -> R {
     result
 }
 
-/// How a layer's update joins its output.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Join {
-    /// `y = x W^T`, then `y += U B_all^T`: on CUDA one GEMM with beta 1 over `y`.
-    Accumulate,
-    /// `y = [x | U] [W | B_all]^T`: one GEMM over copies of `x` and `W` widened by
-    /// the R columns, instead of a second pass over a wide output.
-    Widen,
-}
-
-impl Join {
-    /// Accumulating reads and writes the output again (T x out values); widening
-    /// copies the input (T x (in + R)) and the weight. On the GPU a layer whose
-    /// output is much wider than its input (an MLP's up and gate projections)
-    /// widens; on the CPU the weight copy is not worth it. For comparisons,
-    /// `VERDICT_LORA_JOIN=accumulate` never widens and `widen` always does.
-    fn for_layer(device: &Device, in_dim: usize, out_dim: usize, rank: usize) -> Self {
-        static FORCED: std::sync::OnceLock<Option<Join>> = std::sync::OnceLock::new();
-        let forced = FORCED.get_or_init(|| match std::env::var("VERDICT_LORA_JOIN").as_deref() {
-            Ok("accumulate") => Some(Join::Accumulate),
-            Ok("widen") => Some(Join::Widen),
-            _ => None,
-        });
-        if let Some(join) = forced {
-            return *join;
-        }
-        if device.is_cuda() && out_dim >= 2 * (in_dim + rank) {
-            Join::Widen
-        } else {
-            Join::Accumulate
-        }
-    }
-}
-
-/// `base()` (the layer's `x W^T`, with `weight` as stored) plus each row's adapter
-/// update for layer `target`, or `None` when no row of `x` is adapted there (the
-/// caller runs the plain layer).
+/// `base()` (the layer's `x W^T`) plus each row's adapter update for layer
+/// `target`, or `None` when no row of `x` is adapted there (the caller runs the
+/// plain layer).
 ///
 /// One gathered product for all the batch's adapters, with their factors stacked
 /// once per registry change: `U = (x A_all) * mask` (the mask keeping each row's
-/// own adapter's columns), then `U B_all^T` joins the output (see [`Join`]). The
-/// kernel count does not grow with the number of adapters.
+/// own adapter's columns), then `U B_all^T` added onto the base output, on CUDA by
+/// a GEMM with beta 1 over it (no extra pass). The kernel count does not grow with
+/// the number of adapters, and the layer's weight is used as it is stored (widening
+/// it and the input by the R columns, `[x | U] [W | B_all]^T`, measured slower: the
+/// copies cost more than the pass they save).
 pub(crate) fn adapted_matmul(
     target: TargetId,
     x: &Tensor,
-    weight: WeightRef,
     base: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Option<Tensor>> {
-    let factors = ACTIVE.with(|a| -> Result<Option<(Tensor, Tensor, Tensor)>> {
+    let factors = ACTIVE.with(|a| -> Result<Option<(Tensor, Tensor)>> {
         let active = a.borrow();
         let Some(scope) = active.as_ref() else {
             return Ok(None);
@@ -504,41 +461,18 @@ pub(crate) fn adapted_matmul(
             .mask(&layer.column_slots, x.dtype(), x.device())?
             .narrow(0, scope.row_offset, n)?;
         let u = (x.matmul(&layer.a_t)? * mask)?;
-        Ok(Some((u, layer.b_t.clone(), layer.b.clone())))
+        Ok(Some((u, layer.b_t.clone())))
     })?;
-    let Some((u, b_t, b)) = factors else {
+    let Some((u, b_t)) = factors else {
         return Ok(None);
     };
-    let (rank, out_dim) = b_t.dims2()?;
-    let join = Join::for_layer(x.device(), x.dim(1)?, out_dim, rank);
-    join_update(join, x, &u, weight, &b_t, &b, base).map(Some)
-}
-
-/// The layer's output with the update `u B^T` (`b_t` `[R, out]`, `b` `[out, R]`) joined.
-fn join_update(
-    join: Join,
-    x: &Tensor,
-    u: &Tensor,
-    weight: WeightRef,
-    b_t: &Tensor,
-    b: &Tensor,
-    base: impl FnOnce() -> Result<Tensor>,
-) -> Result<Tensor> {
-    if join == Join::Widen {
-        let x_wide = Tensor::cat(&[x, u], 1)?;
-        // Each concatenation joins contiguous blocks in the weight's own layout.
-        return Ok(match weight {
-            WeightRef::OutIn(w) => x_wide.matmul(&Tensor::cat(&[w, b], 1)?.t()?)?,
-            WeightRef::InOut(wt) => x_wide.matmul(&Tensor::cat(&[wt, b_t], 0)?)?,
-        });
-    }
     let y = base()?;
     #[cfg(feature = "cuda")]
     if y.device().is_cuda() && y.is_contiguous() && y.rank() == 2 {
-        crate::layers::add_matmul_in_place(&y, u, b_t)?;
-        return Ok(y);
+        crate::layers::add_matmul_in_place(&y, &u, &b_t)?;
+        return Ok(Some(y));
     }
-    Ok((y + u.matmul(b_t)?)?)
+    Ok(Some((y + u.matmul(&b_t)?)?))
 }
 
 #[cfg(test)]
@@ -637,64 +571,32 @@ mod tests {
                 .unwrap()
                 .expect("adapters");
             scoped(Some(batch), || {
-                let got = adapted_matmul(TargetId(0), &x, WeightRef::OutIn(&w), base)
+                let got = adapted_matmul(TargetId(0), &x, base)
                     .unwrap()
                     .expect("adapted rows");
                 assert_close(&got, &want);
                 // Rows 4.. as a chunk of their own.
                 let chunk = x.narrow(0, 4, 3).unwrap();
                 let chunk_base = || Ok(chunk.matmul(&w.t()?)?);
-                let got = offset_rows(4, || {
-                    adapted_matmul(TargetId(0), &chunk, WeightRef::OutIn(&w), chunk_base)
-                })
-                .unwrap()
-                .expect("adapted rows");
+                let got = offset_rows(4, || adapted_matmul(TargetId(0), &chunk, chunk_base))
+                    .unwrap()
+                    .expect("adapted rows");
                 assert_close(&got, &want[4..]);
                 // Only the base rows, or a layer no adapter targets: the plain layer.
                 let base_rows = x.narrow(0, 0, 2).unwrap();
                 let rows_base = || Ok(base_rows.matmul(&w.t()?)?);
-                assert!(
-                    adapted_matmul(TargetId(0), &base_rows, WeightRef::OutIn(&w), rows_base)
-                        .unwrap()
-                        .is_none()
-                );
-                assert!(adapted_matmul(TargetId(1), &x, WeightRef::OutIn(&w), base)
+                assert!(adapted_matmul(TargetId(0), &base_rows, rows_base)
                     .unwrap()
                     .is_none());
+                assert!(adapted_matmul(TargetId(1), &x, base).unwrap().is_none());
             });
         }
-        assert!(adapted_matmul(TargetId(0), &x, WeightRef::OutIn(&w), base)
-            .unwrap()
-            .is_none());
+        assert!(adapted_matmul(TargetId(0), &x, base).unwrap().is_none());
         let base_only = [(None, 3)];
         assert!(
             BatchAdapters::for_sequences(Some(&registry_stack), base_only)
                 .unwrap()
                 .is_none()
         );
-    }
-
-    /// Widening the matmul and accumulating after it give the same output, for
-    /// both weight layouts.
-    #[test]
-    fn both_joins_agree() {
-        let (inp, out, rank) = (6, 4, 3);
-        let x = tensor(5, inp, 0.2);
-        let w = tensor(out, inp, 0.9);
-        let w_t = w.t().unwrap().contiguous().unwrap();
-        let u = tensor(5, rank, 1.7);
-        let b = tensor(out, rank, 2.1);
-        let b_t = b.t().unwrap().contiguous().unwrap();
-        let want = (x.matmul(&w_t).unwrap() + u.matmul(&b_t).unwrap())
-            .unwrap()
-            .to_vec2::<f32>()
-            .unwrap();
-        for join in [Join::Accumulate, Join::Widen] {
-            for weight in [WeightRef::OutIn(&w), WeightRef::InOut(&w_t)] {
-                let base = || Ok(x.matmul(&w_t)?);
-                let got = join_update(join, &x, &u, weight, &b_t, &b, base).unwrap();
-                assert_close(&got, &want);
-            }
-        }
     }
 }
