@@ -99,7 +99,9 @@ pub struct PositionProjections {
 pub struct DisentangledPlan {
     cu_seqlens: Vec<usize>,
     positions: RelativePositions,
-    seq_rows: Vec<(Vec<usize>, usize, usize)>,
+    /// Each sequence's distance rows, for the CPU kernel (built on first use: the
+    /// GPU never needs them, and on a large batch they cost the host milliseconds).
+    seq_rows: OnceLock<Vec<(Vec<usize>, usize, usize)>>,
     groups: OnceLock<GroupedPlan>,
     #[cfg(feature = "cuda")]
     fused: OnceLock<FusedPlan>,
@@ -118,18 +120,23 @@ struct FusedPlan {
 
 impl DisentangledPlan {
     pub fn new(cu_seqlens: &[usize], positions: &RelativePositions) -> Self {
-        let seq_rows = cu_seqlens
-            .windows(2)
-            .map(|w| positions.sequence_rows((w[1] - w[0]).max(1)))
-            .collect();
         DisentangledPlan {
             cu_seqlens: cu_seqlens.to_vec(),
             positions: *positions,
-            seq_rows,
+            seq_rows: OnceLock::new(),
             groups: OnceLock::new(),
             #[cfg(feature = "cuda")]
             fused: OnceLock::new(),
         }
+    }
+
+    fn seq_rows(&self) -> &[(Vec<usize>, usize, usize)] {
+        self.seq_rows.get_or_init(|| {
+            self.cu_seqlens
+                .windows(2)
+                .map(|w| self.positions.sequence_rows((w[1] - w[0]).max(1)))
+                .collect()
+        })
     }
 
     #[cfg(feature = "cuda")]
@@ -175,8 +182,7 @@ pub fn disentangled_attention(
     proj: &PositionProjections,
     scale: f64,
 ) -> Result<Tensor> {
-    let cu_seqlens = &plan.cu_seqlens;
-    if let Some(out) = cpu_f32(q, k, v, cu_seqlens, &plan.seq_rows, proj, scale as f32)? {
+    if let Some(out) = cpu_f32(q, k, v, plan, proj, scale as f32)? {
         return Ok(out);
     }
     #[cfg(feature = "cuda")]
@@ -438,8 +444,7 @@ fn cpu_f32(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    cu_seqlens: &[usize],
-    seq_rows: &[(Vec<usize>, usize, usize)],
+    plan: &DisentangledPlan,
     proj: &PositionProjections,
     scale: f32,
 ) -> Result<Option<Tensor>> {
@@ -461,6 +466,7 @@ fn cpu_f32(
         return Ok(None);
     }
     let stride = heads * d;
+    let (cu_seqlens, seq_rows) = (&plan.cu_seqlens, plan.seq_rows());
     let (Some(q_all), Some(k_all)) = (q.contiguous().ok(), k.contiguous().ok()) else {
         return Ok(None);
     };
