@@ -107,26 +107,7 @@ pub fn pool_sequences(
             let idx = Tensor::from_vec(rows, cu_seqlens.len() - 1, device)?;
             Ok(hidden.index_select(&idx, 0)?.to_dtype(DType::F32)?)
         }
-        PoolingType::Mean if !device.is_cpu() => {
-            // One matmul instead of a few launches per sequence: row b of `weights`
-            // is 1/len over sequence b's tokens and 0 elsewhere.
-            let seqs = cu_seqlens.len() - 1;
-            let mut owner = Vec::with_capacity(hidden.dim(0)?);
-            let mut inv_len = Vec::with_capacity(seqs);
-            for (b, w) in cu_seqlens.windows(2).enumerate() {
-                owner.extend(std::iter::repeat_n(b as u32, w[1] - w[0]));
-                inv_len.push(1.0 / (w[1] - w[0]).max(1) as f32);
-            }
-            let tokens = owner.len();
-            let owner = Tensor::from_vec(owner, (1, tokens), device)?;
-            let inv_len = Tensor::from_vec(inv_len, (seqs, 1), device)?;
-            let weights = Tensor::arange(0u32, seqs as u32, device)?
-                .reshape((seqs, 1))?
-                .broadcast_eq(&owner)?
-                .to_dtype(DType::F32)?
-                .broadcast_mul(&inv_len)?;
-            Ok(weights.matmul(&hidden.to_dtype(DType::F32)?)?)
-        }
+        PoolingType::Mean if !device.is_cpu() => means_by_matmul(hidden, cu_seqlens),
         PoolingType::Mean => {
             let mut means = Vec::with_capacity(cu_seqlens.len() - 1);
             for w in cu_seqlens.windows(2) {
@@ -139,5 +120,53 @@ pub fn pool_sequences(
         PoolingType::All | PoolingType::Step => Err(EngineError::Config(
             "ALL and STEP pooling yield rows per token; they are not sequence poolings".into(),
         )),
+    }
+}
+
+/// Every sequence's mean row as one matmul (the GPU's way: a loop costs a few launches
+/// per sequence): row b of the weights is 1/len over sequence b's tokens, 0 elsewhere.
+fn means_by_matmul(hidden: &Tensor, cu_seqlens: &[usize]) -> Result<Tensor> {
+    let device = hidden.device();
+    let seqs = cu_seqlens.len() - 1;
+    let mut owner = Vec::with_capacity(hidden.dim(0)?);
+    let mut inv_len = Vec::with_capacity(seqs);
+    for (b, w) in cu_seqlens.windows(2).enumerate() {
+        owner.extend(std::iter::repeat_n(b as u32, w[1] - w[0]));
+        inv_len.push(1.0 / (w[1] - w[0]).max(1) as f32);
+    }
+    let tokens = owner.len();
+    let owner = Tensor::from_vec(owner, (1, tokens), device)?;
+    let inv_len = Tensor::from_vec(inv_len, (seqs, 1), device)?;
+    let weights = Tensor::arange(0u32, seqs as u32, device)?
+        .reshape((seqs, 1))?
+        .broadcast_eq(&owner)?
+        .to_dtype(DType::F32)?
+        .broadcast_mul(&inv_len)?;
+    Ok(weights.matmul(&hidden.to_dtype(DType::F32)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The GPU's one-matmul means equal the CPU's per-sequence loop.
+    #[test]
+    fn means_by_matmul_match_the_loop() {
+        let cu_seqlens = [0usize, 3, 4, 11];
+        let values: Vec<f32> = (0..11 * 5).map(|i| (i as f32 * 0.31).sin()).collect();
+        let hidden = Tensor::from_vec(values, (11, 5), &candle_core::Device::Cpu).unwrap();
+        let looped = pool_sequences(&hidden, &cu_seqlens, PoolingType::Mean).unwrap();
+        let by_matmul = means_by_matmul(&hidden, &cu_seqlens).unwrap();
+        let gap = (looped - by_matmul)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(gap < 1e-6, "largest difference {gap}");
     }
 }
