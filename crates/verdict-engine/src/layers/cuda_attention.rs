@@ -16,7 +16,7 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr,
 use candle_core::cuda_backend::{CudaDType, DeviceId, WrapErr};
 use candle_core::{CudaDevice, DType, Layout, Shape, Tensor};
 
-use super::cuda_ops::{held_slice, launch_cfg, CudaOp, KernelOp, Launch, Ptx};
+use super::cuda_ops::{held_optional, held_slice, launch_cfg, CudaOp, KernelOp, Launch, Ptx};
 use crate::error::Result;
 
 const ATTENTION: Ptx = Ptx::new(
@@ -294,14 +294,9 @@ impl KernelOp for PackedAttention {
             match &self.positions {
                 None => launch(None, None, None)?,
                 Some(p) => held_slice::<u32>(&p.rel, |rel| {
-                    let with_p2c = |c2p: Option<&CudaView<'_, T>>| match &p.p2c {
-                        Some(t) => held_slice::<T>(t, |p2c| launch(c2p, Some(p2c), Some(rel))),
-                        None => launch(c2p, None, Some(rel)),
-                    };
-                    match &p.c2p {
-                        Some(t) => held_slice::<T>(t, |c2p| with_p2c(Some(c2p))),
-                        None => with_p2c(None),
-                    }
+                    held_optional::<T>(p.c2p.as_ref(), |c2p| {
+                        held_optional::<T>(p.p2c.as_ref(), |p2c| launch(c2p, p2c, Some(rel)))
+                    })
                 })?,
             }
         } else {

@@ -280,6 +280,18 @@ pub(super) fn held_slice<T: DeviceRepr + CudaDType>(
     f(&slice.slice(layout.start_offset()..))
 }
 
+/// [`held_slice`] for an optional tensor (a bias, a position term): `f` gets `None`
+/// when there is none.
+pub(super) fn held_optional<T: DeviceRepr + CudaDType>(
+    t: Option<&Tensor>,
+    f: impl FnOnce(Option<&CudaView<'_, T>>) -> candle_core::Result<()>,
+) -> candle_core::Result<()> {
+    match t {
+        Some(t) => held_slice::<T>(t, |view| f(Some(view))),
+        None => f(None),
+    }
+}
+
 /// False when the environment variable `name` is set to `0` (read once per name).
 pub(super) fn fused_enabled(name: &'static str) -> bool {
     use std::collections::HashMap;
@@ -527,10 +539,7 @@ impl KernelOp for AddNormOp {
                 unsafe { b.launch(cfg) }.w()?;
                 Ok(())
             };
-            match &self.bias {
-                Some(bias) => held_slice::<T>(bias, |b| launch(Some(b))),
-                None => launch(None),
-            }
+            held_optional::<T>(self.bias.as_ref(), launch)
         })
     }
 
@@ -601,7 +610,7 @@ impl KernelOp for QkvRope {
         let v = 16 / std::mem::size_of::<T>();
         let cfg = elementwise_cfg(n / 2 / v);
         let (heads, rot, d) = (self.heads as i32, self.rot_heads as i32, self.d as i32);
-        let mut run = |bias: Option<&CudaView<'_, T>>| {
+        let run = |bias: Option<&CudaView<'_, T>>| {
             let null = 0u64;
             let mut b = func.builder();
             b.arg(&x.view);
@@ -615,10 +624,7 @@ impl KernelOp for QkvRope {
             unsafe { b.launch(cfg) }.w()?;
             Ok(())
         };
-        match &self.bias {
-            Some(bias) => held_slice::<T>(bias, |bv| run(Some(bv))),
-            None => run(None),
-        }
+        held_optional::<T>(self.bias.as_ref(), run)
     }
 
     /// `[tokens, heads, d]`.
