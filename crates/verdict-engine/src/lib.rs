@@ -14,6 +14,8 @@ pub mod multimodal;
 pub mod pooling;
 pub mod priority;
 pub mod scheduler;
+#[cfg(test)]
+mod test_util;
 pub mod tokenize;
 
 pub use engine::{

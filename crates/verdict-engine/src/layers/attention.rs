@@ -183,16 +183,7 @@ mod tests {
             for softcap in [None, Some(0.5)] {
                 let fast = packed_attention_capped(&q, &k, &v, &cu, mask, 0.35, softcap).unwrap();
                 let slow = sequence_loop(&q, &k, &v, &cu, mask, 0.35, softcap).unwrap();
-                let diff = (fast - slow)
-                    .unwrap()
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let diff = crate::test_util::max_abs_diff(&fast, &slow);
                 assert!(diff < 1e-5, "{mask:?} softcap {softcap:?}: max diff {diff}");
             }
         }

@@ -659,16 +659,7 @@ mod tests {
         .unwrap()
         .index_select(&grouped.placement, 0)
         .unwrap();
-        let gap = (kernel - padded)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let gap = crate::test_util::max_abs_diff(&kernel, &padded);
         assert!(gap < 1e-5, "largest difference {gap}");
     }
 }

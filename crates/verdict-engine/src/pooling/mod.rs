@@ -157,16 +157,7 @@ mod tests {
         let hidden = Tensor::from_vec(values, (11, 5), &candle_core::Device::Cpu).unwrap();
         let looped = pool_sequences(&hidden, &cu_seqlens, PoolingType::Mean).unwrap();
         let by_matmul = means_by_matmul(&hidden, &cu_seqlens).unwrap();
-        let gap = (looped - by_matmul)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let gap = crate::test_util::max_abs_diff(&looped, &by_matmul);
         assert!(gap < 1e-6, "largest difference {gap}");
     }
 }
