@@ -11,24 +11,9 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-#[test]
-fn classify_through_a_lora_adapter() {
-    let adapter = repo().join("fixtures/lora/bert-topics");
-    let reference: Value = serde_json::from_str(
-        &std::fs::read_to_string(adapter.join("reference.json")).expect("reference.json"),
-    )
-    .expect("parse");
-    let cases = reference["cases"].as_array().expect("cases");
-    let lines: Vec<String> = cases
-        .iter()
-        .map(|c| {
-            let mut line = serde_json::json!({"prompt_token_ids": c["input_ids"]});
-            if !c["token_type_ids"].is_null() {
-                line["token_type_ids"] = c["token_type_ids"].clone();
-            }
-            line.to_string()
-        })
-        .collect();
+/// `verdict classify --format jsonl` on the CPU over the `bert-cls` fixture with
+/// `extra` arguments, `lines` on stdin; its output lines, parsed.
+fn classify_jsonl(extra: &[std::ffi::OsString], lines: &[String]) -> Vec<Value> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_verdict"))
         .args([
             "classify",
@@ -40,8 +25,7 @@ fn classify_through_a_lora_adapter() {
         ])
         .arg("--model")
         .arg(repo().join("fixtures/models/bert-cls"))
-        .arg("--lora")
-        .arg(&adapter)
+        .args(extra)
         .args(["--input", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -60,11 +44,32 @@ fn classify_through_a_lora_adapter() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let stdout = String::from_utf8(out.stdout).expect("utf-8");
-    let results: Vec<Value> = stdout
+    String::from_utf8(out.stdout)
+        .expect("utf-8")
         .lines()
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
+#[test]
+fn classify_through_a_lora_adapter() {
+    let adapter = repo().join("fixtures/lora/bert-topics");
+    let reference: Value = serde_json::from_str(
+        &std::fs::read_to_string(adapter.join("reference.json")).expect("reference.json"),
+    )
+    .expect("parse");
+    let cases = reference["cases"].as_array().expect("cases");
+    let lines: Vec<String> = cases
+        .iter()
+        .map(|c| {
+            let mut line = serde_json::json!({"prompt_token_ids": c["input_ids"]});
+            if !c["token_type_ids"].is_null() {
+                line["token_type_ids"] = c["token_type_ids"].clone();
+            }
+            line.to_string()
+        })
         .collect();
+    let results = classify_jsonl(&["--lora".into(), adapter.into_os_string()], &lines);
     assert_eq!(results.len(), cases.len());
     let labels = &reference["id2label"];
     for (got, case) in results.iter().zip(cases) {
@@ -161,49 +166,22 @@ fn jsonl_lines_pick_adapters_by_model() {
         }
     }
     lines.push(r#"{"prompt": "x", "model": "missing"}"#.to_string());
-    let lora = |name: &str| {
+    let lora = |name: &str| -> std::ffi::OsString {
         format!(
             "{name}={}",
             repo().join("fixtures/lora").join(name).display()
         )
+        .into()
     };
-    let mut child = Command::new(env!("CARGO_BIN_EXE_verdict"))
-        .args([
-            "classify",
-            "--device",
-            "cpu",
-            "--format",
-            "jsonl",
-            "--no-progress",
-        ])
-        .arg("--model")
-        .arg(repo().join("fixtures/models/bert-cls"))
-        .args(["--enable-lora", "--max-loras", "2", "--lora-modules"])
-        .arg(lora("bert-sentiment"))
-        .arg(lora("bert-topics"))
-        .args(["--input", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("running verdict");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all((lines.join("\n") + "\n").as_bytes())
-        .expect("writing prompts");
-    let out = child.wait_with_output().expect("waiting for verdict");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let results: Vec<Value> = String::from_utf8(out.stdout)
-        .expect("utf-8")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let extra = [
+        "--enable-lora".into(),
+        "--max-loras".into(),
+        "2".into(),
+        "--lora-modules".into(),
+        lora("bert-sentiment"),
+        lora("bert-topics"),
+    ];
+    let results = classify_jsonl(&extra, &lines);
     assert_eq!(results.len(), expected.len() + 1);
     for (got, (what, want)) in results.iter().zip(&expected) {
         let want: Vec<f64> = want
