@@ -7,7 +7,8 @@ Compiles kernels/attention.cu and kernels/fused.cu as build.rs does (and once fo
 sm_90 with -Xptxas -v, to show registers and spills), then runs the packed attention
 kernels (flash d64/d128 on bf16/f16, the row kernel on every dtype and d up to 256)
 over five sequences with causal / sliding-window / bidirectional masks and Gemma-2
-logit soft-capping, and the residual RMSNorm with and without Gemma's (1 + w) offset,
+logit soft-capping, the flash kernel with DeBERTa's position terms (deberta-v3's log
+buckets, sequences up to 300 tokens), and the residual RMSNorm with and without Gemma's (1 + w) offset,
 printing the largest difference from an fp32 torch reference for each. The fixtures'
 head sizes (4-32) only reach the row kernel in scripts/gpu_parity.py; this reaches
 the flash kernel's soft-cap path too. Expect bf16 differences around 1e-2.
@@ -95,8 +96,11 @@ for d in [64, 128, 256]:
                 ts = (np.int64(heads * d), np.int64(kvh * d), np.int64(kvh * d))
                 if kind == "flash":
                     f = att.get_function(f"flash_{tname}_d{d}")
+                    no_positions = (np.uint64(0), np.uint64(0), np.uint64(0), np.int32(0), np.int32(0),
+                                    np.int64(T))
                     f((tiles, heads), (128,), (ptr(q), ptr(k), ptr(v), ptr(out), ptr(m), ptr(m[len(cu):]),
-                                              np.int32(heads), np.int32(kvh), *ts, *args_tail))
+                                              np.int32(heads), np.int32(kvh), *ts, *args_tail,
+                                              *no_positions))
                 else:
                     f = att.get_function(f"attn_rows_{tname}")
                     f(((T * heads + 3) // 4,), (128,), (ptr(q), ptr(k), ptr(v), ptr(out), ptr(m),
@@ -107,6 +111,75 @@ for d in [64, 128, 256]:
                 key = f"{kind} {tname} d{d}"
                 print(f"{key} causal={causal} window={window} cap={cap}: max diff {diff:.2e}")
                 worst[key] = max(worst.get(key, 0), diff)
+
+
+
+def log_bucket(delta, buckets, max_position):
+    """transformers' make_log_bucket_position for one distance."""
+    mid = buckets // 2
+    if abs(delta) <= mid:
+        return delta
+    ratio = np.float32((max_position - 1) / mid)
+    log_pos = np.ceil(np.log(np.float32(abs(delta)) / np.float32(mid)) / np.log(ratio)
+                      * np.float32(mid - 1)) + mid
+    return int(log_pos) * (1 if delta > 0 else -1)
+
+
+# DeBERTa's disentangled terms (flash_rel_*): deberta-v3-base's buckets (256, 512), a
+# sequence past the log-bucket start (128), and c2p with and without p2c.
+span = 256
+rel_lens = [1, 9, 64, 65, 140, 300]
+rcu = [0]
+for n in rel_lens:
+    rcu.append(rcu[-1] + n)
+RT, longest = rcu[-1], max(rel_lens)
+rows = [min(max(log_bucket(dl, 256, 512) + span, 0), 2 * span - 1) for dl in range(-(longest - 1), longest)]
+assert all(b - a <= 1 for a, b in zip(rows, rows[1:]))
+count8 = -(-(rows[-1] - rows[0] + 1) // 8) * 8
+first8 = min(rows[0], 2 * span - count8)
+rel = torch.tensor([r - first8 for r in rows], dtype=torch.int32, device="cuda")
+mid = longest - 1
+for d in [64, 128]:
+    for dtype, tname in [(torch.bfloat16, "bf16"), (torch.float16, "f16")]:
+        heads = 4
+        q, k, v = [(torch.randn(RT, heads, d, device="cuda") * s).to(dtype) for s in (0.6, 0.6, 1.0)]
+        pk, pq = [(torch.randn(count8, heads, d, device="cuda") * 0.6).to(dtype) for _ in range(2)]
+        # [heads, T, count8], rounded to the dtype as the engine's matmul leaves them
+        c2p = torch.einsum("thd,rhd->htr", q.float(), pk.float()).to(dtype).contiguous()
+        p2c = torch.einsum("thd,rhd->htr", k.float(), pq.float()).to(dtype).contiguous()
+        scale = 1 / (3 * d) ** 0.5
+        for with_p2c in [True, False]:
+            ref = torch.zeros(RT, heads * d, device="cuda")
+            for s_ in range(len(rel_lens)):
+                a, b = rcu[s_], rcu[s_ + 1]
+                n = b - a
+                i = torch.arange(n, device="cuda")[:, None]
+                j = torch.arange(n, device="cuda")[None, :]
+                r = rel[(i - j + mid)].long()
+                for h in range(heads):
+                    sc = q[a:b, h].float() @ k[a:b, h].float().T
+                    sc = sc + torch.gather(c2p[h, a:b].float(), 1, r)
+                    if with_p2c:
+                        sc = sc + torch.gather(p2c[h, a:b].float(), 1, r.T).T
+                    ref[a:b, h * d:(h + 1) * d] = torch.softmax(sc * scale, -1) @ v[a:b, h].float()
+            out = torch.zeros(RT, heads * d, dtype=dtype, device="cuda")
+            meta = list(rcu)
+            for s_ in range(len(rel_lens)):
+                meta += [x for q0 in range(0, rel_lens[s_], 64) for x in (s_, q0)]
+            tiles = (len(meta) - len(rcu)) // 2
+            m = torch.tensor(meta, dtype=torch.int32, device="cuda")
+            ts = (np.int64(heads * d),) * 3
+            f = att.get_function(f"flash_rel_{tname}_d{d}")
+            f((tiles, heads), (128,), (ptr(q), ptr(k), ptr(v), ptr(out), ptr(m), ptr(m[len(rcu):]),
+                                      np.int32(heads), np.int32(heads), *ts, np.int32(0), np.int32(0),
+                                      np.float32(scale * LOG2E), np.float32(0), ptr(c2p),
+                                      ptr(p2c) if with_p2c else np.uint64(0), ptr(rel), np.int32(mid),
+                                      np.int32(count8), np.int64(RT)))
+            torch.cuda.synchronize()
+            diff = (out.float() - ref).abs().max().item()
+            key = f"flash_rel {tname} d{d}"
+            print(f"{key} p2c={with_p2c}: max diff {diff:.2e}")
+            worst[key] = max(worst.get(key, 0), diff)
 
 # rmsnorm with w_offset
 for dtype, tname in [(torch.bfloat16, "bf16"), (torch.float32, "f32")]:
@@ -124,9 +197,10 @@ for dtype, tname in [(torch.bfloat16, "bf16"), (torch.float32, "f32")]:
             else:
                 vpt = next((p for p in [1, 2, 4] if -(-nvec // p) <= 256), 0)
             threads = 256 if vpt == 0 else ((-(-nvec // vpt) + 31) // 32) * 32
-            f = fused.get_function(f"add_rmsnorm_{tname}")
-            f((rows,), (threads,), (ptr(x), ptr(dlt), ptr(w), ptr(out[0]), ptr(out[1]), np.int32(cols),
-                                    np.float32(1e-6), np.int32(vpt), np.float32(off)))
+            f = fused.get_function(f"add_norm_{tname}")
+            f((rows,), (threads,), (ptr(x), ptr(dlt), np.uint64(0), ptr(w), np.uint64(0), ptr(out[0]), ptr(out[1]),
+                                    np.int32(cols), np.float32(1e-6), np.int32(vpt), np.float32(off),
+                                    np.int32(0)))
             torch.cuda.synchronize()
             s = x.float() + dlt.float()
             ref = s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * (w.float() + off)

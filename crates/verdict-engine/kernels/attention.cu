@@ -18,10 +18,13 @@
 //   (64-query tile of a sequence, head), 64-key tiles through shared memory,
 //   online softmax in registers.
 //
-// The flash kernel also takes DeBERTa's disentangled position terms: with `rel`
-// non-null, score (i, j) of a sequence gains c2p[h][start + i][r] + p2c[h][start + j][r]
-// before scaling, where r = rel[i - j + rel_mid] is the relative-embedding row of the
-// distance (rows `rel_w` apart, heads `total` rows apart; either term may be null).
+// flash_rel_* add DeBERTa's disentangled position terms: score (i, j) of a sequence
+// gains c2p[h][start + i][r] + p2c[h][start + j][r] before scaling, where
+// r = rel[i - j + rel_mid] is the relative-embedding row of the distance (rows `rel_w`
+// apart, a multiple of 8; heads `total` rows apart; either term may be null). rel must
+// grow by at most 1 per unit of distance: then the entries a tile reads from one c2p
+// (p2c) row are one run of at most BN (BM) values, staged in shared memory with
+// 16-byte loads before the scores read them.
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -159,8 +162,17 @@ template <> struct Mma<__half> {
     }
 };
 
-// Four 8x8 b16 tiles from shared memory, transposed: lanes 8i..8i+7 give the row
-// addresses of tile i (16-byte aligned); out[i] is this lane's fragment of tile i.
+// Four 8x8 b16 tiles from shared memory: lanes 8i..8i+7 give the row addresses of
+// tile i (16-byte aligned); out[i] is this lane's fragment of tile i (row lane / 4,
+// columns 2 (lane % 4) and the next), or of its transpose with `_trans`.
+template <typename T>
+__device__ __forceinline__ void ldmatrix_x4(uint32_t* out, const T* row) {
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+                 : "=r"(out[0]), "=r"(out[1]), "=r"(out[2]), "=r"(out[3])
+                 : "r"(addr));
+}
+
 template <typename T>
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* out, const T* row) {
     const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
@@ -169,7 +181,7 @@ __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t* out, const T* row) {
                  : "r"(addr));
 }
 
-template <typename T, int D>
+template <typename T, int D, int BN, bool REL>
 __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restrict__ k,
                                       const T* __restrict__ v, T* __restrict__ out,
                                       const int* __restrict__ cu, const int* __restrict__ tiles,
@@ -179,9 +191,18 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
                                       const T* __restrict__ p2c,
                                       const unsigned* __restrict__ rel, int rel_mid, int rel_w,
                                       i64 total) {
-    constexpr int BM = 64, BN = 64, LD = D + 8, VEC = 8, NT = 128;
-    __shared__ __align__(16) T sK[BN * LD];
+    constexpr int BM = 64, LD = D + 8, VEC = 8, NT = 128;
+    // Staged position entries per query row (c2p) and per key row (p2c): a run of at
+    // most BN (BM) values, from a start rounded down to 8 elements.
+    constexpr int CW = REL ? BN + 8 : 8, PW = REL ? BM + 8 : 8;
+    __shared__ __align__(16) T sK[(BM > BN ? BM : BN) * LD];  // the Q tile passes through it
     __shared__ __align__(16) T sV[BN * LD];
+    __shared__ __align__(16) T sC[REL ? BM * CW : 8];
+    __shared__ __align__(16) T sP[REL ? BN * PW : 8];
+    // The tile's distances i - j run from dlo = q0 - (n0 + BN - 1) up, BM + BN - 1 of
+    // them: s_rel[i - j - dlo] is their row. c_off[i - q0] + row indexes sC at query row
+    // i, p_off[j - n0] + row indexes sP at key j.
+    __shared__ int s_rel[REL ? BM + BN : 1], c_off[REL ? BM : 1], p_off[REL ? BN : 1];
 
     const int s = tiles[2 * blockIdx.x];
     const int q0 = tiles[2 * blockIdx.x + 1];
@@ -241,23 +262,67 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
             *reinterpret_cast<uint4*>(sK + r * LD + col) = kv4;
             *reinterpret_cast<uint4*>(sV + r * LD + col) = vv4;
         }
+        if constexpr (REL) {
+            // Query row i reads c2p rows rel[i - jlast + mid] ..= rel[i - n0 + mid]; key j
+            // reads p2c rows rel[q0 - j + mid] ..= rel[qlast - j + mid].
+            const int jlast = min(n0 + BN, len) - 1;
+            const int dlo = q0 - (n0 + BN - 1);
+            // Distances past the sequence belong to masked scores: any valid row will do.
+            for (int x = tid; x < BM + BN - 1; x += NT)
+                s_rel[x] = rel[min(max(dlo + x, -rel_mid), rel_mid) + rel_mid];
+            for (int c = tid; c < BM * (CW / VEC); c += NT) {
+                const int r = c / (CW / VEC), col = (c % (CW / VEC)) * VEC;
+                const int i = q0 + r;
+                uint4 val = make_uint4(0, 0, 0, 0);
+                int first = 0;
+                if (c2p && i < len) {
+                    first = rel[i - jlast + rel_mid] & ~(VEC - 1);
+                    if (first + col < rel_w)
+                        val = *reinterpret_cast<const uint4*>(
+                            c2p + ((i64)h * total + start + i) * rel_w + first + col);
+                }
+                *reinterpret_cast<uint4*>(sC + r * CW + col) = val;
+                if (col == 0) c_off[r] = r * CW - first;
+            }
+            for (int c = tid; c < BN * (PW / VEC); c += NT) {
+                const int r = c / (PW / VEC), col = (c % (PW / VEC)) * VEC;
+                const int j = n0 + r;
+                uint4 val = make_uint4(0, 0, 0, 0);
+                int first = 0;
+                if (p2c && j < len) {
+                    first = rel[q0 - j + rel_mid] & ~(VEC - 1);
+                    if (first + col < rel_w)
+                        val = *reinterpret_cast<const uint4*>(
+                            p2c + ((i64)h * total + start + j) * rel_w + first + col);
+                }
+                *reinterpret_cast<uint4*>(sP + r * PW + col) = val;
+                if (col == 0) p_off[r] = r * PW - first;
+            }
+        }
         __syncthreads();
 
         float sc[BN / 8][4];
 #pragma unroll
         for (int nb = 0; nb < BN / 8; ++nb) sc[nb][0] = sc[nb][1] = sc[nb][2] = sc[nb][3] = 0.f;
+        // S = Q K^T. The K fragments come from ldmatrix, four 8x8 tiles per instruction:
+        // keys nb*8.. and (nb+1)*8.. of this 16-column step, each in two 8-column halves.
+        {
+            const int mi = lane >> 3;
+            const T* krow = sK + ((mi >> 1) * 8 + (lane & 7)) * LD + (mi & 1) * 8;
 #pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
+            for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
-            for (int nb = 0; nb < BN / 8; ++nb) {
-                const int key = nb * 8 + g;
-                const uint32_t b0 = *reinterpret_cast<const uint32_t*>(sK + key * LD + kk * 16 + cq);
-                const uint32_t b1 = *reinterpret_cast<const uint32_t*>(sK + key * LD + kk * 16 + cq + 8);
-                Mma<T>::run(sc[nb], qf[kk], b0, b1);
+                for (int nb = 0; nb < BN / 8; nb += 2) {
+                    uint32_t b[4];
+                    ldmatrix_x4(b, krow + nb * 8 * LD + kk * 16);
+                    Mma<T>::run(sc[nb], qf[kk], b[0], b[1]);
+                    Mma<T>::run(sc[nb + 1], qf[kk], b[2], b[3]);
+                }
             }
         }
 
-        // Scale and mask.
+        // Scale and mask; a tile inside the sequence with every key allowed skips the checks.
+        const bool full = n0 + BN <= len && q0 + BM <= len && !causal && window <= 0;
         float mx[2] = {m_r[0], m_r[1]};
 #pragma unroll
         for (int nb = 0; nb < BN / 8; ++nb) {
@@ -265,15 +330,22 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
             for (int e = 0; e < 4; ++e) {
                 const int row = e < 2 ? qi0 : qi1;
                 const int key = n0 + nb * 8 + cq + (e & 1);
-                bool ok = key < len && row < len;
-                if (causal) ok = ok && key <= row && (window <= 0 || row - key < window);
-                else if (window > 0) ok = ok && abs(row - key) < window;
-                if (rel && ok) {
-                    const i64 r = rel[row - key + rel_mid];
-                    if (c2p) sc[nb][e] += to_f(c2p[((i64)h * total + start + row) * rel_w + r]);
-                    if (p2c) sc[nb][e] += to_f(p2c[((i64)h * total + start + key) * rel_w + r]);
+                bool ok = full || (key < len && row < len);
+                if constexpr (REL) {
+                    // Bidirectional, no window, no soft-cap.
+                    if (ok) {
+                        const int r = s_rel[row - key - (q0 - n0 - BN + 1)];
+                        if (c2p) sc[nb][e] += to_f(sC[c_off[row - q0] + r]);
+                        if (p2c) sc[nb][e] += to_f(sP[p_off[key - n0] + r]);
+                    }
+                    sc[nb][e] = ok ? sc[nb][e] * scale_log2 : -INFINITY;
+                } else {
+                    if (!full) {
+                        if (causal) ok = ok && key <= row && (window <= 0 || row - key < window);
+                        else if (window > 0) ok = ok && abs(row - key) < window;
+                    }
+                    sc[nb][e] = ok ? soft_cap(sc[nb][e] * scale_log2, softcap_log2) : -INFINITY;
                 }
-                sc[nb][e] = ok ? soft_cap(sc[nb][e] * scale_log2, softcap_log2) : -INFINITY;
             }
             mx[0] = fmaxf(mx[0], fmaxf(sc[nb][0], sc[nb][1]));
             mx[1] = fmaxf(mx[1], fmaxf(sc[nb][2], sc[nb][3]));
@@ -351,16 +423,23 @@ __device__ __forceinline__ void flash(const T* __restrict__ q, const T* __restri
     }
 }
 
-#define FLASH_KERNEL(NAME, T, D)                                                                  \
+#define FLASH_KERNEL(NAME, T, D, BN, REL)                                                         \
     extern "C" __global__ void __launch_bounds__(128)                                            \
         NAME(const T* q, const T* k, const T* v, T* out, const int* cu, const int* tiles,         \
              int heads, int kv_heads, i64 q_ts, i64 k_ts, i64 v_ts, int causal, int window,       \
              float scale_log2, float softcap_log2, const T* c2p, const T* p2c,                    \
              const unsigned* rel, int rel_mid, int rel_w, i64 total) {                            \
-        flash<T, D>(q, k, v, out, cu, tiles, heads, kv_heads, q_ts, k_ts, v_ts, causal, window,  \
-                    scale_log2, softcap_log2, c2p, p2c, rel, rel_mid, rel_w, total);              \
+        flash<T, D, BN, REL>(q, k, v, out, cu, tiles, heads, kv_heads, q_ts, k_ts, v_ts, causal,  \
+                             window, scale_log2, softcap_log2, c2p, p2c, rel, rel_mid, rel_w,     \
+                             total);                                                              \
     }
-FLASH_KERNEL(flash_bf16_d64, __nv_bfloat16, 64)
-FLASH_KERNEL(flash_bf16_d128, __nv_bfloat16, 128)
-FLASH_KERNEL(flash_f16_d64, __half, 64)
-FLASH_KERNEL(flash_f16_d128, __half, 128)
+FLASH_KERNEL(flash_bf16_d64, __nv_bfloat16, 64, 64, false)
+FLASH_KERNEL(flash_bf16_d128, __nv_bfloat16, 128, 64, false)
+FLASH_KERNEL(flash_f16_d64, __half, 64, 64, false)
+FLASH_KERNEL(flash_f16_d128, __half, 128, 64, false)
+// With the staged position entries, d 128 takes 32-key tiles to stay within 48 KB of
+// static shared memory.
+FLASH_KERNEL(flash_rel_bf16_d64, __nv_bfloat16, 64, 64, true)
+FLASH_KERNEL(flash_rel_bf16_d128, __nv_bfloat16, 128, 32, true)
+FLASH_KERNEL(flash_rel_f16_d64, __half, 64, 64, true)
+FLASH_KERNEL(flash_rel_f16_d128, __half, 128, 32, true)

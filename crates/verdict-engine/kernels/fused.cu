@@ -103,7 +103,9 @@ FUSED(f16, __half)
 //   before it is rounded (closer to f32 math). w_offset is 1 for Gemma's (1 + w)
 //   scale, else 0; b (LayerNorm's bias) may be null.
 // delta may be null (the norm of x); sum_out may be null (the sum is not kept, as
-// in a post-norm block). Rows are `cols` apart.
+// in a post-norm block). delta_bias (may be null) is added to every row of delta: the
+// bias of the linear layer that produced it, added here instead of in its own pass.
+// Rows are `cols` apart.
 // ---------------------------------------------------------------------------
 __device__ __forceinline__ float block_sum(float v) {
     __shared__ float part[32];
@@ -124,7 +126,8 @@ __device__ __forceinline__ float block_sum(float v) {
 // Up to VPT 16-byte vectors per thread stay in registers between the passes.
 template <typename T, int VPT>
 __device__ void add_norm_vec(const T* __restrict__ x, const T* __restrict__ delta,
-                             const T* __restrict__ w, const T* __restrict__ b,
+                             const T* __restrict__ delta_bias, const T* __restrict__ w,
+                             const T* __restrict__ b,
                              T* __restrict__ sum_out, T* __restrict__ out, int cols, float eps,
                              float w_offset, int center) {
     constexpr int V = 16 / sizeof(T);
@@ -149,9 +152,12 @@ __device__ void add_norm_vec(const T* __restrict__ x, const T* __restrict__ delt
             if (delta) {
                 const uint4 d = dr[i];
                 const T* de = reinterpret_cast<const T*>(&d);
+                uint4 db = make_uint4(0, 0, 0, 0);
+                if (delta_bias) db = reinterpret_cast<const uint4*>(delta_bias)[i];
+                const T* dbe = reinterpret_cast<const T*>(&db);
 #pragma unroll
                 for (int e = 0; e < V; ++e) {
-                    vals[j][e] += to_f(de[e]);
+                    vals[j][e] += to_f(de[e]) + (delta_bias ? to_f(dbe[e]) : 0.f);
                     ae[e] = from_f<T>(vals[j][e]);
                 }
                 if (sum_out) sr[i] = a;
@@ -196,28 +202,32 @@ __device__ void add_norm_vec(const T* __restrict__ x, const T* __restrict__ delt
 // Any row length: element by element, reading x and delta again in each pass.
 template <typename T>
 __device__ void add_norm_any(const T* __restrict__ x, const T* __restrict__ delta,
-                             const T* __restrict__ w, const T* __restrict__ b,
+                             const T* __restrict__ delta_bias, const T* __restrict__ w,
+                             const T* __restrict__ b,
                              T* __restrict__ sum_out, T* __restrict__ out, int cols, float eps,
                              float w_offset, int center) {
     const i64 base = (i64)blockIdx.x * cols;
+    // x + delta + delta_bias at column c, in f32.
+    auto sum_at = [&](int c) {
+        float f = to_f(x[base + c]);
+        if (delta) f += to_f(delta[base + c]) + (delta_bias ? to_f(delta_bias[c]) : 0.f);
+        return f;
+    };
     float total = 0.f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        float f = to_f(x[base + c]);
-        if (delta) {
-            f += to_f(delta[base + c]);
-            if (sum_out) sum_out[base + c] = from_f<T>(f);
-        }
+        const float f = sum_at(c);
+        if (delta && sum_out) sum_out[base + c] = from_f<T>(f);
         total += f;
     }
     const float mean = center ? block_sum(total) / cols : 0.f;
     float ss = 0.f;
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float f = to_f(x[base + c]) + (delta ? to_f(delta[base + c]) : 0.f) - mean;
+        const float f = sum_at(c) - mean;
         ss += f * f;
     }
     const float r = rsqrtf(block_sum(ss) / cols + eps);
     for (int c = threadIdx.x; c < cols; c += blockDim.x) {
-        const float f = to_f(x[base + c]) + (delta ? to_f(delta[base + c]) : 0.f) - mean;
+        const float f = sum_at(c) - mean;
         out[base + c] = from_f<T>(f * r * (to_f(w[c]) + w_offset) + (b ? to_f(b[c]) : 0.f));
     }
 }
@@ -291,15 +301,15 @@ __device__ void qkv_rope(const T* __restrict__ qkv, const T* __restrict__ bias,
 }
 
 #define NORM_ROPE(SUFFIX, T)                                                                   \
-    extern "C" __global__ void add_norm_##SUFFIX(const T* x, const T* delta, const T* w,      \
-                                                 const T* b, T* sum_out, T* out, int cols,    \
-                                                 float eps, int vpt, float w_offset,          \
-                                                 int center) {                                \
+    extern "C" __global__ void add_norm_##SUFFIX(const T* x, const T* delta,                  \
+                                                 const T* delta_bias, const T* w, const T* b, \
+                                                 T* sum_out, T* out, int cols, float eps,     \
+                                                 int vpt, float w_offset, int center) {       \
         switch (vpt) {                                                                        \
-            case 1: add_norm_vec<T, 1>(x, delta, w, b, sum_out, out, cols, eps, w_offset, center); break; \
-            case 2: add_norm_vec<T, 2>(x, delta, w, b, sum_out, out, cols, eps, w_offset, center); break; \
-            case 4: add_norm_vec<T, 4>(x, delta, w, b, sum_out, out, cols, eps, w_offset, center); break; \
-            default: add_norm_any<T>(x, delta, w, b, sum_out, out, cols, eps, w_offset, center); break;   \
+            case 1: add_norm_vec<T, 1>(x, delta, delta_bias, w, b, sum_out, out, cols, eps, w_offset, center); break; \
+            case 2: add_norm_vec<T, 2>(x, delta, delta_bias, w, b, sum_out, out, cols, eps, w_offset, center); break; \
+            case 4: add_norm_vec<T, 4>(x, delta, delta_bias, w, b, sum_out, out, cols, eps, w_offset, center); break; \
+            default: add_norm_any<T>(x, delta, delta_bias, w, b, sum_out, out, cols, eps, w_offset, center); break;   \
         }                                                                                     \
     }                                                                                         \
     extern "C" __global__ void qkv_rope_##SUFFIX(const T* qkv, const T* bias, const T* cos,   \

@@ -95,15 +95,6 @@ pub(super) fn packed_attention(
     if mode() == Mode::Loop || d > MAX_ROW_DIM || cu_seqlens.len() < 2 {
         return Ok(None);
     }
-    let fix = |t: &Tensor| -> Result<Tensor> {
-        let (_, h, _) = t.dims3()?;
-        let s = t.stride();
-        Ok(if s[2] == 1 && (s[1] == d || h == 1) {
-            t.clone()
-        } else {
-            t.contiguous()?
-        })
-    };
     let op = CudaOp(PackedAttention {
         cu: cu_seqlens.iter().map(|&c| c as i32).collect(),
         heads,
@@ -120,7 +111,23 @@ pub(super) fn packed_attention(
         allow_flash: mode() == Mode::Auto,
         positions: None,
     });
-    Ok(Some(fix(q)?.apply_op3_no_bwd(&fix(k)?, &fix(v)?, &op)?))
+    Ok(Some(token_rows(q)?.apply_op3_no_bwd(
+        &token_rows(k)?,
+        &token_rows(v)?,
+        &op,
+    )?))
+}
+
+/// `t` `[T, heads, d]` as the kernels read it: tokens any stride apart (a view into a
+/// packed QKV projection stays as it is), heads `d` apart, elements contiguous.
+fn token_rows(t: &Tensor) -> Result<Tensor> {
+    let (_, h, d) = t.dims3()?;
+    let s = t.stride();
+    Ok(if s[2] == 1 && (s[1] == d || h == 1) {
+        t.clone()
+    } else {
+        t.contiguous()?
+    })
 }
 
 /// DeBERTa's position terms for the flash kernel (see kernels/attention.cu).
@@ -131,9 +138,10 @@ pub(super) struct PositionTerms {
     /// p2c `[heads, T, rel_w]`: each key against the query projection of those rows.
     pub(super) p2c: Option<Tensor>,
     /// u32 `[2 rel_mid + 1]`: the row (from the first reached) of distance `i - j`,
-    /// at `i - j + rel_mid`.
+    /// at `i - j + rel_mid`; it grows by at most 1 per unit of distance.
     pub(super) rel: Tensor,
     pub(super) rel_mid: usize,
+    /// Entries per row of c2p and p2c, a multiple of 8 (the kernel loads 16 bytes).
     pub(super) rel_w: usize,
 }
 
@@ -165,8 +173,11 @@ pub(super) fn disentangled_attention(
         allow_flash: true,
         positions: Some(positions),
     });
-    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    Ok(Some(q.apply_op3_no_bwd(&k, &v, &op)?))
+    Ok(Some(token_rows(q)?.apply_op3_no_bwd(
+        &token_rows(k)?,
+        &token_rows(v)?,
+        &op,
+    )?))
 }
 
 struct PackedAttention {
@@ -255,7 +266,15 @@ impl KernelOp for PackedAttention {
         let cu = meta.slice(0..self.cu.len());
         if flash {
             let tl = meta.slice(self.cu.len()..);
-            let func = ATTENTION.kernel(call.dev, &format!("flash_{}_d{d}", call.dtype))?;
+            let variant = match &self.positions {
+                Some(p) if p.rel_w % 8 != 0 => candle_core::bail!(
+                    "verdict-packed-attention: position rows {} apart, not a multiple of 8",
+                    p.rel_w
+                ),
+                Some(_) => "flash_rel",
+                None => "flash",
+            };
+            let func = ATTENTION.kernel(call.dev, &format!("{variant}_{}_d{d}", call.dtype))?;
             let cfg = launch_cfg((tiles, heads), 128);
             let launch = |c2p: Option<&CudaView<'_, T>>,
                           p2c: Option<&CudaView<'_, T>>,

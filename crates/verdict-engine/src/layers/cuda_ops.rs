@@ -415,10 +415,13 @@ pub(super) struct AddNorm {
 }
 
 /// `norm(x + delta)` in one pass over the rows (`delta` None: the norm of `x`), also
-/// returning `x + delta` with `keep_sum`. None when the kernel does not apply.
+/// returning `x + delta` with `keep_sum`; `delta_bias` (the bias of the layer that
+/// produced `delta`) is added to each row of `delta` in the same pass. None when the
+/// kernel does not apply.
 pub(super) fn add_norm(
     x: &Tensor,
     delta: Option<&Tensor>,
+    delta_bias: Option<&Tensor>,
     keep_sum: bool,
     weight: &Tensor,
     kind: NormKind,
@@ -435,6 +438,7 @@ pub(super) fn add_norm(
         || cols == 0
         || !held_ok(weight)
         || bias.is_some_and(|b| !held_ok(b))
+        || delta_bias.is_some_and(|b| delta.is_none() || !held_ok(b))
         || delta.is_some_and(|d| d.shape() != x.shape() || !same(d))
     {
         return Ok(None);
@@ -447,6 +451,7 @@ pub(super) fn add_norm(
         cols,
         weight: weight.clone(),
         bias: bias.cloned(),
+        delta_bias: delta_bias.cloned(),
     });
     let x = aligned(x)?;
     Ok(Some(match delta {
@@ -478,6 +483,7 @@ struct AddNormOp {
     cols: usize,
     weight: Tensor,
     bias: Option<Tensor>,
+    delta_bias: Option<Tensor>,
 }
 
 impl KernelOp for AddNormOp {
@@ -510,11 +516,17 @@ impl KernelOp for AddNormOp {
         let (cols, vpt, center) = (self.cols as i32, vpt as i32, self.center as i32);
         let null = 0u64;
         held_slice::<T>(&self.weight, |w| {
-            let launch = |b_arg: Option<&CudaView<'_, T>>| -> candle_core::Result<()> {
+            let launch = |delta_bias: Option<&CudaView<'_, T>>,
+                          b_arg: Option<&CudaView<'_, T>>|
+             -> candle_core::Result<()> {
                 let mut b = func.builder();
                 b.arg(&x.view);
                 match delta {
                     Some(d) => b.arg(&d.view),
+                    None => b.arg(&null),
+                };
+                match delta_bias {
+                    Some(db) => b.arg(db),
                     None => b.arg(&null),
                 };
                 b.arg(w);
@@ -539,7 +551,9 @@ impl KernelOp for AddNormOp {
                 unsafe { b.launch(cfg) }.w()?;
                 Ok(())
             };
-            held_optional::<T>(self.bias.as_ref(), launch)
+            held_optional::<T>(self.delta_bias.as_ref(), |delta_bias| {
+                held_optional::<T>(self.bias.as_ref(), |bias| launch(delta_bias, bias))
+            })
         })
     }
 
@@ -776,5 +790,101 @@ impl Gemm {
                 sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
             )
         }
+    }
+}
+
+/// Each head's rows of `x` against that head's table: `x` `[T, heads, d]` (tokens any
+/// stride apart, e.g. the query columns of a packed QKV projection), `table`
+/// `[heads, d, count]` (the last dim contiguous, rows and heads any stride apart, e.g.
+/// a column range of a wider table); returns `[heads, T, count]`, from one strided
+/// batched GEMM with no copy of either operand.
+pub(super) fn head_matmul(x: &Tensor, table: &Tensor) -> Result<Tensor> {
+    let (heads, d, count) = table.dims3()?;
+    let (tokens, x_heads, x_d) = x.dims3()?;
+    if (x_heads, x_d) != (heads, d) || x.stride()[1..] != [d, 1] || table.stride()[2] != 1 {
+        return Err(candle_core::Error::Msg(format!(
+            "verdict-head-matmul: x {:?} (strides {:?}) against table {:?} (strides {:?})",
+            x.dims(),
+            x.stride(),
+            table.dims(),
+            table.stride()
+        ))
+        .into());
+    }
+    let op = CudaOp(HeadMatmul {
+        heads,
+        d,
+        count,
+        tokens,
+    });
+    Ok(x.apply_op2_no_bwd(table, &op)?)
+}
+
+struct HeadMatmul {
+    heads: usize,
+    d: usize,
+    count: usize,
+    tokens: usize,
+}
+
+impl KernelOp for HeadMatmul {
+    const NAME: &'static str = "verdict-head-matmul";
+    const OPERANDS: &'static [&'static str] = &["x", "table"];
+
+    /// Row-major `out_h[T, count] = x_h[T, d] table_h[d, count]` is column-major
+    /// `out_h^T = table_h^T x_h^T`: cuBLAS's A is the table (ld its row stride), its B
+    /// is x (ld its row stride, heads `d` apart).
+    fn launch<T: DeviceRepr + CudaDType>(&self, call: Launch<'_, T>) -> candle_core::Result<()> {
+        use candle_core::cuda_backend::cudarc::cublas::{result, sys};
+        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
+        let (x, table) = (&call.operands[0], &call.operands[1]);
+        let data_type = match call.dtype {
+            "bf16" => sys::cudaDataType_t::CUDA_R_16BF,
+            "f16" => sys::cudaDataType_t::CUDA_R_16F,
+            _ => sys::cudaDataType_t::CUDA_R_32F,
+        };
+        let x_ld = x.layout.stride()[0];
+        let t_stride = table.layout.stride();
+        let stream = call.dev.cuda_stream();
+        let blas = call.dev.cublas_handle();
+        let (alpha, beta) = (1f32, 0f32);
+        let (t_ptr, _t_guard) = table.view.device_ptr(&stream);
+        let (x_ptr, _x_guard) = x.view.device_ptr(&stream);
+        let (out_ptr, _out_guard) = call.out.device_ptr_mut(&stream);
+        // SAFETY: the operands' views start at their layouts' offsets and cover the
+        // strided extents checked in `head_matmul`; `out` holds heads * T * count.
+        unsafe {
+            result::gemm_strided_batched_ex(
+                *blas.handle(),
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                sys::cublasOperation_t::CUBLAS_OP_N,
+                self.count as i32,
+                self.tokens as i32,
+                self.d as i32,
+                &alpha as *const f32 as *const _,
+                t_ptr as *const _,
+                data_type,
+                t_stride[1] as i32,
+                t_stride[0] as i64,
+                x_ptr as *const _,
+                data_type,
+                x_ld as i32,
+                self.d as i64,
+                &beta as *const f32 as *const _,
+                out_ptr as *mut _,
+                data_type,
+                self.count as i32,
+                (self.tokens * self.count) as i64,
+                self.heads as i32,
+                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+            )
+        }
+        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        Ok(())
+    }
+
+    fn out_shape(&self, _x: &Layout, _operands: usize) -> Shape {
+        Shape::from((self.heads, self.tokens, self.count))
     }
 }

@@ -87,9 +87,50 @@ impl RelativePositions {
 /// One layer's projections of the relative-position embeddings, `[2 span, heads * d]`.
 pub struct PositionProjections {
     /// c2p: the key projection, read by the queries.
-    pub key: Option<Tensor>,
+    key: Option<Tensor>,
     /// p2c: the query projection, read by the keys.
-    pub query: Option<Tensor>,
+    query: Option<Tensor>,
+    /// For the fused CUDA kernel (bf16/f16): `key` and `query` as `[heads, d, rows]`,
+    /// rows padded with zeros to a multiple of 8; its GEMMs read column ranges.
+    #[cfg(feature = "cuda")]
+    by_head: Option<(Option<Tensor>, Option<Tensor>)>,
+}
+
+impl PositionProjections {
+    pub fn new(key: Option<Tensor>, query: Option<Tensor>, heads: usize) -> Result<Self> {
+        #[cfg(feature = "cuda")]
+        let by_head = {
+            let fused =
+                |t: &Tensor| t.device().is_cuda() && matches!(t.dtype(), DType::BF16 | DType::F16);
+            if key.iter().chain(query.iter()).all(fused) {
+                let arrange = |t: &Tensor| -> Result<Tensor> {
+                    let (rows, width) = t.dims2()?;
+                    let padded = rows.next_multiple_of(8);
+                    let t = if padded > rows {
+                        let zeros = Tensor::zeros((padded - rows, width), t.dtype(), t.device())?;
+                        Tensor::cat(&[t, &zeros], 0)?
+                    } else {
+                        t.clone()
+                    };
+                    Ok(t.reshape((padded, heads, width / heads))?
+                        .permute((1, 2, 0))?
+                        .contiguous()?)
+                };
+                let key_t = key.as_ref().map(arrange).transpose()?;
+                Some((key_t, query.as_ref().map(arrange).transpose()?))
+            } else {
+                None
+            }
+        };
+        #[cfg(not(feature = "cuda"))]
+        let _ = heads;
+        Ok(PositionProjections {
+            key,
+            query,
+            #[cfg(feature = "cuda")]
+            by_head,
+        })
+    }
 }
 
 /// What every layer's disentangled attention over one batch shares: each sequence's
@@ -104,7 +145,7 @@ pub struct DisentangledPlan {
     seq_rows: OnceLock<Vec<(Vec<usize>, usize, usize)>>,
     groups: OnceLock<GroupedPlan>,
     #[cfg(feature = "cuda")]
-    fused: OnceLock<FusedPlan>,
+    fused: OnceLock<Option<FusedPlan>>,
 }
 
 /// What the fused CUDA kernel reads: the distance rows of the batch's longest
@@ -114,6 +155,8 @@ struct FusedPlan {
     /// u32 table row (from `first`) of distance `i - j`, at `i - j + longest - 1`.
     rel: Tensor,
     longest: usize,
+    /// The table rows the position terms are computed against: `count` from `first`,
+    /// a multiple of 8 (the kernel's 16-byte loads) within the zero-padded table.
     first: usize,
     count: usize,
 }
@@ -139,10 +182,12 @@ impl DisentangledPlan {
         })
     }
 
+    /// `None` when the rows grow faster than the distance somewhere (log buckets
+    /// coarser than one row per unit): the kernel's staging assumes they do not.
     #[cfg(feature = "cuda")]
-    fn fused(&self, device: &Device) -> Result<&FusedPlan> {
+    fn fused(&self, device: &Device) -> Result<Option<&FusedPlan>> {
         if let Some(plan) = self.fused.get() {
-            return Ok(plan);
+            return Ok(plan.as_ref());
         }
         let longest = self
             .cu_seqlens
@@ -152,15 +197,24 @@ impl DisentangledPlan {
             .unwrap_or(0)
             .max(1);
         let (rows, first, count) = self.positions.sequence_rows(longest);
-        let rel: Vec<u32> = rows.into_iter().map(|r| r as u32).collect();
-        let rel_len = rel.len();
-        let plan = FusedPlan {
-            rel: Tensor::from_vec(rel, rel_len, device)?,
-            longest,
-            first,
-            count,
+        let plan = if rows.windows(2).any(|w| w[1] > w[0] + 1) {
+            None
+        } else {
+            let table_rows = self.positions.table_rows().next_multiple_of(8);
+            let count8 = count.next_multiple_of(8);
+            // Widen to a multiple of 8 rows, backwards when the table ends first.
+            let first8 = first.min(table_rows - count8);
+            let shift = (first - first8) as u32;
+            let rel: Vec<u32> = rows.into_iter().map(|r| r as u32 + shift).collect();
+            let rel_len = rel.len();
+            Some(FusedPlan {
+                rel: Tensor::from_vec(rel, rel_len, device)?,
+                longest,
+                first: first8,
+                count: count8,
+            })
         };
-        Ok(self.fused.get_or_init(|| plan))
+        Ok(self.fused.get_or_init(|| plan).as_ref())
     }
 
     fn grouped(&self, device: &Device) -> Result<&GroupedPlan> {
@@ -218,33 +272,36 @@ fn cuda_fused(
     proj: &PositionProjections,
     scale: f64,
 ) -> Result<Option<Tensor>> {
-    let (_, heads, d) = q.dims3()?;
+    let d = q.dim(2)?;
     if !q.device().is_cuda()
         || !matches!(q.dtype(), DType::BF16 | DType::F16)
         || !(d == 64 || d == 128)
     {
         return Ok(None);
     }
-    let fused = plan.fused(q.device())?;
-    // [count, heads * d] -> [heads, d, count]
-    let table = |t: &Tensor| -> Result<Tensor> {
-        Ok(t.narrow(0, fused.first, fused.count)?
-            .reshape((fused.count, heads, d))?
-            .permute((1, 2, 0))?
-            .contiguous()?
-            .to_dtype(q.dtype())?)
+    let Some((key_t, query_t)) = &proj.by_head else {
+        return Ok(None);
     };
-    // [T, heads, d] -> [heads, T, d]
-    let per_head = |t: &Tensor| -> Result<Tensor> { Ok(t.transpose(0, 1)?.contiguous()?) };
-    let term = |side: &Tensor, projection: &Option<Tensor>| -> Result<Option<Tensor>> {
-        projection
+    let Some(fused) = plan.fused(q.device())? else {
+        return Ok(None);
+    };
+    // [heads, T, count]: each query (key) against the table rows the batch reaches.
+    let term = |side: &Tensor, table: &Option<Tensor>| -> Result<Option<Tensor>> {
+        table
             .as_ref()
-            .map(|p| Ok(per_head(side)?.matmul(&table(p)?)?))
+            .map(|t| {
+                let side = if side.stride()[1..] == [d, 1] {
+                    side.clone()
+                } else {
+                    side.contiguous()?
+                };
+                super::cuda_ops::head_matmul(&side, &t.narrow(2, fused.first, fused.count)?)
+            })
             .transpose()
     };
     let positions = super::cuda_attention::PositionTerms {
-        c2p: term(q, &proj.key)?,
-        p2c: term(k, &proj.query)?,
+        c2p: term(q, key_t)?,
+        p2c: term(k, query_t)?,
         rel: fused.rel.clone(),
         rel_mid: fused.longest - 1,
         rel_w: fused.count,
@@ -630,14 +687,11 @@ mod tests {
             Tensor::from_vec(values(total * heads * d, salt), (total, heads, d), &dev).unwrap()
         };
         let (q, k, v) = (tensor(0.1), tensor(1.3), tensor(2.7));
-        let proj = PositionProjections {
-            key: Some(
-                Tensor::from_vec(values(rows * heads * d, 3.1), (rows, heads * d), &dev).unwrap(),
-            ),
-            query: Some(
-                Tensor::from_vec(values(rows * heads * d, 4.2), (rows, heads * d), &dev).unwrap(),
-            ),
-        };
+        let table =
+            |salt: f32| Tensor::from_vec(values(rows * heads * d, salt), (rows, heads * d), &dev);
+        let proj =
+            PositionProjections::new(Some(table(3.1).unwrap()), Some(table(4.2).unwrap()), heads)
+                .unwrap();
         let scale = 1.0 / (3.0 * d as f64).sqrt();
         let plan = DisentangledPlan::new(&cu_seqlens, &positions);
         let kernel = disentangled_attention(&q, &k, &v, &plan, &proj, scale).unwrap();

@@ -25,7 +25,7 @@ use candle_core::{DType, Module, Tensor};
 
 use crate::checkpoint::WeightPath;
 use crate::error::{EngineError, Result};
-use crate::lora::TargetId;
+use crate::lora::{TargetId, TargetPart, TargetSpec};
 
 /// Prepares a device for serving (see `cuda_ops::configure_device`); nothing on the CPU.
 pub fn configure_device(device: &candle_core::Device) -> Result<()> {
@@ -126,6 +126,50 @@ impl Linear {
             Ok(Linear::new(w, b).with_lora(wp.lora_target_rows(in_dim, rows)))
         };
         Ok((half(0)?, half(1)?))
+    }
+
+    /// Modules under `parent` that read the same input, as one layer: `parts` are
+    /// (name, output rows), their weights (and biases, with `bias`) stacked in that
+    /// order. LoRA adapts each part's rows of the output.
+    pub fn load_packed(
+        parent: &WeightPath,
+        parts: &[(&str, usize)],
+        in_dim: usize,
+        bias: bool,
+    ) -> Result<Self> {
+        let mut weights = Vec::with_capacity(parts.len());
+        let mut biases = Vec::with_capacity(parts.len());
+        for &(name, rows) in parts {
+            let p = parent.pp(name);
+            weights.push(p.get("weight", &[rows, in_dim])?);
+            if bias {
+                biases.push(p.get("bias", &[rows])?);
+            }
+        }
+        let weight = Tensor::cat(&weights, 0)?;
+        let bias = if bias {
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        let lora = parent.weights().register_lora_target(|| {
+            let mut target_parts = Vec::with_capacity(parts.len());
+            let mut offset = 0;
+            for &(name, rows) in parts {
+                target_parts.push(TargetPart {
+                    module: parent.pp(name).module_name()?,
+                    module_rows: 0..rows,
+                    offset,
+                });
+                offset += rows;
+            }
+            Some(TargetSpec {
+                in_dim,
+                out_dim: offset,
+                parts: target_parts,
+            })
+        });
+        Ok(Linear::new(weight, bias).with_lora(lora))
     }
 
     /// Loads a linear layer with a bias when the checkpoint has one.
@@ -300,7 +344,7 @@ impl LayerNorm {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some(y) = self.cuda(x, None, false)? {
+        if let Some(y) = self.cuda(x, None, None, false)? {
             return Ok(y.normed);
         }
         Ok(candle_nn::ops::layer_norm(
@@ -314,10 +358,29 @@ impl LayerNorm {
     /// `norm(x + delta)`, the step of a post-norm block; one pass on CUDA.
     pub fn forward_add(&self, x: &Tensor, delta: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
-        if let Some(y) = self.cuda(x, Some(delta), false)? {
+        if let Some(y) = self.cuda(x, Some(delta), None, false)? {
             return Ok(y.normed);
         }
         self.forward(&(x + delta)?)
+    }
+
+    /// `norm(residual + linear(input))`, a post-norm block's output step; on CUDA the
+    /// linear layer's bias joins the norm's pass instead of taking its own.
+    pub fn forward_add_linear(
+        &self,
+        residual: &Tensor,
+        linear: &Linear,
+        input: &Tensor,
+    ) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if residual.device().is_cuda() {
+            let delta = linear.forward_no_bias(input)?;
+            if let Some(y) = self.cuda(residual, Some(&delta), linear.bias(), false)? {
+                return Ok(y.normed);
+            }
+            return self.forward_add(residual, &linear.bias_act(delta, None)?);
+        }
+        self.forward_add(residual, &linear.forward(input)?)
     }
 
     /// `(x + delta, norm(x + delta))`, the residual step of a pre-norm block; one pass
@@ -327,7 +390,7 @@ impl LayerNorm {
         if let Some(cuda_ops::AddNorm {
             sum: Some(sum),
             normed,
-        }) = self.cuda(x, Some(delta), true)?
+        }) = self.cuda(x, Some(delta), None, true)?
         {
             return Ok((sum, normed));
         }
@@ -341,6 +404,7 @@ impl LayerNorm {
         &self,
         x: &Tensor,
         delta: Option<&Tensor>,
+        delta_bias: Option<&Tensor>,
         keep_sum: bool,
     ) -> Result<Option<cuda_ops::AddNorm>> {
         if !x.device().is_cuda() {
@@ -349,7 +413,7 @@ impl LayerNorm {
         let kind = cuda_ops::NormKind::Layer {
             bias: Some(&self.bias),
         };
-        cuda_ops::add_norm(x, delta, keep_sum, &self.weight, kind, self.eps)
+        cuda_ops::add_norm(x, delta, delta_bias, keep_sum, &self.weight, kind, self.eps)
     }
 }
 
@@ -388,7 +452,8 @@ impl RmsNorm {
             let kind = cuda_ops::NormKind::Rms {
                 w_offset: self.w_offset(),
             };
-            if let Some(y) = cuda_ops::add_norm(x, None, false, &self.weight, kind, self.eps)? {
+            if let Some(y) = cuda_ops::add_norm(x, None, None, false, &self.weight, kind, self.eps)?
+            {
                 return Ok(y.normed);
             }
         }
@@ -421,7 +486,7 @@ impl RmsNorm {
             if let Some(cuda_ops::AddNorm {
                 sum: Some(sum),
                 normed,
-            }) = cuda_ops::add_norm(x, Some(delta), true, &self.weight, kind, self.eps)?
+            }) = cuda_ops::add_norm(x, Some(delta), None, true, &self.weight, kind, self.eps)?
             {
                 return Ok((sum, normed));
             }
@@ -452,6 +517,23 @@ pub fn in_row_chunks(x: &Tensor, f: impl Fn(&Tensor) -> Result<Tensor>) -> Resul
         outs.push(crate::lora::offset_rows(start, || f(&chunk))?);
     }
     Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// `norm(x + down(act(up(x))))`, a post-norm block's feed-forward step: on the CPU in
+/// row chunks (bounding the intermediate activations), elsewhere in one call with
+/// `down`'s bias inside the norm's pass.
+pub fn post_norm_mlp(
+    norm: &LayerNorm,
+    up: &Linear,
+    down: &Linear,
+    act: HiddenAct,
+    x: &Tensor,
+) -> Result<Tensor> {
+    if x.device().is_cpu() {
+        let ffn = in_row_chunks(x, |rows| down.forward(&up.forward_act(rows, act)?))?;
+        return norm.forward_add(&ffn, x);
+    }
+    norm.forward_add_linear(x, down, &up.forward_act(x, act)?)
 }
 
 /// Hidden activations by their transformers `hidden_act` names.

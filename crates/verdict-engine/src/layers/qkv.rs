@@ -13,7 +13,6 @@ use candle_core::Tensor;
 use super::{Linear, RmsNorm, RotaryEmbedding};
 use crate::checkpoint::WeightPath;
 use crate::error::Result;
-use crate::lora::{TargetPart, TargetSpec};
 
 #[derive(Debug, Clone)]
 enum Projection {
@@ -47,41 +46,8 @@ impl QkvProjection {
                 v: Linear::load(&att.pp("v_proj"), hidden, kd, bias)?,
             }
         } else {
-            let parts_of = [("q_proj", qd), ("k_proj", kd), ("v_proj", kd)];
-            let mut weights = Vec::with_capacity(3);
-            let mut biases = Vec::with_capacity(3);
-            for (name, rows) in parts_of {
-                let p = att.pp(name);
-                weights.push(p.get("weight", &[rows, hidden])?);
-                if bias {
-                    biases.push(p.get("bias", &[rows])?);
-                }
-            }
-            let weight = Tensor::cat(&weights, 0)?;
-            let bias = if bias {
-                Some(Tensor::cat(&biases, 0)?)
-            } else {
-                None
-            };
-            // One layer, three modules: each adapts its own rows of the output.
-            let lora = att.weights().register_lora_target(|| {
-                let mut parts = Vec::with_capacity(3);
-                let mut offset = 0;
-                for (name, rows) in parts_of {
-                    parts.push(TargetPart {
-                        module: att.pp(name).module_name()?,
-                        module_rows: 0..rows,
-                        offset,
-                    });
-                    offset += rows;
-                }
-                Some(TargetSpec {
-                    in_dim: hidden,
-                    out_dim: offset,
-                    parts,
-                })
-            });
-            Projection::Packed(Linear::new(weight, bias).with_lora(lora))
+            let parts = [("q_proj", qd), ("k_proj", kd), ("v_proj", kd)];
+            Projection::Packed(Linear::load_packed(att, &parts, hidden, bias)?)
         };
         Ok(QkvProjection {
             proj,

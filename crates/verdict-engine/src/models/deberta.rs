@@ -19,7 +19,7 @@ use super::{Backbone, PackedBatch};
 use crate::checkpoint::{HfConfig, WeightPath, Weights};
 use crate::error::{EngineError, Result};
 use crate::layers::{
-    disentangled_attention, in_row_chunks, packed_attention, AttentionMask, DisentangledPlan,
+    disentangled_attention, packed_attention, post_norm_mlp, AttentionMask, DisentangledPlan,
     HiddenAct, LayerNorm, Linear, NamedAct, PositionProjections, RelativePositions,
 };
 use crate::pooling::ClassifierHead;
@@ -134,9 +134,8 @@ impl DebertaConfig {
 }
 
 struct EncoderLayer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
+    /// query, key and value projections as one layer (`[T, 3 * heads * d]`).
+    qkv: Linear,
     /// This layer's projections of the relative table (None without relative attention).
     positions: Option<PositionProjections>,
     attn_out: Linear,
@@ -286,29 +285,39 @@ impl DebertaModel {
         for i in 0..cfg.num_hidden_layers {
             let wp = encoder.pp("layer").pp(i);
             let att = wp.pp("attention.self");
-            let (query, key, value) = match variant {
+            let qkv = match variant {
                 DebertaVariant::V1 => load_fused_qkv(&att, h, heads, head_dim)?,
-                DebertaVariant::V2 => (
-                    Linear::load(&att.pp("query_proj"), h, all_heads, true)?,
-                    Linear::load(&att.pp("key_proj"), h, all_heads, true)?,
-                    Linear::load(&att.pp("value_proj"), h, all_heads, true)?,
-                ),
+                DebertaVariant::V2 => {
+                    let parts = [
+                        ("query_proj", all_heads),
+                        ("key_proj", all_heads),
+                        ("value_proj", all_heads),
+                    ];
+                    Linear::load_packed(&att, &parts, h, true)?
+                }
             };
             let positions = match &rel_table {
                 None => None,
                 Some(table) => {
+                    // With share_att_key the content projections (bias included) project the table.
+                    let shared = if variant == DebertaVariant::V2 && cfg.share_att_key {
+                        Some(qkv.forward(table)?)
+                    } else {
+                        None
+                    };
                     let project = |on: bool,
                                    name: &str,
                                    bias: bool,
-                                   shared: &Linear|
+                                   shared_part: usize|
                      -> Result<Option<Tensor>> {
                         if !on {
                             return Ok(None);
                         }
-                        let projected = if variant == DebertaVariant::V2 && cfg.share_att_key {
-                            shared.forward(table)?
-                        } else {
-                            Linear::load(&att.pp(name), h, all_heads, bias)?.forward(table)?
+                        let projected = match &shared {
+                            Some(all) => all.narrow(1, shared_part * all_heads, all_heads)?,
+                            None => {
+                                Linear::load(&att.pp(name), h, all_heads, bias)?.forward(table)?
+                            }
                         };
                         Ok(Some(projected.contiguous()?))
                     };
@@ -316,17 +325,16 @@ impl DebertaModel {
                         DebertaVariant::V1 => ("pos_proj", false, "pos_q_proj"),
                         DebertaVariant::V2 => ("pos_key_proj", true, "pos_query_proj"),
                     };
-                    Some(PositionProjections {
-                        key: project(c2p, key_name, key_bias, &key)?,
-                        query: project(p2c, query_name, true, &query)?,
-                    })
+                    Some(PositionProjections::new(
+                        project(c2p, key_name, key_bias, 1)?,
+                        project(p2c, query_name, true, 0)?,
+                        heads,
+                    )?)
                 }
             };
             let out = wp.pp("attention.output");
             layers.push(EncoderLayer {
-                query,
-                key,
-                value,
+                qkv,
                 positions,
                 attn_out: Linear::load(&out.pp("dense"), all_heads, h, true)?,
                 attn_norm: LayerNorm::load(&out.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
@@ -403,29 +411,25 @@ impl DebertaModel {
 }
 
 /// DeBERTa v1's `in_proj` `[3 * heads * d, hidden]`, whose rows hold, head by head,
-/// that head's q, k and v rows; `q_bias` and `v_bias` are separate and k has none.
+/// that head's q, k and v rows, as one layer with all q rows, then k, then v; `q_bias`
+/// and `v_bias` are separate and k has none (a zero bias here).
 fn load_fused_qkv(
     att: &WeightPath,
     hidden: usize,
     heads: usize,
     head_dim: usize,
-) -> Result<(Linear, Linear, Linear)> {
+) -> Result<Linear> {
     let all = heads * head_dim;
-    let fused = att
+    let weight = att
         .pp("in_proj")
         .get("weight", &[3 * all, hidden])?
-        .reshape((heads, 3, head_dim, hidden))?;
-    let part = |i: usize| -> Result<Tensor> {
-        Ok(fused
-            .narrow(1, i, 1)?
-            .reshape((all, hidden))?
-            .contiguous()?)
-    };
-    Ok((
-        Linear::new(part(0)?, Some(att.get("q_bias", &[all])?)),
-        Linear::new(part(1)?, None),
-        Linear::new(part(2)?, Some(att.get("v_bias", &[all])?)),
-    ))
+        .reshape((heads, 3, head_dim, hidden))?
+        .transpose(0, 1)?
+        .reshape((3 * all, hidden))?;
+    let q_bias = att.get("q_bias", &[all])?;
+    let k_bias = q_bias.zeros_like()?;
+    let bias = Tensor::cat(&[&q_bias, &k_bias, &att.get("v_bias", &[all])?], 0)?;
+    Ok(Linear::new(weight, Some(bias)))
 }
 
 impl Backbone for DebertaModel {
@@ -440,9 +444,10 @@ impl Backbone for DebertaModel {
             .as_ref()
             .map(|relative| DisentangledPlan::new(&batch.cu_seqlens, relative));
         for (i, layer) in self.layers.iter().enumerate() {
-            let q = layer.query.forward(&x)?.reshape((t, heads, d))?;
-            let k = layer.key.forward(&x)?.reshape((t, heads, d))?;
-            let v = layer.value.forward(&x)?.reshape((t, heads, d))?;
+            // Views into the one projection: [T, heads, d], tokens 3 * heads * d apart.
+            let qkv = layer.qkv.forward(&x)?.reshape((t, 3, heads, d))?;
+            let part = |j: usize| qkv.narrow(1, j, 1)?.squeeze(1);
+            let (q, k, v) = (part(0)?, part(1)?, part(2)?);
             let ctx = match (&plan, &layer.positions) {
                 (Some(plan), Some(positions)) => {
                     disentangled_attention(&q, &k, &v, plan, positions, self.scale)?
@@ -458,13 +463,14 @@ impl Backbone for DebertaModel {
             };
             let attn = layer
                 .attn_norm
-                .forward_add(&layer.attn_out.forward(&ctx)?, &x)?;
-            let ffn = in_row_chunks(&attn, |rows| {
-                layer
-                    .output
-                    .forward(&layer.intermediate.forward_act(rows, self.act)?)
-            })?;
-            x = layer.out_norm.forward_add(&ffn, &attn)?;
+                .forward_add_linear(&x, &layer.attn_out, &ctx)?;
+            x = post_norm_mlp(
+                &layer.out_norm,
+                &layer.intermediate,
+                &layer.output,
+                self.act,
+                &attn,
+            )?;
             if i == 0 {
                 if let Some(conv) = &self.conv {
                     x = conv.forward(&embeddings, &x, &batch.cu_seqlens)?;
