@@ -648,12 +648,17 @@ impl KernelOp for QkvRope {
     }
 }
 
-/// `y += u b` in place, as one cuBLAS GEMM with beta 1: a low-rank (LoRA) update
-/// lands on a layer's fresh output without another pass over it. `y` `[T, out]`
-/// must be contiguous and not shared; `u` `[T, R]`, `b` `[R, out]`.
+/// `y += u b` in place, as one cuBLAS GEMM with beta 1. `y` `[T, out]` must be
+/// contiguous and not shared; `u` `[T, K]`; `b` `[K, out]`, contiguous or the
+/// transpose of a contiguous `[out, K]` (a layer's weight, read as stored).
 pub(crate) fn add_matmul_in_place(y: &Tensor, u: &Tensor, b: &Tensor) -> Result<()> {
     let u = u.contiguous()?;
-    let b = b.contiguous()?;
+    let (k, _) = b.dims2()?;
+    let b = if b.stride() == [1, k] || b.is_contiguous() {
+        b.clone()
+    } else {
+        b.contiguous()?
+    };
     y.inplace_op3(&u, &b, &AddMatmul)?;
     Ok(())
 }
@@ -695,7 +700,12 @@ impl candle_core::InplaceOp3 for AddMatmul {
                 "verdict-add-matmul: [{rows}, {out}] += [{u_rows}, {rank}] x [{b_rank}, {b_out}]"
             );
         }
-        if !(y_layout.is_contiguous() && u_layout.is_contiguous() && b_layout.is_contiguous()) {
+        // b as stored `[K, out]`, or the transpose of a stored `[out, K]`.
+        let b_transposed = !b_layout.is_contiguous();
+        if !(y_layout.is_contiguous()
+            && u_layout.is_contiguous()
+            && (!b_transposed || b_layout.stride() == [1, rank]))
+        {
             candle_core::bail!("verdict-add-matmul: operands must be contiguous");
         }
         if rows == 0 || out == 0 || rank == 0 {
@@ -707,6 +717,7 @@ impl candle_core::InplaceOp3 for AddMatmul {
             rows,
             out,
             rank,
+            b_transposed,
         };
         let offsets = (
             y_layout.start_offset(),
@@ -741,11 +752,14 @@ struct Gemm {
     rows: usize,
     out: usize,
     rank: usize,
+    /// `b` is stored as `[out, R]` (cuBLAS's A transposed, ld R).
+    b_transposed: bool,
 }
 
 impl Gemm {
     /// Row-major `y[T, out] += u[T, R] b[R, out]` is column-major
-    /// `y^T = b^T u^T`: cuBLAS's A is `b` (ld out), its B is `u` (ld R).
+    /// `y^T = b^T u^T`: cuBLAS's A is `b` (ld out, or R when stored transposed),
+    /// its B is `u` (ld R).
     fn run<T: DeviceRepr>(
         &self,
         data_type: candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType_t,
@@ -767,10 +781,15 @@ impl Gemm {
         let (y_ptr, _y_guard) = y_view.device_ptr_mut(&self.stream);
         // fp32 accumulation for every dtype, as candle's own matmuls.
         // SAFETY: the three pointers cover the checked shapes on the handle's stream.
+        let (op_a, lda) = if self.b_transposed {
+            (sys::cublasOperation_t::CUBLAS_OP_T, self.rank)
+        } else {
+            (sys::cublasOperation_t::CUBLAS_OP_N, self.out)
+        };
         unsafe {
             result::gemm_ex(
                 *self.blas.handle(),
-                sys::cublasOperation_t::CUBLAS_OP_N,
+                op_a,
                 sys::cublasOperation_t::CUBLAS_OP_N,
                 self.out as i32,
                 self.rows as i32,
@@ -778,7 +797,7 @@ impl Gemm {
                 &alpha as *const f32 as *const _,
                 b_ptr as *const _,
                 data_type,
-                self.out as i32,
+                lda as i32,
                 u_ptr as *const _,
                 data_type,
                 self.rank as i32,

@@ -238,7 +238,11 @@ impl Linear {
         let Some(target) = self.lora else {
             return Ok(None);
         };
-        crate::lora::adapted_matmul(target, x, || self.matmul(x))
+        let weight_t = match &self.weight {
+            LinearWeight::OutIn(w) if w.is_contiguous() => Some(w.t()?),
+            _ => None,
+        };
+        crate::lora::adapted_matmul(target, x, weight_t.as_ref(), || self.matmul(x))
     }
 
     #[cfg(feature = "cuda")]

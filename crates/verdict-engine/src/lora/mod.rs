@@ -403,18 +403,19 @@ pub(crate) fn offset_rows<R>(start: usize, f: impl FnOnce() -> R) -> R {
 
 /// `base()` (the layer's `x W^T`) plus each row's adapter update for layer
 /// `target`, or `None` when no row of `x` is adapted there (the caller runs the
-/// plain layer).
+/// plain layer). On CUDA, `weight_t` (`W^T`, a view of the stored weight) lets the
+/// layer's own GEMM add `x W^T` onto the update instead of calling `base`.
 ///
 /// One gathered product for all the batch's adapters, with their factors stacked
 /// once per registry change: `U = (x A_all) * mask` (the mask keeping each row's
-/// own adapter's columns), then `U B_all^T` added onto the base output, on CUDA by
-/// a GEMM with beta 1 over it (no extra pass). The kernel count does not grow with
-/// the number of adapters, and the layer's weight is used as it is stored (widening
-/// it and the input by the R columns, `[x | U] [W | B_all]^T`, measured slower: the
-/// copies cost more than the pass they save).
+/// own adapter's columns), then `U B_all^T` joins the base output. The kernel count
+/// does not grow with the number of adapters, and the layer's weight is used as it
+/// is stored (widening it and the input by the R columns, `[x | U] [W | B_all]^T`,
+/// measured slower: the copies cost more than the pass they save).
 pub(crate) fn adapted_matmul(
     target: TargetId,
     x: &Tensor,
+    weight_t: Option<&Tensor>,
     base: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Option<Tensor>> {
     let factors = ACTIVE.with(|a| -> Result<Option<(Tensor, Tensor)>> {
@@ -466,13 +467,18 @@ pub(crate) fn adapted_matmul(
     let Some((u, b_t)) = factors else {
         return Ok(None);
     };
-    let y = base()?;
     #[cfg(feature = "cuda")]
-    if y.device().is_cuda() && y.is_contiguous() && y.rank() == 2 {
-        crate::layers::add_matmul_in_place(&y, &u, &b_t)?;
+    if let Some(w_t) = weight_t.filter(|_| x.device().is_cuda() && x.rank() == 2) {
+        // The update first, then the layer's GEMM adds onto it (beta 1). That GEMM is
+        // compute-bound, so reading the update in its epilogue costs little, where
+        // adding the update after it reads and writes the whole output once more.
+        let y = u.matmul(&b_t)?;
+        crate::layers::add_matmul_in_place(&y, x, w_t)?;
         return Ok(Some(y));
     }
-    Ok(Some((y + u.matmul(&b_t)?)?))
+    #[cfg(not(feature = "cuda"))]
+    let _ = weight_t;
+    Ok(Some((base()? + u.matmul(&b_t)?)?))
 }
 
 #[cfg(test)]
@@ -571,27 +577,31 @@ mod tests {
                 .unwrap()
                 .expect("adapters");
             scoped(Some(batch), || {
-                let got = adapted_matmul(TargetId(0), &x, base)
+                let got = adapted_matmul(TargetId(0), &x, None, base)
                     .unwrap()
                     .expect("adapted rows");
                 assert_close(&got, &want);
                 // Rows 4.. as a chunk of their own.
                 let chunk = x.narrow(0, 4, 3).unwrap();
                 let chunk_base = || Ok(chunk.matmul(&w.t()?)?);
-                let got = offset_rows(4, || adapted_matmul(TargetId(0), &chunk, chunk_base))
+                let got = offset_rows(4, || adapted_matmul(TargetId(0), &chunk, None, chunk_base))
                     .unwrap()
                     .expect("adapted rows");
                 assert_close(&got, &want[4..]);
                 // Only the base rows, or a layer no adapter targets: the plain layer.
                 let base_rows = x.narrow(0, 0, 2).unwrap();
                 let rows_base = || Ok(base_rows.matmul(&w.t()?)?);
-                assert!(adapted_matmul(TargetId(0), &base_rows, rows_base)
+                assert!(adapted_matmul(TargetId(0), &base_rows, None, rows_base)
                     .unwrap()
                     .is_none());
-                assert!(adapted_matmul(TargetId(1), &x, base).unwrap().is_none());
+                assert!(adapted_matmul(TargetId(1), &x, None, base)
+                    .unwrap()
+                    .is_none());
             });
         }
-        assert!(adapted_matmul(TargetId(0), &x, base).unwrap().is_none());
+        assert!(adapted_matmul(TargetId(0), &x, None, base)
+            .unwrap()
+            .is_none());
         let base_only = [(None, 3)];
         assert!(
             BatchAdapters::for_sequences(Some(&registry_stack), base_only)
