@@ -370,6 +370,18 @@ pub struct ModelRunner {
 impl ModelRunner {
     /// Runs a batch in one forward pass. Inputs must already be validated.
     pub fn run(&self, seqs: &[SequenceInput]) -> Result<Vec<PooledData>> {
+        // Sequences of one adapter side by side: each adapted layer then runs one
+        // low-rank pair per adapter (a segment of rows), not one per sequence.
+        let adapter_key = |s: &SequenceInput| s.lora.as_ref().map_or(0, |a| a.id());
+        if !seqs.is_sorted_by_key(adapter_key) {
+            let mut order: Vec<usize> = (0..seqs.len()).collect();
+            order.sort_by_key(|&i| adapter_key(&seqs[i]));
+            let sorted: Vec<SequenceInput> = order.iter().map(|&i| seqs[i].clone()).collect();
+            let mut results: Vec<(usize, PooledData)> =
+                order.into_iter().zip(self.run(&sorted)?).collect();
+            results.sort_by_key(|(i, _)| *i);
+            return Ok(results.into_iter().map(|(_, r)| r).collect());
+        }
         let loaded = self.lora.as_ref().map(|r| r.stack());
         let adapters = BatchAdapters::for_sequences(
             loaded.as_ref(),

@@ -9,12 +9,15 @@
 //! Also the plumbing our CUDA ops share (here and in cuda_attention.rs): [`Ptx`] loads
 //! their kernels, [`KernelOp`] + [`CudaOp`] turn one into a candle custom op.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType_t;
+use candle_core::cuda_backend::cudarc::cublas::CudaBlas;
 use candle_core::cuda_backend::cudarc::driver::{
-    CudaFunction, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchArgs, LaunchConfig,
-    PushKernelArg,
+    CudaFunction, CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceRepr, LaunchArgs,
+    LaunchConfig, PushKernelArg, ValidAsZeroBits,
 };
 use candle_core::cuda_backend::{CudaDType, CudaStorageSlice, WrapErr};
 use candle_core::{
@@ -691,7 +694,6 @@ impl candle_core::InplaceOp3 for AddMatmul {
         b: &CudaStorage,
         b_layout: &Layout,
     ) -> candle_core::Result<()> {
-        use candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType_t;
         let (rows, out) = y_layout.shape().dims2()?;
         let (u_rows, rank) = u_layout.shape().dims2()?;
         let (b_rank, b_out) = b_layout.shape().dims2()?;
@@ -711,104 +713,341 @@ impl candle_core::InplaceOp3 for AddMatmul {
         if rows == 0 || out == 0 || rank == 0 {
             return Ok(());
         }
-        let gemm = Gemm {
-            blas: y.device.cublas_handle(),
-            stream: y.device.cuda_stream(),
-            rows,
-            out,
-            rank,
-            b_transposed,
-        };
-        let offsets = (
+        let blas = y.device.cublas_handle();
+        let stream = y.device.cuda_stream();
+        let (y_start, u_start, b_start) = (
             y_layout.start_offset(),
             u_layout.start_offset(),
             b_layout.start_offset(),
         );
+        fn run<T: DeviceRepr>(
+            (blas, stream): (&CudaBlas, &Arc<CudaStream>),
+            data_type: cudaDataType_t,
+            (y, u, b): (&mut CudaSlice<T>, &CudaSlice<T>, &CudaSlice<T>),
+            (y_start, u_start, b_start): (usize, usize, usize),
+            gemm: RowMajorGemm,
+        ) -> candle_core::Result<()> {
+            let (y_ptr, _y_guard) = y.device_ptr_mut(stream);
+            let (u_ptr, _u_guard) = u.device_ptr(stream);
+            let (b_ptr, _b_guard) = b.device_ptr(stream);
+            let at = |ptr: u64, start: usize| ptr + (start * std::mem::size_of::<T>()) as u64;
+            // SAFETY: the layouts were checked against the shapes, on the handle's stream.
+            unsafe {
+                gemm.run(
+                    blas,
+                    data_type,
+                    at(u_ptr, u_start),
+                    at(b_ptr, b_start),
+                    at(y_ptr, y_start),
+                )
+            }
+        }
+        let gemm = RowMajorGemm {
+            rows,
+            cols: out,
+            k: rank,
+            lda: rank,
+            ldb: if b_transposed { rank } else { out },
+            b_transposed,
+            ldc: out,
+            beta: 1.0,
+        };
+        let handles = (blas.as_ref(), &stream);
+        let offsets = (y_start, u_start, b_start);
         match (&mut y.slice, &u.slice, &b.slice) {
             (
                 CudaStorageSlice::BF16(ys),
                 CudaStorageSlice::BF16(us),
                 CudaStorageSlice::BF16(bs),
-            ) => gemm.run(cudaDataType_t::CUDA_R_16BF, ys, us, bs, offsets),
+            ) => run(
+                handles,
+                cudaDataType_t::CUDA_R_16BF,
+                (ys, us, bs),
+                offsets,
+                gemm,
+            ),
             (CudaStorageSlice::F16(ys), CudaStorageSlice::F16(us), CudaStorageSlice::F16(bs)) => {
-                gemm.run(cudaDataType_t::CUDA_R_16F, ys, us, bs, offsets)
+                run(
+                    handles,
+                    cudaDataType_t::CUDA_R_16F,
+                    (ys, us, bs),
+                    offsets,
+                    gemm,
+                )
             }
             (CudaStorageSlice::F32(ys), CudaStorageSlice::F32(us), CudaStorageSlice::F32(bs)) => {
-                gemm.run(cudaDataType_t::CUDA_R_32F, ys, us, bs, offsets)
+                run(
+                    handles,
+                    cudaDataType_t::CUDA_R_32F,
+                    (ys, us, bs),
+                    offsets,
+                    gemm,
+                )
             }
             _ => candle_core::bail!(
                 "verdict-add-matmul: y, u and b must share a dtype (bf16, f16 or f32)"
             ),
         }
-        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
-        Ok(())
     }
 }
 
-/// One `y += u b` GEMM's shape and handles.
-struct Gemm {
-    blas: Arc<candle_core::cuda_backend::cudarc::cublas::CudaBlas>,
-    stream: Arc<CudaStream>,
+/// One row-major GEMM `c[rows, cols] = a[rows, k] b[k, cols] + beta c` on device
+/// pointers, each operand's rows `ld*` elements apart; `b_transposed`: `b` is the
+/// transpose of a stored `[cols, k]` (a layer's weight, read as stored).
+struct RowMajorGemm {
     rows: usize,
-    out: usize,
-    rank: usize,
-    /// `b` is stored as `[out, R]` (cuBLAS's A transposed, ld R).
+    cols: usize,
+    k: usize,
+    lda: usize,
+    ldb: usize,
     b_transposed: bool,
+    ldc: usize,
+    beta: f32,
 }
 
-impl Gemm {
-    /// Row-major `y[T, out] += u[T, R] b[R, out]` is column-major
-    /// `y^T = b^T u^T`: cuBLAS's A is `b` (ld out, or R when stored transposed),
-    /// its B is `u` (ld R).
-    fn run<T: DeviceRepr>(
+impl RowMajorGemm {
+    /// Row-major `c = a b` is column-major `c^T = b^T a^T`: cuBLAS's A is `b`, its B
+    /// is `a`. fp32 accumulation for every dtype, as candle's own matmuls.
+    ///
+    /// # Safety
+    /// The pointers must cover the shapes with their leading dimensions, in memory
+    /// of `data_type` on the handle's stream.
+    unsafe fn run(
         &self,
-        data_type: candle_core::cuda_backend::cudarc::cublas::sys::cudaDataType_t,
-        y: &mut CudaSlice<T>,
-        u: &CudaSlice<T>,
-        b: &CudaSlice<T>,
-        (y_start, u_start, b_start): (usize, usize, usize),
-    ) -> std::result::Result<(), candle_core::cuda_backend::cudarc::cublas::result::CublasError>
-    {
+        blas: &CudaBlas,
+        data_type: cudaDataType_t,
+        a: u64,
+        b: u64,
+        c: u64,
+    ) -> candle_core::Result<()> {
         use candle_core::cuda_backend::cudarc::cublas::{result, sys};
-        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
-        let alpha = 1f32;
-        let beta = 1f32;
-        let b_view = b.slice(b_start..);
-        let u_view = u.slice(u_start..);
-        let mut y_view = y.slice_mut(y_start..);
-        let (b_ptr, _b_guard) = b_view.device_ptr(&self.stream);
-        let (u_ptr, _u_guard) = u_view.device_ptr(&self.stream);
-        let (y_ptr, _y_guard) = y_view.device_ptr_mut(&self.stream);
-        // fp32 accumulation for every dtype, as candle's own matmuls.
-        // SAFETY: the three pointers cover the checked shapes on the handle's stream.
-        let (op_a, lda) = if self.b_transposed {
-            (sys::cublasOperation_t::CUBLAS_OP_T, self.rank)
-        } else {
-            (sys::cublasOperation_t::CUBLAS_OP_N, self.out)
-        };
-        unsafe {
-            result::gemm_ex(
-                *self.blas.handle(),
-                op_a,
-                sys::cublasOperation_t::CUBLAS_OP_N,
-                self.out as i32,
-                self.rows as i32,
-                self.rank as i32,
-                &alpha as *const f32 as *const _,
-                b_ptr as *const _,
-                data_type,
-                lda as i32,
-                u_ptr as *const _,
-                data_type,
-                self.rank as i32,
-                &beta as *const f32 as *const _,
-                y_ptr as *mut _,
-                data_type,
-                self.out as i32,
-                sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-                sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
-            )
+        if self.rows == 0 || self.cols == 0 || self.k == 0 {
+            return Ok(());
         }
+        let alpha = 1f32;
+        let op_b = if self.b_transposed {
+            sys::cublasOperation_t::CUBLAS_OP_T
+        } else {
+            sys::cublasOperation_t::CUBLAS_OP_N
+        };
+        result::gemm_ex(
+            *blas.handle(),
+            op_b,
+            sys::cublasOperation_t::CUBLAS_OP_N,
+            self.cols as i32,
+            self.rows as i32,
+            self.k as i32,
+            &alpha as *const f32 as *const _,
+            b as *const _,
+            data_type,
+            self.ldb as i32,
+            a as *const _,
+            data_type,
+            self.lda as i32,
+            &self.beta as *const f32 as *const _,
+            c as *mut _,
+            data_type,
+            self.ldc as i32,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT_TENSOR_OP,
+        )
+        .map_err(|e| candle_core::Error::Cuda(Box::new(e)))
+    }
+}
+
+/// Each segment's low-rank update `x[rows] a_t[:, columns] b_t[columns, :]`, and
+/// zeros in the rows no segment covers: `x` `[T, in]`, `a_t` `[in, R]` and `b_t`
+/// `[R, out]` (the layer's factors of every loaded adapter, side by side) give
+/// `[T, out]`, from one shrink GEMM `U = x a_t` and one expand GEMM per segment on
+/// views of the operands, with no copy.
+pub(crate) fn segmented_low_rank(
+    x: &Tensor,
+    a_t: &Tensor,
+    b_t: &Tensor,
+    segments: &[crate::lora::LoraSegment],
+) -> Result<Tensor> {
+    let op = SegmentedLowRank {
+        segments: segments
+            .iter()
+            .map(|s| (s.rows.clone(), s.columns.clone()))
+            .collect(),
+    };
+    Ok(x.contiguous()?.apply_op3_no_bwd(a_t, b_t, &op)?)
+}
+
+struct SegmentedLowRank {
+    segments: Vec<(Range<usize>, Range<usize>)>,
+}
+
+impl SegmentedLowRank {
+    fn run<T: DeviceRepr + ValidAsZeroBits>(
+        &self,
+        dev: &CudaDevice,
+        data_type: cudaDataType_t,
+        (x, a, b): (&CudaSlice<T>, &CudaSlice<T>, &CudaSlice<T>),
+        (x_start, a_start, b_start): (usize, usize, usize),
+        (rows, inp, stacked, out): (usize, usize, usize, usize),
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let stream = dev.cuda_stream();
+        let blas = dev.cublas_handle();
+        let (first, last) = match (self.segments.first(), self.segments.last()) {
+            (Some(first), Some(last)) => (first.0.start, last.0.end),
+            _ => (0, 0),
+        };
+        // SAFETY: segments write their rows, and the gaps between them are zeroed below.
+        let mut y = unsafe { dev.alloc::<T>(rows * out)? };
+        // SAFETY: the shrink writes rows `first..last`, the rows the segments read.
+        let u = unsafe { dev.alloc::<T>(rows.max(1) * stacked)? };
+        let mut covered = 0;
+        for (seg_rows, _) in self.segments.iter().chain([&(rows..rows, 0..0)]) {
+            if seg_rows.start > covered {
+                let mut gap = y.slice_mut(covered * out..seg_rows.start * out);
+                stream.memset_zeros(&mut gap).w()?;
+            }
+            covered = seg_rows.end;
+        }
+        // The pointers' guards end before `y` is handed back.
+        {
+            let (x_ptr, _x_guard) = x.device_ptr(&stream);
+            let (a_ptr, _a_guard) = a.device_ptr(&stream);
+            let (b_ptr, _b_guard) = b.device_ptr(&stream);
+            let (u_ptr, _u_guard) = u.device_ptr(&stream);
+            let (y_ptr, _y_guard) = y.device_ptr_mut(&stream);
+            let at = |ptr: u64, start: usize| ptr + (start * std::mem::size_of::<T>()) as u64;
+            // The shrink runs over all the stacked columns at once: one GEMM over every
+            // adapted row keeps the GPU busy, where one thin GEMM per segment (a rank's
+            // columns over a few thousand rows) left most of it idle and was slower,
+            // though it does an eighth of the work with 8 adapters.
+            let shrink = RowMajorGemm {
+                rows: last - first,
+                cols: stacked,
+                k: inp,
+                lda: inp,
+                ldb: stacked,
+                b_transposed: false,
+                ldc: stacked,
+                beta: 0.0,
+            };
+            // SAFETY: rows first..last of x and u, all of a_t; on the handle's stream.
+            unsafe {
+                shrink.run(
+                    &blas,
+                    data_type,
+                    at(x_ptr, x_start + first * inp),
+                    at(a_ptr, a_start),
+                    at(u_ptr, first * stacked),
+                )?;
+            }
+            // Each segment expands only its own adapter's columns of U.
+            for (rows, columns) in &self.segments {
+                let expand = RowMajorGemm {
+                    rows: rows.len(),
+                    cols: out,
+                    k: columns.len(),
+                    lda: stacked,
+                    ldb: out,
+                    b_transposed: false,
+                    ldc: out,
+                    beta: 0.0,
+                };
+                // SAFETY: the rows and columns were checked against the operands' shapes;
+                // every pointer is on `stream`, the handle's.
+                unsafe {
+                    expand.run(
+                        &blas,
+                        data_type,
+                        at(u_ptr, rows.start * stacked + columns.start),
+                        at(b_ptr, b_start + columns.start * out),
+                        at(y_ptr, rows.start * out),
+                    )?;
+                }
+            }
+        }
+        Ok(y)
+    }
+}
+
+impl CustomOp3 for SegmentedLowRank {
+    fn name(&self) -> &'static str {
+        "verdict-segmented-low-rank"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("verdict-segmented-low-rank runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        x_layout: &Layout,
+        a: &CudaStorage,
+        a_layout: &Layout,
+        b: &CudaStorage,
+        b_layout: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (rows, inp) = x_layout.shape().dims2()?;
+        let (a_in, stacked) = a_layout.shape().dims2()?;
+        let (b_stacked, out) = b_layout.shape().dims2()?;
+        if a_in != inp || b_stacked != stacked {
+            candle_core::bail!(
+                "verdict-segmented-low-rank: [{rows}, {inp}] x [{a_in}, {stacked}] x [{b_stacked}, {out}]"
+            );
+        }
+        if !(x_layout.is_contiguous() && a_layout.is_contiguous() && b_layout.is_contiguous()) {
+            candle_core::bail!("verdict-segmented-low-rank: operands must be contiguous");
+        }
+        let mut previous_end = 0;
+        for (seg_rows, columns) in &self.segments {
+            if seg_rows.start < previous_end || seg_rows.end > rows || columns.end > stacked {
+                candle_core::bail!(
+                    "verdict-segmented-low-rank: segment rows {seg_rows:?} columns {columns:?} \
+                     out of order or outside [{rows}, {stacked}]"
+                );
+            }
+            previous_end = seg_rows.end;
+        }
+        let dev = &x.device;
+        let starts = (
+            x_layout.start_offset(),
+            a_layout.start_offset(),
+            b_layout.start_offset(),
+        );
+        let dims = (rows, inp, stacked, out);
+        macro_rules! run_as {
+            ($variant:ident, $data_type:ident, $operands:expr) => {
+                CudaStorageSlice::$variant(self.run(
+                    dev,
+                    cudaDataType_t::$data_type,
+                    $operands,
+                    starts,
+                    dims,
+                )?)
+            };
+        }
+        use CudaStorageSlice::{BF16, F16, F32};
+        let slice = match (&x.slice, &a.slice, &b.slice) {
+            (BF16(xs), BF16(a_s), BF16(bs)) => run_as!(BF16, CUDA_R_16BF, (xs, a_s, bs)),
+            (F16(xs), F16(a_s), F16(bs)) => run_as!(F16, CUDA_R_16F, (xs, a_s, bs)),
+            (F32(xs), F32(a_s), F32(bs)) => run_as!(F32, CUDA_R_32F, (xs, a_s, bs)),
+            _ => candle_core::bail!(
+                "verdict-segmented-low-rank: x, a_t and b_t must share a dtype (bf16, f16 or f32)"
+            ),
+        };
+        Ok((
+            CudaStorage {
+                slice,
+                device: dev.clone(),
+            },
+            Shape::from((rows, out)),
+        ))
     }
 }
 
@@ -855,7 +1094,6 @@ impl KernelOp for HeadMatmul {
     /// is x (ld its row stride, heads `d` apart).
     fn launch<T: DeviceRepr + CudaDType>(&self, call: Launch<'_, T>) -> candle_core::Result<()> {
         use candle_core::cuda_backend::cudarc::cublas::{result, sys};
-        use candle_core::cuda_backend::cudarc::driver::{DevicePtr, DevicePtrMut};
         let (x, table) = (&call.operands[0], &call.operands[1]);
         let data_type = match call.dtype {
             "bf16" => sys::cudaDataType_t::CUDA_R_16BF,

@@ -14,7 +14,7 @@ mod simd;
 
 pub use attention::{packed_attention, packed_attention_capped, AttentionMask};
 #[cfg(feature = "cuda")]
-pub(crate) use cuda_ops::add_matmul_in_place;
+pub(crate) use cuda_ops::{add_matmul_in_place, segmented_low_rank};
 pub use disentangled::{
     disentangled_attention, DisentangledPlan, PositionProjections, RelativePositions,
 };

@@ -8,8 +8,8 @@
 //! with the scaling folded into `B`.
 //!
 //! A batch may mix adapters and the base model: the runner scopes the forward pass
-//! with the adapter of every token row ([`scoped`]). Each targeted layer then runs
-//! one gathered product for all of them ([`adapted_matmul`]): rows of the base
+//! with the adapter of every token row ([`scoped`]). Each targeted layer then adds
+//! every segment's own low-rank update ([`adapted_matmul`]): rows of the base
 //! model, and of adapters that leave the layer alone, get no update. The scope is
 //! the engine thread's own, so the model code keeps its signatures.
 
@@ -17,12 +17,12 @@ mod config;
 mod registry;
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 
 pub use config::{AdapterConfig, TargetModules};
 pub(crate) use registry::BaseModel;
@@ -200,24 +200,20 @@ impl std::ops::Deref for LoraRef {
     }
 }
 
-/// Marks rows that run with the base model.
-const BASE_ROW: u32 = u32::MAX;
-
 /// One layer's factors of every adapter of a [`LoraStack`] that adapts it, side
-/// by side: `a_t` `[in, R]`, `b_t` `[R, out]`, and the adapter slot of each of
-/// the R columns.
+/// by side: `a_t` `[in, R]` and `b_t` `[R, out]`.
 #[derive(Debug)]
 struct StackedLayer {
     a_t: Tensor,
     b_t: Tensor,
-    column_slots: Vec<u32>,
-    /// The distinct slots of `column_slots`.
-    slots: Vec<u32>,
+    /// Per slot: its adapter's columns of `a_t` (rows of `b_t`), `None` when that
+    /// adapter leaves the layer alone.
+    columns: Vec<Option<Range<usize>>>,
 }
 
 /// The adapters a batch may use, with each layer's factors concatenated once (not
-/// per batch): the registry rebuilds it when an adapter loads or unloads, so a
-/// forward pass runs the same few products per layer whichever adapters its rows use.
+/// per batch): the registry rebuilds it when an adapter loads or unloads, so every
+/// segment of a forward pass reads its factors as views of one pair per layer.
 #[derive(Debug, Default)]
 pub struct LoraStack {
     /// Slot order.
@@ -233,15 +229,20 @@ impl LoraStack {
         for t in 0..targets {
             let mut a_parts = Vec::new();
             let mut b_parts = Vec::new();
-            let mut column_slots = Vec::new();
-            let mut slots = Vec::new();
-            for (slot, adapter) in adapters.iter().enumerate() {
-                if let Some(pair) = adapter.layers.get(t).and_then(Option::as_ref) {
-                    a_parts.push(&pair.a_t);
-                    b_parts.push(&pair.b_t);
-                    column_slots.extend(std::iter::repeat_n(slot as u32, pair.b_t.dim(0)?));
-                    slots.push(slot as u32);
-                }
+            let mut columns = Vec::with_capacity(adapters.len());
+            let mut width = 0;
+            for adapter in &adapters {
+                let pair = adapter.layers.get(t).and_then(Option::as_ref);
+                columns.push(match pair {
+                    Some(pair) => {
+                        a_parts.push(&pair.a_t);
+                        b_parts.push(&pair.b_t);
+                        let rank = pair.b_t.dim(0)?;
+                        width += rank;
+                        Some(width - rank..width)
+                    }
+                    None => None,
+                });
             }
             layers.push(if a_parts.is_empty() {
                 None
@@ -249,19 +250,15 @@ impl LoraStack {
                 Some(StackedLayer {
                     a_t: Tensor::cat(&a_parts, 1)?.contiguous()?,
                     b_t: Tensor::cat(&b_parts, 0)?.contiguous()?,
-                    column_slots,
-                    slots,
+                    columns,
                 })
             });
         }
         Ok(LoraStack { adapters, layers })
     }
 
-    fn slot_of(&self, adapter: &LoraAdapter) -> Option<u32> {
-        self.adapters
-            .iter()
-            .position(|a| a.id == adapter.id)
-            .map(|i| i as u32)
+    fn slot_of(&self, adapter: &LoraAdapter) -> Option<usize> {
+        self.adapters.iter().position(|a| a.id == adapter.id)
     }
 }
 
@@ -269,10 +266,10 @@ impl LoraStack {
 #[derive(Debug, Clone)]
 pub struct BatchAdapters {
     stack: Arc<LoraStack>,
-    /// Per batch row: its adapter's slot in `stack`, or `BASE_ROW`.
-    row_slots: Vec<u32>,
-    /// The slots some row uses.
-    used_slots: Vec<u32>,
+    /// The batch's runs of rows with one adapter (its slot in `stack`), in row order;
+    /// base-model rows are in none.
+    runs: Vec<(Range<usize>, usize)>,
+    rows: usize,
 }
 
 impl BatchAdapters {
@@ -296,57 +293,53 @@ impl BatchAdapters {
         }
         let stack = match loaded {
             Some(stack) if used.iter().all(|a| stack.slot_of(a).is_some()) => stack.clone(),
-            _ => Arc::new(LoraStack::build(used.clone())?),
+            _ => Arc::new(LoraStack::build(used)?),
         };
-        let used_slots = used.iter().filter_map(|a| stack.slot_of(a)).collect();
-        let mut row_slots = Vec::new();
-        for (adapter, rows) in seqs {
-            let slot = adapter.and_then(|a| stack.slot_of(a)).unwrap_or(BASE_ROW);
-            row_slots.extend(std::iter::repeat_n(slot, rows));
+        let mut runs: Vec<(Range<usize>, usize)> = Vec::new();
+        let mut rows = 0;
+        for (adapter, len) in seqs {
+            if let Some(slot) = adapter.and_then(|a| stack.slot_of(a)) {
+                match runs.last_mut() {
+                    Some((run, s)) if *s == slot && run.end == rows => run.end += len,
+                    _ => runs.push((rows..rows + len, slot)),
+                }
+            }
+            rows += len;
         }
-        Ok(Some(BatchAdapters {
-            stack,
-            row_slots,
-            used_slots,
-        }))
+        Ok(Some(BatchAdapters { stack, runs, rows }))
     }
+
+    /// The segments of rows `rows` (a layer input's, as rows of the batch) whose
+    /// adapter adapts `layer`, as rows of that input. A runner that orders sequences
+    /// by adapter makes one per adapter.
+    fn segments(&self, rows: Range<usize>, layer: &StackedLayer) -> Vec<LoraSegment> {
+        self.runs
+            .iter()
+            .filter_map(|(run, slot)| {
+                let start = run.start.max(rows.start);
+                let end = run.end.min(rows.end);
+                let columns = layer.columns.get(*slot)?.clone()?;
+                (start < end).then(|| LoraSegment {
+                    rows: start - rows.start..end - rows.start,
+                    columns,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Rows of a layer input that run with one adapter's factors: its columns of the
+/// layer's stacked `a_t` (rows of `b_t`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct LoraSegment {
+    pub rows: Range<usize>,
+    pub columns: Range<usize>,
 }
 
 struct Scope {
     batch: BatchAdapters,
     /// Row of the batch that row 0 of the current layer input is (row-chunked MLPs).
     row_offset: usize,
-    /// `[T, R]` 0/1 masks, one per column layout and dtype: row r keeps only the
-    /// columns of its own adapter.
-    masks: RefCell<HashMap<(Vec<u32>, DType), Tensor>>,
-    /// `row_slots` as a `[T, 1]` tensor on the model's device.
-    device_rows: RefCell<Option<Tensor>>,
-}
-
-impl Scope {
-    fn mask(&self, column_slots: &[u32], dtype: DType, device: &Device) -> Result<Tensor> {
-        let key = (column_slots.to_vec(), dtype);
-        if let Some(mask) = self.masks.borrow().get(&key) {
-            return Ok(mask.clone());
-        }
-        // Built on the device from the row and column slots (a few KB to copy):
-        // the mask itself is rows x columns.
-        let rows = match self.device_rows.borrow().as_ref() {
-            Some(rows) => rows.clone(),
-            None => {
-                let slots = &self.batch.row_slots;
-                Tensor::from_slice(slots, (slots.len(), 1), device)?
-            }
-        };
-        self.device_rows.replace(Some(rows.clone()));
-        let columns = Tensor::from_slice(column_slots, (1, column_slots.len()), device)?;
-        let mask = rows
-            .broadcast_eq(&columns)?
-            .to_dtype(DType::F32)?
-            .to_dtype(dtype)?;
-        self.masks.borrow_mut().insert(key, mask.clone());
-        Ok(mask)
-    }
 }
 
 thread_local! {
@@ -373,8 +366,6 @@ pub fn scoped<R>(batch: Option<BatchAdapters>, f: impl FnOnce() -> R) -> R {
         a.borrow_mut().replace(Scope {
             batch,
             row_offset: 0,
-            masks: RefCell::new(HashMap::new()),
-            device_rows: RefCell::new(None),
         })
     });
     let _restore = Restore(previous);
@@ -406,19 +397,21 @@ pub(crate) fn offset_rows<R>(start: usize, f: impl FnOnce() -> R) -> R {
 /// plain layer). On CUDA, `weight_t` (`W^T`, a view of the stored weight) lets the
 /// layer's own GEMM add `x W^T` onto the update instead of calling `base`.
 ///
-/// One gathered product for all the batch's adapters, with their factors stacked
-/// once per registry change: `U = (x A_all) * mask` (the mask keeping each row's
-/// own adapter's columns), then `U B_all^T` joins the base output. The kernel count
-/// does not grow with the number of adapters, and the layer's weight is used as it
-/// is stored (widening it and the input by the R columns, `[x | U] [W | B_all]^T`,
-/// measured slower: the copies cost more than the pass they save).
+/// Rows sharing an adapter form a segment (the runner orders sequences by adapter),
+/// and each segment gets only its own adapter's `x A^T B^T`, read as views of the
+/// layer's stacked factors. On CUDA the shrink runs once over all the stacked
+/// columns (one wide GEMM keeps the GPU busy, one thin GEMM per segment did not) and
+/// each segment expands its own columns; the CPU runs both per segment. Before, one
+/// gathered product over all the stacked columns, masked per row, expanded with 8
+/// times the work for 8 adapters. Rows of the base model, and of adapters that leave
+/// the layer alone, get no update.
 pub(crate) fn adapted_matmul(
     target: TargetId,
     x: &Tensor,
     weight_t: Option<&Tensor>,
     base: impl FnOnce() -> Result<Tensor>,
 ) -> Result<Option<Tensor>> {
-    let factors = ACTIVE.with(|a| -> Result<Option<(Tensor, Tensor)>> {
+    let found = ACTIVE.with(|a| -> Result<Option<(Vec<LoraSegment>, Tensor, Tensor)>> {
         let active = a.borrow();
         let Some(scope) = active.as_ref() else {
             return Ok(None);
@@ -433,57 +426,63 @@ pub(crate) fn adapted_matmul(
             return Ok(None);
         };
         let n = x.dim(0)?;
-        let rows = scope
-            .batch
-            .row_slots
-            .get(scope.row_offset..scope.row_offset + n)
-            .ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "internal: LoRA rows {}..{} outside the batch's {}",
-                    scope.row_offset,
-                    scope.row_offset + n,
-                    scope.batch.row_slots.len()
-                ))
-            })?;
-        // The whole batch uses every slot in `used_slots`; a row slice (a CPU MLP
-        // chunk) may miss them all.
-        let adapted = if n == scope.batch.row_slots.len() {
-            layer
-                .slots
-                .iter()
-                .any(|s| scope.batch.used_slots.contains(s))
-        } else {
-            rows.iter().any(|r| layer.slots.contains(r))
-        };
-        if !adapted {
-            return Ok(None);
+        let rows = scope.row_offset..scope.row_offset + n;
+        if rows.end > scope.batch.rows {
+            return Err(candle_core::Error::Msg(format!(
+                "internal: LoRA rows {rows:?} outside the batch's {}",
+                scope.batch.rows
+            ))
+            .into());
         }
-        let mask = scope
-            .mask(&layer.column_slots, x.dtype(), x.device())?
-            .narrow(0, scope.row_offset, n)?;
-        let u = (x.matmul(&layer.a_t)? * mask)?;
-        Ok(Some((u, layer.b_t.clone())))
+        let segments = scope.batch.segments(rows, layer);
+        Ok((!segments.is_empty()).then(|| (segments, layer.a_t.clone(), layer.b_t.clone())))
     })?;
-    let Some((u, b_t)) = factors else {
+    let Some((segments, a_t, b_t)) = found else {
         return Ok(None);
     };
     #[cfg(feature = "cuda")]
-    if let Some(w_t) = weight_t.filter(|_| x.device().is_cuda() && x.rank() == 2) {
+    if x.device().is_cuda() && x.rank() == 2 {
         // The update first, then the layer's GEMM adds onto it (beta 1). That GEMM is
         // compute-bound, so reading the update in its epilogue costs little, where
         // adding the update after it reads and writes the whole output once more.
-        let y = u.matmul(&b_t)?;
-        crate::layers::add_matmul_in_place(&y, x, w_t)?;
-        return Ok(Some(y));
+        let update = crate::layers::segmented_low_rank(x, &a_t, &b_t, &segments)?;
+        return Ok(Some(match weight_t {
+            Some(w_t) => {
+                crate::layers::add_matmul_in_place(&update, x, w_t)?;
+                update
+            }
+            None => (base()? + update)?,
+        }));
     }
     #[cfg(not(feature = "cuda"))]
     let _ = weight_t;
-    Ok(Some((base()? + u.matmul(&b_t)?)?))
+    let n = x.dim(0)?;
+    let out = b_t.dim(1)?;
+    let zeros = |rows: usize| Tensor::zeros((rows, out), x.dtype(), x.device());
+    let mut pieces = Vec::with_capacity(2 * segments.len() + 1);
+    let mut done = 0;
+    for seg in &segments {
+        if seg.rows.start > done {
+            pieces.push(zeros(seg.rows.start - done)?);
+        }
+        let a = a_t
+            .narrow(1, seg.columns.start, seg.columns.len())?
+            .contiguous()?;
+        let b = b_t.narrow(0, seg.columns.start, seg.columns.len())?;
+        let u = x.narrow(0, seg.rows.start, seg.rows.len())?.matmul(&a)?;
+        pieces.push(u.matmul(&b)?);
+        done = seg.rows.end;
+    }
+    if n > done {
+        pieces.push(zeros(n - done)?);
+    }
+    Ok(Some((base()? + Tensor::cat(&pieces, 0)?)?))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{DType, Device};
 
     fn tensor(rows: usize, cols: usize, seed: f32) -> Tensor {
         let values = (0..rows * cols)
