@@ -182,8 +182,8 @@ backbone=$(st_tensors "$stage/$SHARD1")
 head=$(st_tensors "$ASSETS/head.safetensors")
 [ "$(printf '%s\n' "$head" | cut -d' ' -f1 | LC_ALL=C sort | tr '\n' ' ')" = "$HEAD_KEYS " ] ||
     die "head.safetensors must hold exactly: $HEAD_KEYS"
-printf '%s\n' "$backbone" | grep -q "^${pfx}pooler\\.dense\\.weight " || die "MiniLM file has no pooler.dense.weight"
-printf '%s\n' "$backbone" | grep -q "^${pfx}encoder\\.layer\\.5\\." || die "MiniLM file has no encoder.layer.5"
+grep -q "^${pfx}pooler\\.dense\\.weight " <<<"$backbone" || die "MiniLM file has no pooler.dense.weight"
+grep -q "^${pfx}encoder\\.layer\\.5\\." <<<"$backbone" || die "MiniLM file has no encoder.layer.5"
 
 entries=$(
     {

@@ -76,7 +76,9 @@ uid=$("${podman[@]}" exec "$name" /bin/busybox id -u)
 # HEALTHCHECK's and the preStop hook's commands, on this run's port.
 "${podman[@]}" exec "$name" /bin/busybox wget -q -O /dev/null "$url/health" || fail "HEALTHCHECK's wget failed"
 "${podman[@]}" exec "$name" /bin/busybox sleep 0 || fail "the preStop command failed"
-curl -fsS "$url/metrics" | grep -q '^verdict_queue_depth ' || fail "/metrics has no verdict_queue_depth (the autoscaler's metric)"
+# Captured first: under pipefail, `curl | grep -q` fails when grep exits before curl finishes writing.
+metrics=$(curl -fsS "$url/metrics") || fail "/metrics failed"
+grep -q '^verdict_queue_depth ' <<<"$metrics" || fail "/metrics has no verdict_queue_depth (the autoscaler's metric)"
 rss=$("${podman[@]}" exec "$name" /bin/busybox grep -E '^Vm(RSS|HWM)' /proc/1/status | tr -s ' \t\n' ' ')
 log "server memory: $rss"
 
@@ -86,6 +88,7 @@ code=$(timeout $((SHUTDOWN_DEADLINE_S + 5)) "${podman[@]}" wait "$name") || { lo
 took=$(($(date +%s) - started))
 [ "$code" = 0 ] || { logs; fail "exit code $code after SIGTERM"; }
 [ "$took" -le "$SHUTDOWN_DEADLINE_S" ] || fail "took $took s to exit after SIGTERM"
-"${podman[@]}" logs "$name" 2>&1 | grep -q "server stopped" || { logs; fail "no 'server stopped' in the log"; }
+server_log=$("${podman[@]}" logs "$name" 2>&1)
+grep -q "server stopped" <<<"$server_log" || { logs; fail "no 'server stopped' in the log"; }
 log "SIGTERM: exit code 0 after $took s"
 log "passed"
