@@ -753,7 +753,7 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
     if args.enable_lora && !arch.supports_lora() {
         return Err(EngineError::Config(format!(
             "LoRA adapters are not supported for {arch_name} \
-             (supported: the BERT family and the Llama-family decoders)"
+             (supported: the BERT family, ModernBERT and the Llama-family decoders)"
         )));
     }
     let mut weights = Weights::open(&files, dtype, &device)?;
@@ -873,6 +873,7 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
         let base = lora::BaseModel {
             files: files.clone(),
             arch: arch.clone(),
+            config: config.clone(),
             hidden: backbone.hidden_size(),
             dtype,
             device: device.clone(),

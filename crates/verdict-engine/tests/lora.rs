@@ -208,6 +208,18 @@ fn qwen2_base_and_two_adapters_in_one_batch() {
     check_mixed_batch("qwen2-cls", &["qwen2-all", "qwen2-qv"]);
 }
 
+/// ModernBERT's fused Wqkv, both Wo and the GeGLU halves of Wi, and its own head
+/// (dense + norm + classifier) with 4 labels; prompts past the local window.
+#[test]
+fn modernbert_adapter_with_its_head() {
+    check_adapter_alone("modernbert-cls", "modernbert-topics");
+}
+
+#[test]
+fn modernbert_base_and_adapter_in_one_batch() {
+    check_mixed_batch("modernbert-cls", &["modernbert-topics"]);
+}
+
 /// A copy of an adapter with its config edited.
 fn edited_adapter(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -313,27 +325,26 @@ fn adapters_unload_and_reload_by_name() {
     assert_eq!(registry.list().len(), 1);
 }
 
-/// Per-token heads: a 3-label token-classification adapter and its 5-label base
-/// model in one batch, every token row as PEFT / transformers give it.
-#[test]
-fn token_classification_adapter_with_its_own_labels_in_a_mixed_batch() {
-    let loaded = load_engine(&lora_args("distilbert-tokens", &["distilbert-ner"]));
+/// Per-token heads: a 3-label token-classification adapter and its base model (with
+/// other labels) in one batch, every token row as PEFT / transformers give it.
+fn check_token_adapter_mixed(base: &str, adapter_name: &str) {
+    let loaded = load_engine(&lora_args(base, &[adapter_name]));
     let adapter = verdict_engine::lora::LoraRef(
         loaded
             .lora
             .as_ref()
-            .and_then(|r| r.get("distilbert-ner"))
+            .and_then(|r| r.get(adapter_name))
             .expect("loaded"),
     );
-    let base_ref = load_reference(&fixture_dir("distilbert-tokens"));
-    let lora_ref = lora_reference("distilbert-ner");
+    let base_ref = load_reference(&fixture_dir(base));
+    let lora_ref = lora_reference(adapter_name);
     let mut inputs = Vec::new();
     let mut expected = Vec::new();
     for (base_case, lora_case) in base_ref.cases.iter().zip(&lora_ref.cases) {
         inputs.push(sequence(base_case, None));
         expected.push((format!("base/{}", base_case.name), base_case));
         inputs.push(sequence(lora_case, Some(&adapter)));
-        expected.push((format!("distilbert-ner/{}", lora_case.name), lora_case));
+        expected.push((format!("{adapter_name}/{}", lora_case.name), lora_case));
     }
     let mixed = loaded.runner.run(&inputs).expect("mixed batch");
     for ((input, out), (what, case)) in inputs.iter().zip(&mixed).zip(&expected) {
@@ -351,6 +362,17 @@ fn token_classification_adapter_with_its_own_labels_in_a_mixed_batch() {
         };
         assert_close_2d(&format!("{what} alone vs mixed"), alone, rows, 1e-5);
     }
+}
+
+#[test]
+fn token_classification_adapter_with_its_own_labels_in_a_mixed_batch() {
+    check_token_adapter_mixed("distilbert-tokens", "distilbert-ner");
+}
+
+/// ModernBERT: regex targets on the fused Wqkv and both GeGLU halves of Wi, rsLoRA.
+#[test]
+fn modernbert_token_adapter_in_a_mixed_batch() {
+    check_token_adapter_mixed("modernbert-ner", "modernbert-ner");
 }
 
 #[test]

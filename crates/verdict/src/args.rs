@@ -108,7 +108,7 @@ pub struct EngineFlags {
     #[arg(long)]
     pub allowed_local_media_path: Option<PathBuf>,
 
-    /// Serve PEFT LoRA adapters on the model (BERT family and Llama-family decoders);
+    /// Serve PEFT LoRA adapters on the model (BERT family, ModernBERT and Llama-family decoders);
     /// a request picks one by its `model` field.
     #[arg(long)]
     pub enable_lora: bool,

@@ -41,6 +41,8 @@ impl Default for LoraLimits {
 pub(crate) struct BaseModel {
     pub files: ModelFiles,
     pub arch: ArchInfo,
+    /// The base's `config.json`, for the heads that read it (ModernBERT's).
+    pub config: HfConfig,
     pub hidden: usize,
     pub dtype: DType,
     pub device: Device,
@@ -336,7 +338,7 @@ impl LoraRegistry {
         weights: &Weights,
     ) -> Result<(AdapterHead, Option<BTreeMap<usize, String>>)> {
         let base = &self.base;
-        let head = models::load_adapter_head(&base.arch, weights, base.hidden)?;
+        let head = models::load_adapter_head(&base.arch, &base.config, weights, base.hidden)?;
         let num_labels = head.num_labels();
         let label_config = dir.join("config.json");
         let (id2label, activation) = if label_config.is_file() {

@@ -224,6 +224,7 @@ pub(crate) fn is_head_weight(arch: &ArchInfo, name: &str) -> bool {
     match arch.family {
         Family::Bert(variant) => bert::is_head_weight(variant, name),
         Family::Decoder(_) => name.starts_with("score."),
+        Family::ModernBert => name.starts_with("head.") || name.starts_with("classifier."),
         _ => false,
     }
 }
@@ -233,6 +234,7 @@ pub(crate) fn is_head_weight(arch: &ArchInfo, name: &str) -> bool {
 /// adapter's output layer.
 pub(crate) fn load_adapter_head(
     arch: &ArchInfo,
+    config: &HfConfig,
     weights: &Weights,
     hidden: usize,
 ) -> Result<ClassifierHead> {
@@ -269,6 +271,7 @@ pub(crate) fn load_adapter_head(
             )?;
             Ok(ClassifierHead::linear(linear))
         }
+        Family::ModernBert => modernbert::load_head(config, weights, rows("classifier.weight")?),
         _ => Err(EngineError::Config(format!(
             "LoRA adapters are not supported for {}",
             arch.architecture

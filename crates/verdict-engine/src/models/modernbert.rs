@@ -197,7 +197,9 @@ impl ModernBertModel {
                     .as_ref()
                     .map(|b| b.narrow(0, k * inter, inter))
                     .transpose()?;
-                Ok(Linear::new(wi_weight.narrow(0, k * inter, inter)?, bias))
+                let rows = k * inter..(k + 1) * inter;
+                let lora = wi.lora_target_rows(h, rows.clone());
+                Ok(Linear::new(wi_weight.narrow(0, rows.start, inter)?, bias).with_lora(lora))
             };
             layers.push(Layer {
                 attn_norm: if i == 0 {

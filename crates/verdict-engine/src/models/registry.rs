@@ -287,10 +287,13 @@ impl ArchInfo {
         }
     }
 
-    /// Families whose backbone layers LoRA adapters may target: the BERT family
-    /// and the Llama-family decoders.
+    /// Families whose backbone layers LoRA adapters may target: the BERT family,
+    /// ModernBERT and the Llama-family decoders.
     pub fn supports_lora(&self) -> bool {
-        matches!(self.family, Family::Bert(_) | Family::Decoder(_))
+        matches!(
+            self.family,
+            Family::Bert(_) | Family::ModernBert | Family::Decoder(_)
+        )
     }
 
     /// Decoders attend causally; encoders see the whole sequence.
