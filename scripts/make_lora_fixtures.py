@@ -23,6 +23,12 @@ visibly moves the logits. Adapters stay in float32 (they are a few KB).
 | distilbert-ner | distilbert-tokens | q_lin, v_lin, lin1 | 2 / 4 | token classifier, 3 labels (per-token references) |
 | modernbert-topics | modernbert-cls | Wqkv, Wo (attention and MLP), Wi (GeGLU halves) | 4 / 8 | head (dense + norm) + classifier, 4 labels |
 | modernbert-ner | modernbert-ner | regex: Wqkv, mlp.Wi; rsLoRA | 2 / 4 | classifier, 3 labels (per-token references) |
+| deberta-guard | deberta-v3-cls | regex: embed_proj, query/key/value_proj, every dense of the layers | 4 / 8 | pooler + classifier, 2 labels |
+| deberta-qk | deberta-v3-cls | query_proj, key_proj (shared with the position terms: share_att_key) | 2 / 4 | classifier |
+| deberta-rerank-pos | deberta-v3-rerank | query_proj, key_proj, pos_key_proj, pos_query_proj; rsLoRA | 2 / 4 | classifier, 1 label: a reranker |
+
+DeBERTa's position terms project the relative table through the same modules
+(`share_att_key`) or `pos_*_proj`: PEFT adapts those projections too.
 """
 
 import json
@@ -71,6 +77,15 @@ ADAPTERS = [
     dict(name="modernbert-ner", base="modernbert-ner", seed=18, r=2, alpha=4, rslora=True,
          targets=r".*layers\.\d+\.(attn\.Wqkv|mlp\.Wi)", save=["classifier"],
          labels=["O", "B-LOC", "I-LOC"], token=True),
+    dict(name="deberta-guard", base="deberta-v3-cls", seed=19, r=4, alpha=8, rslora=False,
+         targets=r".*(embeddings\.embed_proj|layer\.\d+\.(attention\.self\.(query|key|value)_proj|"
+                 r"attention\.output\.dense|intermediate\.dense|output\.dense))",
+         save=["classifier", "pooler"], labels=["SAFE", "INJECTION"]),
+    dict(name="deberta-qk", base="deberta-v3-cls", seed=20, r=2, alpha=4, rslora=False,
+         targets=["query_proj", "key_proj"], save=["classifier"], labels=None),
+    dict(name="deberta-rerank-pos", base="deberta-v3-rerank", seed=21, r=2, alpha=4, rslora=True,
+         targets=["query_proj", "key_proj", "pos_key_proj", "pos_query_proj"], save=["classifier"],
+         labels=None),
 ]
 
 

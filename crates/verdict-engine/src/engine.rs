@@ -753,7 +753,7 @@ pub fn load(args: &EngineArgs) -> Result<LoadedEngine> {
     if args.enable_lora && !arch.supports_lora() {
         return Err(EngineError::Config(format!(
             "LoRA adapters are not supported for {arch_name} \
-             (supported: the BERT family, ModernBERT and the Llama-family decoders)"
+             (supported: the BERT family, ModernBERT, DeBERTa-v2/v3 and the Llama-family decoders)"
         )));
     }
     let mut weights = Weights::open(&files, dtype, &device)?;

@@ -220,6 +220,30 @@ fn modernbert_base_and_adapter_in_one_batch() {
     check_mixed_batch("modernbert-cls", &["modernbert-topics"]);
 }
 
+/// DeBERTa-v3 with share_att_key: the adapted query and key projections also
+/// project the relative table (as PEFT runs them), plus embed_proj and every dense.
+#[test]
+fn deberta_adapter_on_every_linear_with_its_pooler() {
+    check_adapter_alone("deberta-v3-cls", "deberta-guard");
+}
+
+#[test]
+fn deberta_adapter_on_query_and_key_only() {
+    check_adapter_alone("deberta-v3-cls", "deberta-qk");
+}
+
+/// Without share_att_key: pos_key_proj and pos_query_proj adapted.
+#[test]
+fn deberta_reranker_adapter_on_the_position_projections() {
+    check_adapter_alone("deberta-v3-rerank", "deberta-rerank-pos");
+}
+
+/// Each run of sequences attends with its own adapter's projected relative table.
+#[test]
+fn deberta_base_and_two_adapters_in_one_batch() {
+    check_mixed_batch("deberta-v3-cls", &["deberta-guard", "deberta-qk"]);
+}
+
 /// A copy of an adapter with its config edited.
 fn edited_adapter(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -283,11 +307,16 @@ fn unsupported_adapters_are_refused_with_the_reason() {
     let msg = load_error(&args);
     assert!(msg.contains("--max-loras is 1"), "{msg}");
 
-    let gpt2 = fixture_dir("gpt2-cls");
-    let mut args = engine_args(&gpt2, &load_reference(&gpt2));
-    args.enable_lora = true;
-    let msg = load_error(&args);
-    assert!(msg.contains("LoRA adapters are not supported"), "{msg}");
+    for family in ["gpt2-cls", "deberta-v1-cls"] {
+        let dir = fixture_dir(family);
+        let mut args = engine_args(&dir, &load_reference(&dir));
+        args.enable_lora = true;
+        let msg = load_error(&args);
+        assert!(
+            msg.contains("LoRA adapters are not supported"),
+            "{family}: {msg}"
+        );
+    }
 
     let args = lora_args("bert-cls", &[]);
     let base_name = args.model.clone();

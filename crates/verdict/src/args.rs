@@ -108,7 +108,8 @@ pub struct EngineFlags {
     #[arg(long)]
     pub allowed_local_media_path: Option<PathBuf>,
 
-    /// Serve PEFT LoRA adapters on the model (BERT family, ModernBERT and Llama-family decoders);
+    /// Serve PEFT LoRA adapters on the model (BERT family, ModernBERT, DeBERTa-v2/v3 and
+    /// Llama-family decoders);
     /// a request picks one by its `model` field.
     #[arg(long)]
     pub enable_lora: bool,

@@ -150,6 +150,11 @@ impl Weights {
         self.lora_targets = Some(TargetCollector::default());
     }
 
+    /// Whether layers register as LoRA targets (the engine serves adapters).
+    pub fn collects_lora_targets(&self) -> bool {
+        self.lora_targets.is_some()
+    }
+
     /// Registers a layer as a LoRA target (only while collecting).
     pub fn register_lora_target(
         &self,

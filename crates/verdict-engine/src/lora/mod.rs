@@ -372,6 +372,41 @@ pub fn scoped<R>(batch: Option<BatchAdapters>, f: impl FnOnce() -> R) -> R {
     f()
 }
 
+/// The active batch's rows in runs of one adapter (its slot in the batch's stack;
+/// `None`: rows without one), covering every row in order; `None` outside a LoRA batch.
+pub(crate) fn adapter_runs() -> Option<Vec<(Range<usize>, Option<usize>)>> {
+    ACTIVE.with(|a| {
+        let active = a.borrow();
+        let batch = &active.as_ref()?.batch;
+        let mut runs = Vec::with_capacity(2 * batch.runs.len() + 1);
+        let mut covered = 0;
+        for (rows, slot) in &batch.runs {
+            if rows.start > covered {
+                runs.push((covered..rows.start, None));
+            }
+            runs.push((rows.clone(), Some(*slot)));
+            covered = rows.end;
+        }
+        if batch.rows > covered {
+            runs.push((covered..batch.rows, None));
+        }
+        Some(runs)
+    })
+}
+
+/// Runs `f` (over an input of `rows` rows, such as a table every sequence shares)
+/// with all its rows adapted by the adapter in `slot` of the active batch's stack;
+/// plain when no batch is active.
+pub(crate) fn with_single_adapter<R>(slot: usize, rows: usize, f: impl FnOnce() -> R) -> R {
+    let stack = ACTIVE.with(|a| a.borrow().as_ref().map(|s| s.batch.stack.clone()));
+    let batch = stack.map(|stack| BatchAdapters {
+        stack,
+        runs: vec![(0..rows, slot)],
+        rows,
+    });
+    scoped(batch, f)
+}
+
 /// Runs `f` on rows `start..` of the current layer input (a row slice of the batch).
 pub(crate) fn offset_rows<R>(start: usize, f: impl FnOnce() -> R) -> R {
     let shifted = ACTIVE.with(|a| match a.borrow_mut().as_mut() {

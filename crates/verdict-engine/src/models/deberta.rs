@@ -9,7 +9,8 @@
 //!   optional convolution beside the first layer (`conv_kernel_size`).
 //!
 //! The relative table and its projections depend on the weights only, so each layer's
-//! projected table is computed once at load.
+//! projected table is computed once at load. A LoRA adapter on the layers that project
+//! it (PEFT adapts them there as well) gets its own projection, once per batch.
 
 use candle_core::{DType, Device, Tensor};
 use serde::Deserialize;
@@ -136,6 +137,8 @@ impl DebertaConfig {
 struct EncoderLayer {
     /// query, key and value projections as one layer (`[T, 3 * heads * d]`).
     qkv: Linear,
+    /// What projects the relative table; kept after load only when LoRA may adapt it.
+    table_projection: Option<TableProjection>,
     /// This layer's projections of the relative table (None without relative attention).
     positions: Option<PositionProjections>,
     attn_out: Linear,
@@ -143,6 +146,64 @@ struct EncoderLayer {
     intermediate: Linear,
     output: Linear,
     out_norm: LayerNorm,
+}
+
+/// How a layer projects the relative table for c2p (key side) and p2c (query side).
+enum TableProjection {
+    /// `share_att_key`: the content projections, bias included.
+    Shared,
+    /// Its own `pos_*` layers.
+    Own {
+        key: Option<Linear>,
+        query: Option<Linear>,
+    },
+}
+
+impl EncoderLayer {
+    /// The layer's projections of `table`, through any LoRA adapter in scope.
+    fn project_table(
+        &self,
+        table: &Tensor,
+        heads: usize,
+        (c2p, p2c): (bool, bool),
+    ) -> Result<PositionProjections> {
+        let Some(projection) = &self.table_projection else {
+            return Err(EngineError::Weight(
+                "internal: the relative table's projection was not kept".into(),
+            ));
+        };
+        let (key, query) = match projection {
+            TableProjection::Shared => {
+                let all = self.qkv.forward(table)?;
+                let width = all.dim(1)? / 3;
+                let part = |on: bool, j: usize| -> Result<Option<Tensor>> {
+                    Ok(if on {
+                        Some(all.narrow(1, j * width, width)?.contiguous()?)
+                    } else {
+                        None
+                    })
+                };
+                (part(c2p, 1)?, part(p2c, 0)?)
+            }
+            TableProjection::Own { key, query } => {
+                let project = |l: &Option<Linear>| -> Result<Option<Tensor>> {
+                    l.as_ref()
+                        .map(|l| Ok(l.forward(table)?.contiguous()?))
+                        .transpose()
+                };
+                (project(key)?, project(query)?)
+            }
+        };
+        PositionProjections::new(key, query, heads)
+    }
+}
+
+/// A run of sequences of one LoRA adapter (`slot` in the batch's stack; `None`: the
+/// base model) and its attention plan.
+struct AdapterGroup {
+    rows: std::ops::Range<usize>,
+    slot: Option<usize>,
+    plan: DisentangledPlan,
 }
 
 /// DeBERTa-v2's convolution over the embeddings, added to the first layer's output.
@@ -188,6 +249,11 @@ pub struct DebertaModel {
     emb_norm: LayerNorm,
     layers: Vec<EncoderLayer>,
     relative: Option<RelativePositions>,
+    /// The relative table, kept after load only when LoRA adapters may need their own
+    /// projections of it.
+    rel_table: Option<Tensor>,
+    /// Which position terms the layers add: (c2p, p2c).
+    terms: (bool, bool),
     conv: Option<ConvLayer>,
     heads: usize,
     head_dim: usize,
@@ -296,46 +362,30 @@ impl DebertaModel {
                     Linear::load_packed(&att, &parts, h, true)?
                 }
             };
-            let positions = match &rel_table {
-                None => None,
-                Some(table) => {
-                    // With share_att_key the content projections (bias included) project the table.
-                    let shared = if variant == DebertaVariant::V2 && cfg.share_att_key {
-                        Some(qkv.forward(table)?)
+            let table_projection = if variant == DebertaVariant::V2 && cfg.share_att_key {
+                TableProjection::Shared
+            } else {
+                let (key_name, key_bias, query_name) = match variant {
+                    DebertaVariant::V1 => ("pos_proj", false, "pos_q_proj"),
+                    DebertaVariant::V2 => ("pos_key_proj", true, "pos_query_proj"),
+                };
+                let load = |on: bool, name: &str, bias: bool| -> Result<Option<Linear>> {
+                    if on && rel_table.is_some() {
+                        Ok(Some(Linear::load(&att.pp(name), h, all_heads, bias)?))
                     } else {
-                        None
-                    };
-                    let project = |on: bool,
-                                   name: &str,
-                                   bias: bool,
-                                   shared_part: usize|
-                     -> Result<Option<Tensor>> {
-                        if !on {
-                            return Ok(None);
-                        }
-                        let projected = match &shared {
-                            Some(all) => all.narrow(1, shared_part * all_heads, all_heads)?,
-                            None => {
-                                Linear::load(&att.pp(name), h, all_heads, bias)?.forward(table)?
-                            }
-                        };
-                        Ok(Some(projected.contiguous()?))
-                    };
-                    let (key_name, key_bias, query_name) = match variant {
-                        DebertaVariant::V1 => ("pos_proj", false, "pos_q_proj"),
-                        DebertaVariant::V2 => ("pos_key_proj", true, "pos_query_proj"),
-                    };
-                    Some(PositionProjections::new(
-                        project(c2p, key_name, key_bias, 1)?,
-                        project(p2c, query_name, true, 0)?,
-                        heads,
-                    )?)
+                        Ok(None)
+                    }
+                };
+                TableProjection::Own {
+                    key: load(c2p, key_name, key_bias)?,
+                    query: load(p2c, query_name, true)?,
                 }
             };
             let out = wp.pp("attention.output");
             layers.push(EncoderLayer {
                 qkv,
-                positions,
+                table_projection: Some(table_projection),
+                positions: None,
                 attn_out: Linear::load(&out.pp("dense"), all_heads, h, true)?,
                 attn_norm: LayerNorm::load(&out.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
                 intermediate: Linear::load(
@@ -347,6 +397,15 @@ impl DebertaModel {
                 output: Linear::load(&wp.pp("output.dense"), cfg.intermediate_size, h, true)?,
                 out_norm: LayerNorm::load(&wp.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
             });
+        }
+        let lora = weights.collects_lora_targets();
+        for layer in &mut layers {
+            if let Some(table) = &rel_table {
+                layer.positions = Some(layer.project_table(table, heads, (c2p, p2c))?);
+            }
+            if !lora {
+                layer.table_projection = None;
+            }
         }
 
         let conv = if variant == DebertaVariant::V2 && cfg.conv_kernel_size > 0 {
@@ -376,6 +435,8 @@ impl DebertaModel {
             emb_norm,
             layers,
             relative,
+            rel_table: rel_table.filter(|_| lora),
+            terms: (c2p, p2c),
             conv,
             heads,
             head_dim,
@@ -385,6 +446,88 @@ impl DebertaModel {
             dtype: weights.dtype(),
             cfg,
         })
+    }
+
+    /// The batch's runs of sequences by LoRA adapter, when an adapter may change the
+    /// relative table's projections (empty otherwise: one attention over the batch).
+    fn adapter_groups(&self, batch: &PackedBatch) -> Result<Vec<AdapterGroup>> {
+        let (Some(relative), Some(_)) = (&self.relative, &self.rel_table) else {
+            return Ok(Vec::new());
+        };
+        let Some(runs) = crate::lora::adapter_runs() else {
+            return Ok(Vec::new());
+        };
+        if runs.iter().all(|(_, slot)| slot.is_none()) {
+            return Ok(Vec::new());
+        }
+        runs.into_iter()
+            .filter(|(rows, _)| !rows.is_empty())
+            .map(|(rows, slot)| {
+                let cu: Vec<usize> = batch
+                    .cu_seqlens
+                    .iter()
+                    .filter(|&&c| rows.contains(&c) || c == rows.end)
+                    .map(|&c| c - rows.start)
+                    .collect();
+                if cu.first() != Some(&0) || cu.last() != Some(&rows.len()) {
+                    return Err(EngineError::Weight(format!(
+                        "internal: LoRA rows {rows:?} do not start and end sequences"
+                    )));
+                }
+                Ok(AdapterGroup {
+                    plan: DisentangledPlan::new(&cu, relative),
+                    rows,
+                    slot,
+                })
+            })
+            .collect()
+    }
+
+    /// Disentangled attention run by run of adapter, each with its adapter's
+    /// projections of the relative table (computed once per adapter and layer).
+    fn adapter_attention(
+        &self,
+        layer: &EncoderLayer,
+        groups: &[AdapterGroup],
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        base: &PositionProjections,
+    ) -> Result<Tensor> {
+        let Some(table) = &self.rel_table else {
+            return Err(EngineError::Weight(
+                "internal: the relative table was not kept".into(),
+            ));
+        };
+        let table_rows = table.dim(0)?;
+        let mut projected: Vec<(usize, PositionProjections)> = Vec::new();
+        let mut parts = Vec::with_capacity(groups.len());
+        for group in groups {
+            let positions = match group.slot {
+                None => base,
+                Some(slot) => {
+                    let at = match projected.iter().position(|(s, _)| *s == slot) {
+                        Some(at) => at,
+                        None => {
+                            let p = crate::lora::with_single_adapter(slot, table_rows, || {
+                                layer.project_table(table, self.heads, self.terms)
+                            })?;
+                            projected.push((slot, p));
+                            projected.len() - 1
+                        }
+                    };
+                    &projected[at].1
+                }
+            };
+            let rows = |t: &Tensor| t.narrow(0, group.rows.start, group.rows.len());
+            parts.push(disentangled_attention(
+                &rows(q)?,
+                &rows(k)?,
+                &rows(v)?,
+                &group.plan,
+                positions,
+                self.scale,
+            )?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     fn embed(&self, batch: &PackedBatch) -> Result<Tensor> {
@@ -443,12 +586,16 @@ impl Backbone for DebertaModel {
             .relative
             .as_ref()
             .map(|relative| DisentangledPlan::new(&batch.cu_seqlens, relative));
+        let groups = self.adapter_groups(batch)?;
         for (i, layer) in self.layers.iter().enumerate() {
             // Views into the one projection: [T, heads, d], tokens 3 * heads * d apart.
             let qkv = layer.qkv.forward(&x)?.reshape((t, 3, heads, d))?;
             let part = |j: usize| qkv.narrow(1, j, 1)?.squeeze(1);
             let (q, k, v) = (part(0)?, part(1)?, part(2)?);
             let ctx = match (&plan, &layer.positions) {
+                (Some(_), Some(positions)) if !groups.is_empty() => {
+                    self.adapter_attention(layer, &groups, (&q, &k, &v), positions)?
+                }
                 (Some(plan), Some(positions)) => {
                     disentangled_attention(&q, &k, &v, plan, positions, self.scale)?
                 }

@@ -225,6 +225,7 @@ pub(crate) fn is_head_weight(arch: &ArchInfo, name: &str) -> bool {
         Family::Bert(variant) => bert::is_head_weight(variant, name),
         Family::Decoder(_) => name.starts_with("score."),
         Family::ModernBert => name.starts_with("head.") || name.starts_with("classifier."),
+        Family::Deberta(_) => name.starts_with("pooler.") || name.starts_with("classifier."),
         _ => false,
     }
 }
@@ -272,6 +273,12 @@ pub(crate) fn load_adapter_head(
             Ok(ClassifierHead::linear(linear))
         }
         Family::ModernBert => modernbert::load_head(config, weights, rows("classifier.weight")?),
+        Family::Deberta(_) => deberta::load_head(
+            token_classification,
+            config,
+            weights,
+            rows("classifier.weight")?,
+        ),
         _ => Err(EngineError::Config(format!(
             "LoRA adapters are not supported for {}",
             arch.architecture

@@ -288,11 +288,15 @@ impl ArchInfo {
     }
 
     /// Families whose backbone layers LoRA adapters may target: the BERT family,
-    /// ModernBERT and the Llama-family decoders.
+    /// ModernBERT, DeBERTa-v2/v3 and the Llama-family decoders. (DeBERTa v1's fused
+    /// `in_proj` is reordered at load, so PEFT's rows would not line up.)
     pub fn supports_lora(&self) -> bool {
         matches!(
             self.family,
-            Family::Bert(_) | Family::ModernBert | Family::Decoder(_)
+            Family::Bert(_)
+                | Family::ModernBert
+                | Family::Deberta(DebertaVariant::V2)
+                | Family::Decoder(_)
         )
     }
 
