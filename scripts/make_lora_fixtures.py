@@ -26,6 +26,9 @@ visibly moves the logits. Adapters stay in float32 (they are a few KB).
 | deberta-guard | deberta-v3-cls | regex: embed_proj, query/key/value_proj, every dense of the layers | 4 / 8 | pooler + classifier, 2 labels |
 | deberta-qk | deberta-v3-cls | query_proj, key_proj (shared with the position terms: share_att_key) | 2 / 4 | classifier |
 | deberta-rerank-pos | deberta-v3-rerank | query_proj, key_proj, pos_key_proj, pos_query_proj; rsLoRA | 2 / 4 | classifier, 1 label: a reranker |
+| bert-all-linear | bert-cls | all-linear (the pooler's dense too) | 2 / 4 | classifier |
+| modernbert-all-linear | modernbert-cls | all-linear (head.dense too) | 2 / 4 | classifier, 3 labels |
+| deberta-all-linear | deberta-v3-cls | all-linear (pooler.dense and embed_proj too) | 2 / 4 | classifier |
 
 DeBERTa's position terms project the relative table through the same modules
 (`share_att_key`) or `pos_*_proj`: PEFT adapts those projections too.
@@ -86,6 +89,13 @@ ADAPTERS = [
     dict(name="deberta-rerank-pos", base="deberta-v3-rerank", seed=21, r=2, alpha=4, rslora=True,
          targets=["query_proj", "key_proj", "pos_key_proj", "pos_query_proj"], save=["classifier"],
          labels=None),
+    # PEFT's all-linear adapts the head's dense layer (pooler, ModernBERT's head) too.
+    dict(name="bert-all-linear", base="bert-cls", seed=22, r=2, alpha=4, rslora=False,
+         targets="all-linear", save=["classifier"], labels=None),
+    dict(name="modernbert-all-linear", base="modernbert-cls", seed=23, r=2, alpha=4, rslora=False,
+         targets="all-linear", save=["classifier"], labels=["a", "b", "c"]),
+    dict(name="deberta-all-linear", base="deberta-v3-cls", seed=24, r=2, alpha=4, rslora=False,
+         targets="all-linear", save=["classifier"], labels=None),
 ]
 
 

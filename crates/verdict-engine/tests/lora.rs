@@ -238,6 +238,20 @@ fn deberta_reranker_adapter_on_the_position_projections() {
     check_adapter_alone("deberta-v3-rerank", "deberta-rerank-pos");
 }
 
+/// PEFT's `all-linear` also adapts the head's dense layer (BERT's and DeBERTa's
+/// pooler, ModernBERT's head): merged into the adapter's own head.
+#[test]
+fn all_linear_adapters_adapt_the_head_dense_too() {
+    check_adapter_alone("bert-cls", "bert-all-linear");
+    check_adapter_alone("modernbert-cls", "modernbert-all-linear");
+    check_adapter_alone("deberta-v3-cls", "deberta-all-linear");
+}
+
+#[test]
+fn merged_head_adapter_beside_others_in_one_batch() {
+    check_mixed_batch("bert-cls", &["bert-all-linear", "bert-sentiment"]);
+}
+
 /// Each run of sequences attends with its own adapter's projected relative table.
 #[test]
 fn deberta_base_and_two_adapters_in_one_batch() {

@@ -48,6 +48,9 @@ pub struct Weights {
     device: Device,
     /// Set while a backbone that LoRA adapters may target loads.
     lora_targets: Option<TargetCollector>,
+    /// f32 CPU tensors that take the place of stored ones (a LoRA adapter's head
+    /// layers with their update merged in).
+    replaced: HashMap<String, Tensor>,
 }
 
 impl WeightFile {
@@ -117,6 +120,7 @@ impl Weights {
             dtype,
             device: device.clone(),
             lora_targets: None,
+            replaced: HashMap::new(),
         })
     }
 
@@ -229,9 +233,20 @@ impl Weights {
         Ok((file, info))
     }
 
+    /// From now on `name` (a stored tensor of the same shape) reads as `tensor`.
+    pub fn replace(&mut self, name: &str, tensor: Tensor) -> Result<()> {
+        self.entry(name, Some(tensor.dims()))?;
+        let tensor = tensor.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        self.replaced.insert(name.to_string(), tensor);
+        Ok(())
+    }
+
     /// Loads a tensor by exact name, cast to `dtype`, checking its shape when given.
     pub fn load_exact(&self, name: &str, shape: Option<&[usize]>, dtype: DType) -> Result<Tensor> {
         let (file, info) = self.entry(name, shape)?;
+        if let Some(t) = self.replaced.get(name) {
+            return Ok(t.to_dtype(dtype)?.to_device(&self.device)?);
+        }
         let (start, end) = info.data_offsets;
         let stored = bytes_to_tensor(file, start, end, info.dtype, &info.shape).map_err(|e| {
             EngineError::Weight(format!("weight `{name}` in {}: {e}", file.path.display()))
@@ -247,6 +262,9 @@ impl Weights {
     pub fn load_transposed_f32(&self, name: &str, rows: usize, cols: usize) -> Result<Tensor> {
         use rayon::prelude::*;
         let (file, info) = self.entry(name, Some(&[rows, cols]))?;
+        if let Some(t) = self.replaced.get(name) {
+            return Ok(t.t()?.contiguous()?);
+        }
         if rows == 0 || cols == 0 {
             return Ok(Tensor::zeros((cols, rows), DType::F32, &Device::Cpu)?);
         }

@@ -174,9 +174,9 @@ impl LoraRegistry {
             )));
         }
         let base = &self.base;
-        let (weights, own) =
+        let (mut weights, own) =
             Weights::open_overlay(&base.files, &file, PEFT_PREFIX, base.dtype, &base.device)?;
-        self.check_target_names(&config)?;
+        self.check_target_names(&config, &weights)?;
 
         // Sort the adapter's tensors into LoRA pairs and head weights.
         let mut pairs: BTreeMap<String, (bool, bool)> = BTreeMap::new();
@@ -207,6 +207,9 @@ impl LoraRegistry {
         // Each layer's pieces: (part index, A [r, in] f32, scaled B rows [len, r] f32).
         let mut pieces: Vec<Vec<(usize, Tensor, Tensor)>> = vec![Vec::new(); self.targets.len()];
         let mut max_rank = 0;
+        // Head layers the adapter adapts (PEFT's `all-linear` takes a pooler's or
+        // head's dense): each head is the adapter's own, so the update is merged in.
+        let mut merged_head = Vec::new();
         for (module, &(has_a, has_b)) in &pairs {
             if !(has_a && has_b) {
                 return Err(EngineError::Weight(format!(
@@ -218,14 +221,25 @@ impl LoraRegistry {
                     "the adapter has weights for `{module}`, which its target_modules do not name"
                 )));
             }
-            let places = self.modules.get(module).ok_or_else(|| {
-                EngineError::Config(format!(
-                    "target module `{module}` is not a linear layer of this model that LoRA can adapt"
-                ))
-            })?;
             let a_name = format!("{module}.lora_A.weight");
             let b_name = format!("{module}.lora_B.weight");
-            let (in_dim, module_out) = self.module_dims(places);
+            let head_weight = format!("{module}.weight");
+            let places = match self.modules.get(module) {
+                Some(places) => Some(places),
+                None if self.is_head_linear(&weights, &head_weight) => None,
+                None => {
+                    return Err(EngineError::Config(format!(
+                        "target module `{module}` is not a linear layer of this model that LoRA can adapt"
+                    )))
+                }
+            };
+            let (in_dim, module_out) = match places {
+                Some(places) => self.module_dims(places),
+                None => match weights.shape_of(&head_weight) {
+                    Some(&[out, inp]) => (inp, out),
+                    _ => (0, 0),
+                },
+            };
             let rank = weights
                 .shape_of(&a_name)
                 .and_then(|s| s.first().copied())
@@ -243,6 +257,12 @@ impl LoraRegistry {
             let a = weights.load_exact(&a_name, Some(&[rank, in_dim]), DType::F32)?;
             let b = weights.load_exact(&b_name, Some(&[module_out, rank]), DType::F32)?;
             let b = (b * config.scaling(module, rank))?;
+            let Some(places) = places else {
+                let w =
+                    weights.load_exact(&head_weight, Some(&[module_out, in_dim]), DType::F32)?;
+                merged_head.push((head_weight, (w + b.matmul(&a)?)?));
+                continue;
+            };
             for &(t, p) in places {
                 let rows = self.targets[t].parts[p].module_rows.clone();
                 pieces[t].push((p, a.clone(), b.narrow(0, rows.start, rows.len())?));
@@ -264,10 +284,14 @@ impl LoraRegistry {
             layers.push(Some(low_rank(spec, parts, base.dtype, &base.device)?));
         }
 
-        let head = if head_tensors.is_empty() {
-            None
-        } else {
+        let has_head = !(head_tensors.is_empty() && merged_head.is_empty());
+        for (name, merged) in merged_head {
+            weights.replace(&name, merged)?;
+        }
+        let head = if has_head {
             Some(self.adapter_head(dir, &weights)?)
+        } else {
+            None
         };
         drop(weights);
         let (num_labels, id2label) = match &head {
@@ -302,12 +326,28 @@ impl LoraRegistry {
         (in_dim, out)
     }
 
+    /// Whether `weight` is a 2-D weight of the model's classification head.
+    fn is_head_linear(&self, weights: &Weights, weight: &str) -> bool {
+        models::is_head_weight(&self.base.arch, weight)
+            && weights.shape_of(weight).is_some_and(|s| s.len() == 2)
+    }
+
     /// Every listed target name must exist in this model (PEFT would have refused it too).
-    fn check_target_names(&self, config: &AdapterConfig) -> Result<()> {
+    fn check_target_names(&self, config: &AdapterConfig, weights: &Weights) -> Result<()> {
         if let TargetModules::Names(names) = &config.target_modules {
+            let head_modules: Vec<&str> = weights
+                .names()
+                .filter(|w| self.is_head_linear(weights, w))
+                .filter_map(|w| w.strip_suffix(".weight"))
+                .collect();
             for name in names {
                 let single = TargetModules::Names(vec![name.clone()]);
-                if !self.modules.keys().any(|m| single.matches(m)) {
+                let mut modules = self
+                    .modules
+                    .keys()
+                    .map(String::as_str)
+                    .chain(head_modules.iter().copied());
+                if !modules.any(|m| single.matches(m)) {
                     return Err(EngineError::Config(format!(
                         "target module `{name}` is not a linear layer of this model that LoRA can adapt \
                          (LoRA-capable modules are named like `{}`)",
