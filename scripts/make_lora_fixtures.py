@@ -29,6 +29,7 @@ visibly moves the logits. Adapters stay in float32 (they are a few KB).
 | bert-all-linear | bert-cls | all-linear (the pooler's dense too) | 2 / 4 | classifier |
 | modernbert-all-linear | modernbert-cls | all-linear (head.dense too) | 2 / 4 | classifier, 3 labels |
 | deberta-all-linear | deberta-v3-cls | all-linear (pooler.dense and embed_proj too) | 2 / 4 | classifier |
+| gemma2-all | gemma2-cls | all-linear (soft-capped attention and logits) | 4 / 8 | score, 2 labels |
 
 DeBERTa's position terms project the relative table through the same modules
 (`share_att_key`) or `pos_*_proj`: PEFT adapts those projections too.
@@ -96,6 +97,8 @@ ADAPTERS = [
          targets="all-linear", save=["classifier"], labels=["a", "b", "c"]),
     dict(name="deberta-all-linear", base="deberta-v3-cls", seed=24, r=2, alpha=4, rslora=False,
          targets="all-linear", save=["classifier"], labels=None),
+    dict(name="gemma2-all", base="gemma2-cls", seed=25, r=4, alpha=8, rslora=False,
+         targets="all-linear", save=["score"], labels=["ok", "flag"]),
 ]
 
 

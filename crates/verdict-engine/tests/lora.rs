@@ -138,6 +138,12 @@ fn qwen2_adapter_on_all_linear_layers_with_rslora() {
     check_adapter_alone("qwen2-cls", "qwen2-all");
 }
 
+/// Gemma-2: soft-capped attention, sliding window, all-linear with its own score.
+#[test]
+fn gemma2_adapter_on_all_linear_layers() {
+    check_adapter_alone("gemma2-cls", "gemma2-all");
+}
+
 #[test]
 fn qwen2_adapter_on_q_and_v_with_three_labels() {
     check_adapter_alone("qwen2-cls", "qwen2-qv");
