@@ -224,20 +224,18 @@ impl LoraRegistry {
             let a_name = format!("{module}.lora_A.weight");
             let b_name = format!("{module}.lora_B.weight");
             let head_weight = format!("{module}.weight");
-            let places = match self.modules.get(module) {
-                Some(places) => Some(places),
-                None if self.is_head_linear(&weights, &head_weight) => None,
-                None => {
-                    return Err(EngineError::Config(format!(
-                        "target module `{module}` is not a linear layer of this model that LoRA can adapt"
-                    )))
+            let (places, in_dim, module_out) = match self.modules.get(module) {
+                Some(places) => {
+                    let (in_dim, out) = self.module_dims(places);
+                    (Some(places), in_dim, out)
                 }
-            };
-            let (in_dim, module_out) = match places {
-                Some(places) => self.module_dims(places),
-                None => match weights.shape_of(&head_weight) {
-                    Some(&[out, inp]) => (inp, out),
-                    _ => (0, 0),
+                None => match self.head_linear_dims(&weights, &head_weight) {
+                    Some((out, in_dim)) => (None, in_dim, out),
+                    None => {
+                        return Err(EngineError::Config(format!(
+                            "target module `{module}` is not a linear layer of this model that LoRA can adapt"
+                        )))
+                    }
                 },
             };
             let rank = weights
@@ -326,10 +324,15 @@ impl LoraRegistry {
         (in_dim, out)
     }
 
-    /// Whether `weight` is a 2-D weight of the model's classification head.
-    fn is_head_linear(&self, weights: &Weights, weight: &str) -> bool {
-        models::is_head_weight(&self.base.arch, weight)
-            && weights.shape_of(weight).is_some_and(|s| s.len() == 2)
+    /// `[out, in]` when `weight` is a 2-D weight of the model's classification head.
+    fn head_linear_dims(&self, weights: &Weights, weight: &str) -> Option<(usize, usize)> {
+        if !models::is_head_weight(&self.base.arch, weight) {
+            return None;
+        }
+        match weights.shape_of(weight)? {
+            &[out, inp] => Some((out, inp)),
+            _ => None,
+        }
     }
 
     /// Every listed target name must exist in this model (PEFT would have refused it too).
@@ -337,7 +340,7 @@ impl LoraRegistry {
         if let TargetModules::Names(names) = &config.target_modules {
             let head_modules: Vec<&str> = weights
                 .names()
-                .filter(|w| self.is_head_linear(weights, w))
+                .filter(|w| self.head_linear_dims(weights, w).is_some())
                 .filter_map(|w| w.strip_suffix(".weight"))
                 .collect();
             for name in names {

@@ -150,8 +150,9 @@ struct EncoderLayer {
 
 /// How a layer projects the relative table for c2p (key side) and p2c (query side).
 enum TableProjection {
-    /// `share_att_key`: the content projections, bias included.
-    Shared,
+    /// `share_att_key`: the content projections, bias included; whether c2p (the key
+    /// part) and p2c (the query part) are used.
+    Shared { c2p: bool, p2c: bool },
     /// Its own `pos_*` layers.
     Own {
         key: Option<Linear>,
@@ -161,19 +162,14 @@ enum TableProjection {
 
 impl EncoderLayer {
     /// The layer's projections of `table`, through any LoRA adapter in scope.
-    fn project_table(
-        &self,
-        table: &Tensor,
-        heads: usize,
-        (c2p, p2c): (bool, bool),
-    ) -> Result<PositionProjections> {
+    fn project_table(&self, table: &Tensor, heads: usize) -> Result<PositionProjections> {
         let Some(projection) = &self.table_projection else {
             return Err(EngineError::Weight(
                 "internal: the relative table's projection was not kept".into(),
             ));
         };
         let (key, query) = match projection {
-            TableProjection::Shared => {
+            &TableProjection::Shared { c2p, p2c } => {
                 let all = self.qkv.forward(table)?;
                 let width = all.dim(1)? / 3;
                 let part = |on: bool, j: usize| -> Result<Option<Tensor>> {
@@ -252,8 +248,6 @@ pub struct DebertaModel {
     /// The relative table, kept after load only when LoRA adapters may need their own
     /// projections of it.
     rel_table: Option<Tensor>,
-    /// Which position terms the layers add: (c2p, p2c).
-    terms: (bool, bool),
     conv: Option<ConvLayer>,
     heads: usize,
     head_dim: usize,
@@ -363,7 +357,7 @@ impl DebertaModel {
                 }
             };
             let table_projection = if variant == DebertaVariant::V2 && cfg.share_att_key {
-                TableProjection::Shared
+                TableProjection::Shared { c2p, p2c }
             } else {
                 let (key_name, key_bias, query_name) = match variant {
                     DebertaVariant::V1 => ("pos_proj", false, "pos_q_proj"),
@@ -401,7 +395,7 @@ impl DebertaModel {
         let lora = weights.collects_lora_targets();
         for layer in &mut layers {
             if let Some(table) = &rel_table {
-                layer.positions = Some(layer.project_table(table, heads, (c2p, p2c))?);
+                layer.positions = Some(layer.project_table(table, heads)?);
             }
             if !lora {
                 layer.table_projection = None;
@@ -436,7 +430,6 @@ impl DebertaModel {
             layers,
             relative,
             rel_table: rel_table.filter(|_| lora),
-            terms: (c2p, p2c),
             conv,
             heads,
             head_dim,
@@ -508,7 +501,7 @@ impl DebertaModel {
                         Some(at) => at,
                         None => {
                             let p = crate::lora::with_single_adapter(slot, table_rows, || {
-                                layer.project_table(table, self.heads, self.terms)
+                                layer.project_table(table, self.heads)
                             })?;
                             projected.push((slot, p));
                             projected.len() - 1

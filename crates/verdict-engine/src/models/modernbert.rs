@@ -193,11 +193,11 @@ impl ModernBertModel {
                 None
             };
             let half = |k: usize| -> Result<Linear> {
+                let rows = k * inter..(k + 1) * inter;
                 let bias = wi_bias
                     .as_ref()
-                    .map(|b| b.narrow(0, k * inter, inter))
+                    .map(|b| b.narrow(0, rows.start, inter))
                     .transpose()?;
-                let rows = k * inter..(k + 1) * inter;
                 let lora = wi.lora_target_rows(h, rows.clone());
                 Ok(Linear::new(wi_weight.narrow(0, rows.start, inter)?, bias).with_lora(lora))
             };
